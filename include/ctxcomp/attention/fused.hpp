@@ -1,0 +1,194 @@
+// Fused multi-head attention: grouped-query heads, tiles of queries x keys with an online
+// softmax (no score matrix larger than a tile), hidden tiles skipped through the structured
+// mask. Layout: q/out [heads x q_len x head_dim], k/v [kv_heads x kv_len x head_dim] in float,
+// bf16 or fp16 (converted per tile; fp32 accumulation). Semantics: attention/options.hpp.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../core/executor.hpp"
+#include "../core/kernels.hpp"
+#include "../core/tile_gemm.hpp"
+#include "../core/workspace.hpp"
+#include "masks.hpp"
+#include "options.hpp"
+
+namespace ctxcomp {
+
+namespace detail {
+
+/// Tile geometry of one attention call. A task is (kv head, block of queries); its rows are the
+/// block's queries times the group's query heads (row = query * group + head-in-group), so all
+/// query heads that share a kv head read each K/V tile once.
+template <class V>
+struct AttentionTiling {
+  static constexpr index_t kv_tile = 64;
+  static constexpr index_t target_rows = 96;
+  // Below this many rows (decode), scores are dot products against K rows read in place;
+  // above, K tiles are transposed once and reused by every row (outer-product GEMM).
+  static constexpr index_t few_rows = 16;
+  index_t group, q_block, rows, head_dim, dim_padded;
+  index_t q_blocks, tasks;
+
+  AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d) {
+    group = heads / kv_heads;
+    q_block = std::min(q_len, std::max<index_t>(1, target_rows / group));
+    rows = q_block * group;
+    head_dim = d;
+    dim_padded = (d + V::width - 1) / V::width * V::width;
+    q_blocks = (q_len + q_block - 1) / q_block;
+    tasks = kv_heads * q_blocks;
+  }
+  std::size_t worker_bytes() const {
+    return Workspace::bytes_for<float>(rows * head_dim)          // packed, pre-scaled queries
+           + Workspace::bytes_for<float>(head_dim * kv_tile)     // K tile (transposed for many rows)
+           + Workspace::bytes_for<float>(kv_tile * dim_padded)   // V tile
+           + Workspace::bytes_for<float>(rows * kv_tile)         // scores / probabilities
+           + Workspace::bytes_for<float>(rows * dim_padded)      // output accumulator
+           + 2 * Workspace::bytes_for<float>(rows);              // running max and sum
+  }
+};
+
+template <class T>
+inline void load_row(const T* src, float* dst, index_t n) noexcept {
+  kernels::convert<std::remove_const_t<T>, float>(src, dst, n);
+}
+
+}  // namespace detail
+
+/// Bytes of workspace `attention` reserves for these shapes and concurrency.
+template <class V = simd::Vec>
+std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t head_dim,
+                                      index_t concurrency = 1) {
+  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim);
+  return static_cast<std::size_t>(std::max<index_t>(1, std::min(concurrency, t.tasks))) * t.worker_bytes();
+}
+
+/// out = softmax(scale * q k^T | mask) v. heads % kv_heads == 0, else ctxcomp::Error. A query row
+/// with no visible key gets zeros. On error nothing is written. Results do not depend on the
+/// executor's thread count (tasks are fixed by the shapes; each writes its own rows).
+/// V selects the vector type (simd::Vec, or simd::ScalarVec for the scalar twin).
+template <class V = simd::Vec, class Q, class K, class Vt, class O, class Mask, class Exec = SerialExecutor>
+void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
+               const AttentionOptions& opt, Workspace& ws, const Exec& exec = {}) {
+  static_assert(!std::is_const_v<O>, "attention: out must be writable");
+  detail::check_attention_args(q, k, v, out, mask, opt, "attention");
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim);
+  const index_t Bk = T.kv_tile, d = T.head_dim, dp = T.dim_padded, g = T.group;
+  const index_t q_len = q.tokens, kv_len = k.tokens;
+  const float qscale = detail::effective_scale(opt, d) * kLog2e;  // softmax in base 2
+
+  const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), T.tasks));
+  ws.reserve(static_cast<std::size_t>(workers) * T.worker_bytes());
+  struct Buffers {
+    float *qp, *kt, *vp, *s, *o, *m, *l;
+  };
+  Buffers buf[64];
+  CTXCOMP_CHECK(workers <= 64, "attention: executor concurrency (", workers, ") above the supported 64");
+  for (index_t w = 0; w < workers; ++w) {
+    buf[w].qp = ws.take<float>(T.rows * d);
+    buf[w].kt = ws.take<float>(d * Bk);
+    buf[w].vp = ws.take<float>(Bk * dp);
+    buf[w].s = ws.take<float>(T.rows * Bk);
+    buf[w].o = ws.take<float>(T.rows * dp);
+    buf[w].m = ws.take<float>(T.rows);
+    buf[w].l = ws.take<float>(T.rows);
+  }
+
+  exec.parallel_for(T.tasks, [&](index_t task, index_t worker) {
+    const Buffers& b = buf[worker];
+    const index_t kh = task / T.q_blocks;
+    const index_t q0 = (task % T.q_blocks) * T.q_block, q1 = std::min(q_len, q0 + T.q_block);
+    const index_t nq = q1 - q0, rows = nq * g;
+
+    for (index_t qi = 0; qi < nq; ++qi)
+      for (index_t hh = 0; hh < g; ++hh) {
+        float* dst = b.qp + (qi * g + hh) * d;
+        detail::load_row(q.row(kh * g + hh, q0 + qi), dst, d);
+        kernels::scale<V>(dst, qscale, d);
+      }
+    std::fill(b.o, b.o + rows * dp, 0.f);
+    std::fill(b.m, b.m + rows, kNegInf);
+    std::fill(b.l, b.l + rows, 0.f);
+    if (dp != d)  // padding columns of V stay zero for the whole task
+      for (index_t kk = 0; kk < Bk; ++kk) std::fill(b.vp + kk * dp + d, b.vp + (kk + 1) * dp, 0.f);
+
+    for (index_t k0 = 0; k0 < kv_len; k0 += Bk) {
+      const index_t k1 = std::min(kv_len, k0 + Bk), nk = k1 - k0;
+      const TileVisibility vis = mask.tile(q0, q1, k0, k1);
+      if (vis == TileVisibility::None) continue;
+
+      if (rows < T.few_rows) {
+        // Dot-product form: K rows as stored (fp32) or widened row by row.
+        const float* kr;
+        index_t ldk;
+        if constexpr (std::is_same_v<std::remove_const_t<K>, float>) {
+          kr = k.row(kh, k0);
+          ldk = k.token_stride;
+        } else {
+          for (index_t kk = 0; kk < nk; ++kk) detail::load_row(k.row(kh, k0 + kk), b.kt + kk * d, d);
+          kr = b.kt;
+          ldk = d;
+        }
+        kernels::tile_gemm_nt<V>(b.qp, d, kr, ldk, b.s, Bk, rows, nk, d);
+      } else {
+        // K tile, transposed to [d x Bk]; columns past the last key are zero.
+        for (index_t kk = 0; kk < nk; ++kk) {
+          const auto* src = k.row(kh, k0 + kk);
+          for (index_t i = 0; i < d; ++i) b.kt[i * Bk + kk] = to_float(src[i]);
+        }
+        if (nk < Bk)
+          for (index_t i = 0; i < d; ++i) std::fill(b.kt + i * Bk + nk, b.kt + (i + 1) * Bk, 0.f);
+        kernels::tile_gemm<false, V>(b.qp, d, b.kt, Bk, b.s, Bk, rows, Bk, d);
+      }
+
+      if (vis == TileVisibility::Mixed) {
+        for (index_t qi = 0; qi < nq; ++qi)
+          for (index_t kk = 0; kk < nk; ++kk)
+            if (!mask.visible(q0 + qi, k0 + kk))
+              for (index_t hh = 0; hh < g; ++hh) b.s[(qi * g + hh) * Bk + kk] = kNegInf;
+      }
+      if (nk < Bk)
+        for (index_t r = 0; r < rows; ++r) std::fill(b.s + r * Bk + nk, b.s + (r + 1) * Bk, kNegInf);
+
+      // Online softmax: rescale what was accumulated when the running max grows.
+      for (index_t r = 0; r < rows; ++r) {
+        float* s = b.s + r * Bk;
+        const float mt = kernels::row_max<V>(s, Bk);
+        if (mt == kNegInf) {  // nothing visible in this tile for this row
+          std::fill(s, s + Bk, 0.f);
+          continue;
+        }
+        const float mnew = std::max(b.m[r], mt);
+        const float alpha = simd::ScalarVec::exp2(b.m[r] - mnew);
+        const float sum = kernels::exp2_shifted<V>(s, mnew, Bk);
+        b.l[r] = b.l[r] * alpha + sum;
+        if (alpha != 1.f) kernels::scale<V>(b.o + r * dp, alpha, dp);
+        b.m[r] = mnew;
+      }
+
+      if constexpr (std::is_same_v<std::remove_const_t<Vt>, float>) {
+        if (dp == d) {  // V rows used in place
+          kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk);
+          continue;
+        }
+      }
+      for (index_t kk = 0; kk < nk; ++kk) detail::load_row(v.row(kh, k0 + kk), b.vp + kk * dp, d);
+      kernels::tile_gemm<true, V>(b.s, Bk, b.vp, dp, b.o, dp, rows, dp, nk);
+    }
+
+    for (index_t qi = 0; qi < nq; ++qi)
+      for (index_t hh = 0; hh < g; ++hh) {
+        const index_t r = qi * g + hh;
+        const float inv = b.l[r] > 0.f ? 1.f / b.l[r] : 0.f;  // no visible key: zeros, never NaN
+        auto* dst = out.row(kh * g + hh, q0 + qi);
+        const float* src = b.o + r * dp;
+        for (index_t i = 0; i < d; ++i) dst[i] = from_float<std::remove_const_t<O>>(src[i] * inv);
+      }
+  });
+}
+
+}  // namespace ctxcomp

@@ -1,0 +1,46 @@
+// Options shared by the fused and the reference attention, and the argument checks both run.
+// Layout: q/out [heads x q_len x head_dim], k/v [kv_heads x kv_len x head_dim] (HeadsView).
+// Semantics: softmax(scale * q.k^T + mask) v with grouped-query heads (query head h uses kv head
+// h / (heads / kv_heads), as Hugging Face's repeat_kv).
+#pragma once
+#include <cmath>
+
+#include "../core/error.hpp"
+#include "../core/views.hpp"
+
+namespace ctxcomp {
+
+struct AttentionOptions {
+  float scale = 0.f;  // 0 means 1/sqrt(head_dim)
+};
+
+namespace detail {
+template <class Q, class K, class V, class O, class Mask>
+void check_attention_args(const HeadsView<Q>& q, const HeadsView<K>& k, const HeadsView<V>& v,
+                          const HeadsView<O>& out, const Mask& mask, const AttentionOptions& opt, const char* fn) {
+  check_heads_view(q, fn, "q");
+  check_heads_view(k, fn, "k");
+  check_heads_view(v, fn, "v");
+  check_heads_view(out, fn, "out");
+  CTXCOMP_CHECK(q.heads > 0 && q.tokens > 0 && q.head_dim > 0, fn, ": q is empty (heads ", q.heads, ", tokens ",
+                q.tokens, ", head_dim ", q.head_dim, ")");
+  CTXCOMP_CHECK(k.heads > 0 && k.tokens > 0, fn, ": k is empty (kv_heads ", k.heads, ", tokens ", k.tokens, ")");
+  CTXCOMP_CHECK(q.heads % k.heads == 0, fn, ": heads (", q.heads, ") is not a multiple of kv_heads (", k.heads, ")");
+  CTXCOMP_CHECK(k.head_dim == q.head_dim, fn, ": k head_dim (", k.head_dim, ") differs from q head_dim (",
+                q.head_dim, ")");
+  CTXCOMP_CHECK(v.heads == k.heads && v.tokens == k.tokens && v.head_dim == k.head_dim, fn, ": v is [", v.heads,
+                " x ", v.tokens, " x ", v.head_dim, "] but k is [", k.heads, " x ", k.tokens, " x ", k.head_dim, "]");
+  CTXCOMP_CHECK(out.heads == q.heads && out.tokens == q.tokens && out.head_dim == q.head_dim, fn, ": out is [",
+                out.heads, " x ", out.tokens, " x ", out.head_dim, "] but q is [", q.heads, " x ", q.tokens, " x ",
+                q.head_dim, "]");
+  CTXCOMP_CHECK(std::isfinite(opt.scale) && opt.scale >= 0.f, fn, ": scale (", opt.scale,
+                ") must be finite and >= 0 (0 = 1/sqrt(head_dim))");
+  mask.check(q.tokens, k.tokens, fn);
+}
+
+inline float effective_scale(const AttentionOptions& opt, index_t head_dim) {
+  return opt.scale > 0.f ? opt.scale : static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+}
+}  // namespace detail
+
+}  // namespace ctxcomp

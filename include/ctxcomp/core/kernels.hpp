@@ -1,0 +1,134 @@
+// Vector kernels over contiguous float rows: dot, axpy, scale, row max / sum, exp, and storage
+// conversions (bf16 / fp16 <-> fp32). Each is a template over the vector type (simd::Vec or its
+// scalar twin simd::ScalarVec) with a scalar tail, so both paths come from one source.
+#pragma once
+#include <Eigen/Core>
+#include <limits>
+
+#include "simd.hpp"
+#include "types.hpp"
+
+namespace ctxcomp::kernels {
+
+/// sum_i a[i] * b[i], fp32 accumulation in W lanes then a horizontal sum.
+template <class V = simd::Vec>
+inline float dot(const float* a, const float* b, index_t n) noexcept {
+  constexpr int W = V::width;
+  typename V::type acc0 = V::zero(), acc1 = V::zero();
+  index_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    acc0 = V::fma(V::load(a + i), V::load(b + i), acc0);
+    acc1 = V::fma(V::load(a + i + W), V::load(b + i + W), acc1);
+  }
+  for (const index_t nv = n / W * W; i < nv; i += W) acc0 = V::fma(V::load(a + i), V::load(b + i), acc0);
+  float s = V::reduce_add(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+/// y[i] += alpha * x[i].
+template <class V = simd::Vec>
+inline void axpy(float alpha, const float* x, float* y, index_t n) noexcept {
+  constexpr int W = V::width;
+  const auto va = V::broadcast(alpha);
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) V::store(y + i, V::fma(va, V::load(x + i), V::load(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+/// x[i] *= alpha.
+template <class V = simd::Vec>
+inline void scale(float* x, float alpha, index_t n) noexcept {
+  constexpr int W = V::width;
+  const auto va = V::broadcast(alpha);
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) V::store(x + i, V::load(x + i) * va);
+  for (; i < n; ++i) x[i] *= alpha;
+}
+
+/// max_i x[i]; -inf for n == 0.
+template <class V = simd::Vec>
+inline float row_max(const float* x, index_t n) noexcept {
+  constexpr int W = V::width;
+  float m = -std::numeric_limits<float>::infinity();
+  index_t i = 0;
+  if (n >= W) {
+    auto vm = V::load(x);
+    for (i = W; i + W <= n; i += W) vm = V::max(vm, V::load(x + i));
+    m = V::reduce_max(vm);
+  }
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+/// sum_i x[i].
+template <class V = simd::Vec>
+inline float row_sum(const float* x, index_t n) noexcept {
+  constexpr int W = V::width;
+  auto acc = V::zero();
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) acc = acc + V::load(x + i);
+  float s = V::reduce_add(acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+/// x[i] = 2^(x[i] - shift) in place; returns the sum of the results. exp2(-inf) = 0.
+template <class V = simd::Vec>
+inline float exp2_shifted(float* x, float shift, index_t n) noexcept {
+  constexpr int W = V::width;
+  const auto vs = V::broadcast(shift);
+  auto acc = V::zero();
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) {
+    auto e = V::exp2(V::load(x + i) - vs);
+    V::store(x + i, e);
+    acc = acc + e;
+  }
+  float s = V::reduce_add(acc);
+  for (; i < n; ++i) {
+    x[i] = simd::ScalarVec::exp2(x[i] - shift);
+    s += x[i];
+  }
+  return s;
+}
+
+/// x[i] = e^(x[i]) in place.
+template <class V = simd::Vec>
+inline void exp_inplace(float* x, index_t n) noexcept {
+  constexpr int W = V::width;
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) V::store(x + i, V::exp(V::load(x + i)));
+  for (; i < n; ++i) x[i] = simd::ScalarVec::exp(x[i]);
+}
+
+/// g[i] = silu(g[i]) * u[i] with silu(x) = x / (1 + e^-x): SwiGLU's gate, as torch's F.silu.
+template <class V = simd::Vec>
+inline void silu_mul(float* g, const float* u, index_t n) noexcept {
+  constexpr int W = V::width;
+  const auto one = V::broadcast(1.f);
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) {
+    const auto x = V::load(g + i);
+    V::store(g + i, V::div(x, one + V::exp(V::zero() - x)) * V::load(u + i));
+  }
+  for (; i < n; ++i) g[i] = g[i] / (1.f + simd::ScalarVec::exp(-g[i])) * u[i];
+}
+
+/// dst[i] = Dst(src[i]) between float, bf16, fp16 (and double), rounding to nearest even.
+/// Uses Eigen's packet casts (AVX-512 / F16C paths where the target has them).
+template <class Src, class Dst>
+inline void convert(const Src* src, Dst* dst, index_t n) noexcept {
+  if constexpr (std::is_same_v<Src, Dst>) {
+    if (n > 0 && src != dst) std::copy(src, src + n, dst);
+  } else if constexpr (std::is_same_v<Src, bf16> && std::is_same_v<Dst, float>) {
+    // bf16 -> f32 is a 16-bit shift; this loop vectorises on every target.
+    for (index_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  } else {
+    using ArrS = Eigen::Array<Src, Eigen::Dynamic, 1>;
+    using ArrD = Eigen::Array<Dst, Eigen::Dynamic, 1>;
+    Eigen::Map<ArrD>(dst, n) = Eigen::Map<const ArrS>(src, n).template cast<Dst>();
+  }
+}
+
+}  // namespace ctxcomp::kernels

@@ -1,0 +1,108 @@
+// The one place that names xsimd: a float vector type `Vec` with the handful of operations the
+// kernels use, and its scalar twin `ScalarVec` (width 1). Kernels are templates over either, so
+// every vector kernel has a scalar reference built from the same source.
+// xsimd 8.1 spells a horizontal sum `hadd` and has no reduce_max; newer xsimd renamed these —
+// keep such calls here. Define CTXCOMP_NO_SIMD to force the scalar path.
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cmath>
+
+#if !defined(CTXCOMP_NO_SIMD)
+#include <xsimd/xsimd.hpp>
+#if XSIMD_VERSION_MAJOR >= 8
+#define CTXCOMP_HAS_XSIMD 1
+#endif
+#endif
+
+namespace ctxcomp::simd {
+
+/// Scalar twin of the vector type: width 1, plain float arithmetic.
+struct ScalarVec {
+  using type = float;
+  static constexpr int width = 1;
+  static constexpr int registers = 16;
+  static type load(const float* p) noexcept { return *p; }
+  static void store(float* p, type v) noexcept { *p = v; }
+  static type broadcast(float x) noexcept { return x; }
+  static type zero() noexcept { return 0.f; }
+  static type fma(type a, type b, type c) noexcept { return a * b + c; }
+  static type max(type a, type b) noexcept { return a > b ? a : b; }
+  static type exp2(type x) noexcept { return std::exp2(x); }
+  static type exp(type x) noexcept { return std::exp(x); }
+  static type div(type a, type b) noexcept { return a / b; }
+  static float reduce_add(type v) noexcept { return v; }
+  /// out[i] = horizontal sum of accs[i] for i < width.
+  static void reduce_add_lanes(const type* accs, float* out) noexcept { out[0] = accs[0]; }
+  static float reduce_max(type v) noexcept { return v; }
+  static const char* name() noexcept { return "scalar"; }
+};
+
+#if defined(CTXCOMP_HAS_XSIMD)
+namespace detail {
+using arch = xsimd::default_arch;
+inline constexpr bool has_arch = !std::is_same_v<arch, xsimd::unavailable>;
+}  // namespace detail
+#endif
+
+#if defined(CTXCOMP_HAS_XSIMD)
+/// xsimd batch of float for an architecture (by default the one the compiler targets).
+template <class Arch>
+struct XsimdVec {
+  using arch = Arch;
+  using type = xsimd::batch<float, arch>;
+  static constexpr int width = static_cast<int>(type::size);
+  // AVX-512 has 32 vector registers, AVX2 and SSE 16.
+  static constexpr int registers = width >= 16 ? 32 : 16;
+  static type load(const float* p) noexcept { return xsimd::load_unaligned(p); }
+  static void store(float* p, type v) noexcept { v.store_unaligned(p); }
+  static type broadcast(float x) noexcept { return type(x); }
+  static type zero() noexcept { return type(0.f); }
+  static type fma(type a, type b, type c) noexcept { return xsimd::fma(a, b, c); }
+  static type max(type a, type b) noexcept { return xsimd::max(a, b); }
+  static type exp2(type x) noexcept { return xsimd::exp2(x); }
+  static type exp(type x) noexcept { return xsimd::exp(x); }
+  static type div(type a, type b) noexcept { return a / b; }
+  static float reduce_add(type v) noexcept { return xsimd::hadd(v); }  // xsimd >= 9: reduce_add
+  /// xsimd 8.1's AVX-512 haddp returns its sums in a permuted lane order (lanes 2,3 <-> 4,5 and
+  /// 10,11 <-> 12,13); the order is measured once and undone, so a fixed xsimd works unchanged.
+  static void reduce_add_lanes(const type* accs, float* out) noexcept {
+    alignas(64) float sums[width];
+    xsimd::haddp(accs).store_aligned(sums);
+    const auto& lane = haddp_lane_of_row();
+    for (int i = 0; i < width; ++i) out[i] = sums[lane[i]];
+  }
+  static const std::array<int, width>& haddp_lane_of_row() noexcept {
+    static const std::array<int, width> lane = [] {
+      type rows[width];
+      for (int i = 0; i < width; ++i) rows[i] = type(static_cast<float>(i));
+      alignas(64) float sums[width];
+      xsimd::haddp(rows).store_aligned(sums);
+      std::array<int, width> l{};
+      for (int j = 0; j < width; ++j) l[static_cast<int>(sums[j] / width + 0.5f)] = j;
+      return l;
+    }();
+    return lane;
+  }
+  static float reduce_max(type v) noexcept {                          // xsimd 8.1 has none
+    alignas(64) float lanes[width];
+    v.store_aligned(lanes);
+    float m = lanes[0];
+    for (int i = 1; i < width; ++i) m = lanes[i] > m ? lanes[i] : m;
+    return m;
+  }
+  static const char* name() noexcept { return arch::name(); }
+};
+#endif
+
+#if defined(CTXCOMP_HAS_XSIMD)
+/// The vector type kernels use by default: xsimd's best architecture, or scalar when none.
+using Vec = std::conditional_t<detail::has_arch, XsimdVec<detail::arch>, ScalarVec>;
+#else
+using Vec = ScalarVec;
+#endif
+
+/// Name of the instruction set the default kernels were compiled for ("avx512bw", "scalar", ...).
+inline const char* active_isa() noexcept { return Vec::name(); }
+
+}  // namespace ctxcomp::simd

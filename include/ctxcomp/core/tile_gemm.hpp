@@ -1,0 +1,105 @@
+// Register-blocked GEMM on small row-major tiles held in cache: C[M x N] (+)= A[M x K] * B[K x N].
+// The building block of the fused attention (scores = Q * K^T with K^T packed, out += P * V).
+// N must be a multiple of the vector width (callers pad); M and K are arbitrary.
+#pragma once
+#include <algorithm>
+
+#include "simd.hpp"
+#include "types.hpp"
+
+namespace ctxcomp::kernels {
+
+/// Register block for a vector type: MR rows x NV vectors of accumulators, chosen to use most
+/// of the register file (AVX-512: 6 x 4 of 32 registers; AVX2/SSE: 4 x 3 of 16; scalar: 4 x 4).
+template <class V>
+struct TileGemmShape {
+  static constexpr int MR = V::registers >= 32 ? 6 : 4;
+  static constexpr int NV = V::registers >= 32 ? 4 : (V::width == 1 ? 4 : 3);
+};
+
+template <class V, int MR, int NV, bool Accumulate>
+inline void tile_gemm_block(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+                            index_t K) noexcept {
+  constexpr int W = V::width;
+  typename V::type acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = Accumulate ? V::load(C + i * ldc + j * W) : V::zero();
+  for (index_t kk = 0; kk < K; ++kk) {
+    typename V::type b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = V::load(B + kk * ldb + j * W);
+    for (int i = 0; i < MR; ++i) {
+      const auto a = V::broadcast(A[i * lda + kk]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) V::store(C + i * ldc + j * W, acc[i][j]);
+}
+
+namespace detail {
+template <class V, int MR, bool Acc, int NV = TileGemmShape<V>::NV>
+inline void tile_gemm_cols(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+                           index_t nvec, index_t K) noexcept {
+  constexpr int W = V::width;
+  index_t j = 0;
+  for (; j + NV <= nvec; j += NV) tile_gemm_block<V, MR, NV, Acc>(A, lda, B + j * W, ldb, C + j * W, ldc, K);
+  if constexpr (NV > 1) {
+    if (j < nvec) tile_gemm_cols<V, MR, Acc, NV - 1>(A, lda, B + j * W, ldb, C + j * W, ldc, nvec - j, K);
+  }
+}
+template <class V, bool Acc, int MR = TileGemmShape<V>::MR>
+inline void tile_gemm_rows(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+                           index_t M, index_t nvec, index_t K) noexcept {
+  index_t i = 0;
+  for (; i + MR <= M; i += MR) tile_gemm_cols<V, MR, Acc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K);
+  if constexpr (MR > 1) {
+    if (i < M) tile_gemm_rows<V, Acc, MR - 1>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, M - i, nvec, K);
+  }
+}
+}  // namespace detail
+
+/// C = A * B (Accumulate = false) or C += A * B. N % V::width == 0.
+template <bool Accumulate, class V = simd::Vec>
+inline void tile_gemm(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc, index_t M,
+                      index_t N, index_t K) noexcept {
+  if (M <= 0 || N <= 0) return;
+  detail::tile_gemm_rows<V, Accumulate>(A, lda, B, ldb, C, ldc, M, N / V::width, K);
+}
+
+/// C[M x N] = A[M x K] * B[N x K]^T, both operands row-major along K (dot-product form: no
+/// transposition, for few rows such as decode, where B is read once straight from a cache).
+/// Blocks of RB rows x CB columns fill one vector of W partial sums, reduced together.
+template <class V = simd::Vec>
+inline void tile_gemm_nt(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc, index_t M,
+                         index_t N, index_t K) noexcept {
+  constexpr int W = V::width, CB = W >= 4 ? 4 : 1, RB = W / CB;
+  const index_t kv = K / W * W;
+  for (index_t i0 = 0; i0 < M; i0 += RB)
+    for (index_t j0 = 0; j0 < N; j0 += CB) {
+      // Rows / columns past the edge repeat the last one and are not stored.
+      const float* a[RB];
+      const float* b[CB];
+      for (int r = 0; r < RB; ++r) a[r] = A + std::min<index_t>(i0 + r, M - 1) * lda;
+      for (int c = 0; c < CB; ++c) b[c] = B + std::min<index_t>(j0 + c, N - 1) * ldb;
+      typename V::type acc[W];
+      for (int x = 0; x < W; ++x) acc[x] = V::zero();
+      for (index_t k = 0; k < kv; k += W) {
+        typename V::type vb[CB];
+        for (int c = 0; c < CB; ++c) vb[c] = V::load(b[c] + k);
+        for (int r = 0; r < RB; ++r) {
+          const auto va = V::load(a[r] + k);
+          for (int c = 0; c < CB; ++c) acc[r * CB + c] = V::fma(va, vb[c], acc[r * CB + c]);
+        }
+      }
+      alignas(64) float sums[W];
+      V::reduce_add_lanes(acc, sums);
+      for (int r = 0; r < RB && i0 + r < M; ++r)
+        for (int c = 0; c < CB && j0 + c < N; ++c) {
+          float s = sums[r * CB + c];
+          for (index_t k = kv; k < K; ++k) s += a[r][k] * b[c][k];
+          C[(i0 + r) * ldc + j0 + c] = s;
+        }
+    }
+}
+
+}  // namespace ctxcomp::kernels

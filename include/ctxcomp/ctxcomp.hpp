@@ -1,0 +1,27 @@
+// ctxcomp: header-only kernels for LLM context compression (IC-Former digests, sentinel-token
+// KV folding, SAC anchors). This umbrella includes every block that needs only Eigen and xsimd;
+// the I/O headers (<ctxcomp/io/...>) additionally need nlohmann-json and are included separately.
+#pragma once
+
+#include "core/error.hpp"
+#include "core/executor.hpp"
+#include "core/kernels.hpp"
+#include "core/simd.hpp"
+#include "core/tile_gemm.hpp"
+#include "core/types.hpp"
+#include "core/views.hpp"
+#include "core/workspace.hpp"
+
+#include "nn/linear.hpp"
+#include "nn/rmsnorm.hpp"
+#include "nn/rope.hpp"
+#include "nn/swiglu.hpp"
+
+#include "attention/fused.hpp"
+#include "attention/masks.hpp"
+#include "attention/options.hpp"
+#include "attention/reference.hpp"
+
+#define CTXCOMP_VERSION_MAJOR 0
+#define CTXCOMP_VERSION_MINOR 1
+#define CTXCOMP_VERSION_PATCH 0

@@ -1,0 +1,67 @@
+// Linear layer y = x W^T (no bias) with PyTorch's weight layout [out_features x in_features],
+// weights in float or bf16 (bf16 blocks are widened to fp32 in the workspace; fp32 products).
+// Layout: x [tokens x in], y [tokens x out], token-major views. Products are Eigen GEMMs.
+#pragma once
+#include <algorithm>
+
+#include "../core/executor.hpp"
+#include "../core/kernels.hpp"
+#include "../core/views.hpp"
+#include "../core/workspace.hpp"
+
+namespace ctxcomp {
+
+/// A weight matrix [out_features x in_features], row-major, float or bf16 (or fp16).
+template <class T>
+struct WeightView {
+  const T* data = nullptr;
+  index_t out_features = 0, in_features = 0;
+  const T* row(index_t o) const noexcept { return data + o * in_features; }
+};
+
+namespace detail {
+/// Output features per task. Fixed (not derived from the thread count) so that every element's
+/// reduction is the same product whatever the executor.
+inline constexpr index_t kLinearBlock = 128;
+}  // namespace detail
+
+/// Workspace bytes `linear` needs with weights of type T.
+template <class T>
+std::size_t linear_workspace_bytes(index_t in_features, index_t concurrency) {
+  if constexpr (std::is_same_v<T, float>) return 0;
+  else return static_cast<std::size_t>(std::max<index_t>(1, concurrency)) *
+              Workspace::bytes_for<float>(detail::kLinearBlock * in_features);
+}
+
+/// y = x W^T. Eigen's GEMM allocates its own packing buffers for large products (outside
+/// ctxcomp's workspace); everything else uses `ws`.
+template <class T, class Exec = SerialExecutor>
+void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Workspace& ws, const Exec& exec = {}) {
+  CTXCOMP_CHECK(w.data != nullptr, "linear: weight has no data");
+  CTXCOMP_CHECK(x.cols() == w.in_features, "linear: x has ", x.cols(), " features but the weight expects ",
+                w.in_features);
+  CTXCOMP_CHECK(y.rows() == x.rows() && y.cols() == w.out_features, "linear: y is ", y.rows(), " x ", y.cols(),
+                " but should be ", x.rows(), " x ", w.out_features);
+  const index_t blocks = (w.out_features + detail::kLinearBlock - 1) / detail::kLinearBlock;
+  const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), blocks));
+  float* scratch[64] = {};
+  CTXCOMP_CHECK(workers <= 64, "linear: executor concurrency (", workers, ") above the supported 64");
+  if constexpr (!std::is_same_v<T, float>) {
+    ws.reserve(linear_workspace_bytes<T>(w.in_features, workers));
+    for (index_t i = 0; i < workers; ++i) scratch[i] = ws.take<float>(detail::kLinearBlock * w.in_features);
+  }
+  exec.parallel_for(blocks, [&](index_t b, index_t worker) {
+    const index_t o0 = b * detail::kLinearBlock, n = std::min(detail::kLinearBlock, w.out_features - o0);
+    const float* wf;
+    if constexpr (std::is_same_v<T, float>) {
+      wf = w.row(o0);
+    } else {
+      kernels::convert<T, float>(w.row(o0), scratch[worker], n * w.in_features);
+      wf = scratch[worker];
+    }
+    auto wb = matrix_view(wf, n, w.in_features);
+    y.middleCols(o0, n).noalias() = x * wb.transpose();
+  });
+}
+
+}  // namespace ctxcomp

@@ -1,0 +1,201 @@
+// Vector kernels vs their scalar twins and double-precision references on awkward sizes
+// (0, 1, lane count +- 1, large); transformer pieces (RMSNorm, linear, SwiGLU, RoPE) vs
+// straightforward double loops.
+#include <cstring>
+
+#include "catch.hpp"
+#include "common.hpp"
+
+using namespace ctxcomp;
+using ctxcomp::test::random_vector;
+using ctxcomp::test::relative_error;
+
+namespace {
+std::vector<index_t> awkward_sizes() {
+  const index_t W = simd::Vec::width;
+  return {0, 1, 2, W - 1, W, W + 1, 2 * W - 1, 2 * W + 1, 3 * W + 5, 1000};
+}
+}  // namespace
+
+TEST_CASE("vector kernels match scalar twins and double references", "[kernels]") {
+  for (index_t n : awkward_sizes()) {
+    if (n < 0) continue;
+    INFO("n = " << n << ", isa " << simd::active_isa());
+    auto a = random_vector(std::size_t(n), 1, -3.f, 3.f), b = random_vector(std::size_t(n), 2);
+    double dot = 0, sum = 0, mx = -INFINITY;
+    for (index_t i = 0; i < n; ++i) dot += double(a[i]) * b[i], sum += a[i], mx = std::max(mx, double(a[i]));
+    const double tol = 1e-6 * (1 + std::sqrt(double(n)));
+    CHECK(std::abs(kernels::dot(a.data(), b.data(), n) - dot) <= tol * 3);
+    CHECK(std::abs(kernels::dot<simd::ScalarVec>(a.data(), b.data(), n) - dot) <= tol * 3);
+    CHECK(std::abs(kernels::row_sum(a.data(), n) - sum) <= tol * 3);
+    CHECK(kernels::row_max(a.data(), n) == float(mx));
+    CHECK(kernels::row_max<simd::ScalarVec>(a.data(), n) == float(mx));
+
+    auto y = b, y2 = b;
+    kernels::axpy(0.75f, a.data(), y.data(), n);
+    kernels::axpy<simd::ScalarVec>(0.75f, a.data(), y2.data(), n);
+    for (index_t i = 0; i < n; ++i) {
+      REQUIRE(std::abs(y[i] - (b[i] + 0.75 * a[i])) <= 1e-6);
+      REQUIRE(std::abs(y2[i] - (b[i] + 0.75 * a[i])) <= 1e-6);
+    }
+    auto e = a, e2 = a;
+    const float s1 = kernels::exp2_shifted(e.data(), 1.5f, n), s2 = kernels::exp2_shifted<simd::ScalarVec>(e2.data(), 1.5f, n);
+    double es = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const double ref = std::exp2(double(a[i]) - 1.5);
+      es += ref;
+      REQUIRE(std::abs(e[i] - ref) <= 4e-7 * ref);
+      REQUIRE(std::abs(e2[i] - ref) <= 4e-7 * ref);
+    }
+    CHECK(std::abs(s1 - es) <= 1e-6 * (1 + es));
+    CHECK(std::abs(s2 - es) <= 1e-6 * (1 + es));
+    auto g = a, g2 = a;
+    kernels::silu_mul(g.data(), b.data(), n);
+    kernels::silu_mul<simd::ScalarVec>(g2.data(), b.data(), n);
+    for (index_t i = 0; i < n; ++i) {
+      const double ref = double(a[i]) / (1 + std::exp(-double(a[i]))) * b[i];
+      REQUIRE(std::abs(g[i] - ref) <= 1e-6);
+      REQUIRE(std::abs(g2[i] - ref) <= 1e-6);
+    }
+  }
+  float inf_row[3] = {-INFINITY, -INFINITY, 0.f};
+  CHECK(kernels::exp2_shifted(inf_row, 0.f, 3) == 1.f);
+  CHECK(inf_row[0] == 0.f);
+}
+
+TEST_CASE("storage conversions round to nearest even and widen exactly", "[kernels]") {
+  for (index_t n : awkward_sizes()) {
+    auto a = random_vector(std::size_t(n), 3, -100.f, 100.f);
+    std::vector<bf16> b(static_cast<std::size_t>(n));
+    std::vector<fp16> h(static_cast<std::size_t>(n));
+    std::vector<float> back(static_cast<std::size_t>(n)), back_h(static_cast<std::size_t>(n));
+    kernels::convert(a.data(), b.data(), n);
+    kernels::convert(a.data(), h.data(), n);
+    kernels::convert(b.data(), back.data(), n);
+    kernels::convert(h.data(), back_h.data(), n);
+    for (index_t i = 0; i < n; ++i) {
+      REQUIRE(std::abs(back[i] - a[i]) <= std::ldexp(std::abs(a[i]), -8));
+      REQUIRE(std::abs(back_h[i] - a[i]) <= std::ldexp(std::abs(a[i]), -11));
+      REQUIRE(to_float(b[i]) == back[i]);
+    }
+  }
+  // 1 + 2^-8 is halfway between two bf16 values: ties go to even (1.0).
+  CHECK(to_float(from_float<bf16>(1.f + std::ldexp(1.f, -8))) == 1.f);
+  CHECK(to_float(from_float<bf16>(1.f + 3 * std::ldexp(1.f, -8))) == 1.f + std::ldexp(1.f, -6));
+  CHECK(std::isnan(to_float(from_float<bf16>(NAN))));
+}
+
+TEST_CASE("tile GEMM matches a double GEMM on ragged shapes", "[kernels]") {
+  const index_t W = simd::Vec::width;
+  for (index_t M : {1, 5, 6, 7, 13, 96})
+    for (index_t N : {W, 3 * W, 4 * W, 7 * W})
+      for (index_t K : {0, 1, 17, 128})
+        for (bool acc : {false, true}) {
+          auto A = random_vector(std::size_t(M * K + 1), 4), B = random_vector(std::size_t(K * N + 1), 5);
+          auto C = random_vector(std::size_t(M * N), 6), C2 = C;
+          if (acc) {
+            kernels::tile_gemm<true>(A.data(), K, B.data(), N, C.data(), N, M, N, K);
+          } else {
+            kernels::tile_gemm<false>(A.data(), K, B.data(), N, C.data(), N, M, N, K);
+          }
+          for (index_t i = 0; i < M; ++i)
+            for (index_t j = 0; j < N; ++j) {
+              double r = acc ? C2[std::size_t(i * N + j)] : 0.0;
+              for (index_t k = 0; k < K; ++k) r += double(A[std::size_t(i * K + k)]) * B[std::size_t(k * N + j)];
+              REQUIRE(std::abs(C[std::size_t(i * N + j)] - r) <= 1e-5);
+            }
+        }
+}
+
+TEST_CASE("RMSNorm, linear and SwiGLU match double references", "[nn]") {
+  const index_t T = 19, H = 72, I = 150;
+  auto x = random_vector(std::size_t(T * H), 7, -2.f, 2.f), w = random_vector(std::size_t(H), 8, 0.5f, 1.5f);
+  std::vector<float> y(std::size_t(T * H));
+  rmsnorm(matrix_view<const float>(x.data(), T, H), w.data(), H, 1e-6f, matrix_view(y.data(), T, H));
+  for (index_t t = 0; t < T; ++t) {
+    double ss = 0;
+    for (index_t i = 0; i < H; ++i) ss += double(x[std::size_t(t * H + i)]) * x[std::size_t(t * H + i)];
+    const double r = 1 / std::sqrt(ss / H + 1e-6);
+    for (index_t i = 0; i < H; ++i) REQUIRE(std::abs(y[std::size_t(t * H + i)] - w[i] * x[std::size_t(t * H + i)] * r) <= 2e-6 * 4);
+  }
+
+  auto wg = random_vector(std::size_t(I * H), 9), wu = random_vector(std::size_t(I * H), 10),
+       wd = random_vector(std::size_t(H * I), 11);
+  SwiGLUWeights<float> mlp{{wg.data(), I, H}, {wu.data(), I, H}, {wd.data(), H, I}};
+  std::vector<float> out(std::size_t(T * H)), out_t2(std::size_t(T * H)), ref(std::size_t(T * H));
+  for (index_t t = 0; t < T; ++t) {
+    std::vector<double> h(static_cast<std::size_t>(I));
+    for (index_t j = 0; j < I; ++j) {
+      double g = 0, u = 0;
+      for (index_t i = 0; i < H; ++i)
+        g += double(x[std::size_t(t * H + i)]) * wg[std::size_t(j * H + i)], u += double(x[std::size_t(t * H + i)]) * wu[std::size_t(j * H + i)];
+      h[std::size_t(j)] = g / (1 + std::exp(-g)) * u;
+    }
+    for (index_t o = 0; o < H; ++o) {
+      double s = 0;
+      for (index_t j = 0; j < I; ++j) s += h[std::size_t(j)] * wd[std::size_t(o * I + j)];
+      ref[std::size_t(t * H + o)] = float(s);
+    }
+  }
+  Workspace ws, lws;
+  swiglu(matrix_view<const float>(x.data(), T, H), mlp, matrix_view(out.data(), T, H), ws, lws);
+  CHECK(relative_error(out.data(), ref.data(), out.size()) <= 1e-5);
+#if defined(_OPENMP)
+  swiglu(matrix_view<const float>(x.data(), T, H), mlp, matrix_view(out_t2.data(), T, H), ws, lws, OpenMPExecutor(2));
+  CHECK(std::memcmp(out.data(), out_t2.data(), out.size() * sizeof(float)) == 0);
+#endif
+
+  // bf16 weights give exactly the fp32 result of the bf16-rounded weights.
+  std::vector<bf16> wgb(wg.size()), wub(wu.size()), wdb(wd.size());
+  kernels::convert(wg.data(), wgb.data(), index_t(wg.size()));
+  kernels::convert(wu.data(), wub.data(), index_t(wu.size()));
+  kernels::convert(wd.data(), wdb.data(), index_t(wd.size()));
+  std::vector<float> wgr(wg.size()), wur(wu.size()), wdr(wd.size());
+  kernels::convert(wgb.data(), wgr.data(), index_t(wg.size()));
+  kernels::convert(wub.data(), wur.data(), index_t(wu.size()));
+  kernels::convert(wdb.data(), wdr.data(), index_t(wd.size()));
+  SwiGLUWeights<bf16> mlp_b{{wgb.data(), I, H}, {wub.data(), I, H}, {wdb.data(), H, I}};
+  SwiGLUWeights<float> mlp_r{{wgr.data(), I, H}, {wur.data(), I, H}, {wdr.data(), H, I}};
+  std::vector<float> ob(out.size()), orr(out.size());
+  swiglu(matrix_view<const float>(x.data(), T, H), mlp_b, matrix_view(ob.data(), T, H), ws, lws);
+  swiglu(matrix_view<const float>(x.data(), T, H), mlp_r, matrix_view(orr.data(), T, H), ws, lws);
+  CHECK(std::memcmp(ob.data(), orr.data(), ob.size() * sizeof(float)) == 0);
+
+  using Catch::Matchers::Contains;
+  CHECK_THROWS_WITH(linear(matrix_view<const float>(x.data(), T, H), WeightView<float>{wg.data(), I, H + 1},
+                           matrix_view(out.data(), T, I), ws),
+                    Contains("x has 72 features but the weight expects 73"));
+  CHECK_THROWS_WITH(rmsnorm(matrix_view<const float>(x.data(), T, H), w.data(), H - 1, 1e-6f, matrix_view(y.data(), T, H)),
+                    Contains("weight has 71 elements"));
+}
+
+TEST_CASE("RoPE rotate_half and interleaved match the double formula", "[nn]") {
+  const index_t heads = 3, T = 11, d = 16;
+  for (RopeStyle style : {RopeStyle::RotateHalf, RopeStyle::Interleaved})
+    for (double scaling : {1.0, 4.0}) {
+      auto x = random_vector(std::size_t(heads * T * d), 12);
+      auto y = x;
+      std::vector<std::int64_t> pos{0, 5, 5, 1, 2, 3, 100, 7, 8, 4095, 9};
+      RopeConfig cfg;
+      cfg.theta = 500000;
+      cfg.style = style;
+      cfg.linear_scaling = scaling;
+      Rope rope(cfg, d);
+      rope.apply(HeadsView<float>::contiguous(y.data(), heads, T, d), pos.data());
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t t = 0; t < T; ++t)
+          for (index_t i = 0; i < d / 2; ++i) {
+            // transformers evaluates inv_freq in float32; the angle and cos/sin here in double.
+            const double inv = 1.0f / std::pow(500000.f, float(2 * i) / float(d));
+            const double a = double(pos[std::size_t(t)]) / scaling * inv;
+            const index_t i1 = style == RopeStyle::RotateHalf ? i : 2 * i, i2 = style == RopeStyle::RotateHalf ? i + d / 2 : 2 * i + 1;
+            const double x1 = x[std::size_t((h * T + t) * d + i1)], x2 = x[std::size_t((h * T + t) * d + i2)];
+            REQUIRE(std::abs(y[std::size_t((h * T + t) * d + i1)] - (x1 * std::cos(a) - x2 * std::sin(a))) <= 2e-6 * (1 + std::abs(a) * 1e-3));
+            REQUIRE(std::abs(y[std::size_t((h * T + t) * d + i2)] - (x2 * std::cos(a) + x1 * std::sin(a))) <= 2e-6 * (1 + std::abs(a) * 1e-3));
+          }
+    }
+  Rope rope(RopeConfig{}, 8);
+  std::vector<float> z(8);
+  std::int64_t bad = -1;
+  CHECK_THROWS_WITH(rope.apply(HeadsView<float>::contiguous(z.data(), 1, 1, 8), &bad), Catch::Matchers::Contains("position ids must be >= 0"));
+}

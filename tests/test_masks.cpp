@@ -1,0 +1,64 @@
+// Every mask's per-tile answers agree with its per-element answers, on tiles of awkward sizes.
+#include "catch.hpp"
+#include "common.hpp"
+
+using namespace ctxcomp;
+
+namespace {
+template <class Mask>
+void check_tiles(const Mask& mask, index_t q_len, index_t kv_len, const char* what) {
+  INFO(what);
+  mask.check(q_len, kv_len, "test");
+  index_t all = 0, none = 0;
+  for (index_t tq : {1, 3, 16, 29})
+    for (index_t tk : {1, 5, 32, 64})
+      for (index_t q0 = 0; q0 < q_len; q0 += tq)
+        for (index_t k0 = 0; k0 < kv_len; k0 += tk) {
+          const index_t q1 = std::min(q_len, q0 + tq), k1 = std::min(kv_len, k0 + tk);
+          const TileVisibility t = mask.tile(q0, q1, k0, k1);
+          if (t == TileVisibility::Mixed) continue;
+          (t == TileVisibility::All ? all : none)++;
+          for (index_t q = q0; q < q1; ++q)
+            for (index_t k = k0; k < k1; ++k) REQUIRE(mask.visible(q, k) == (t == TileVisibility::All));
+        }
+  CHECK(all + none > 0);  // the shortcut is actually taken somewhere
+}
+}  // namespace
+
+TEST_CASE("per-tile answers agree with per-element answers", "[masks]") {
+  check_tiles(Full{}, 50, 70, "full");
+  check_tiles(FullBidirectional{}, 50, 50, "bidirectional");
+  check_tiles(Causal(0), 130, 130, "causal");
+  check_tiles(Causal(17), 61, 78, "causal offset");
+  check_tiles(CrossWithCausalTail(40), 9, 49, "cross");
+  check_tiles(ChunkDiagonal{24, false, 0}, 61, 61, "chunk");
+  check_tiles(ChunkDiagonal{24, true, 5}, 56, 61, "chunk causal");
+  std::vector<index_t> anchors{2, 6, 10, 14, 18, 22, 40, 41, 42, 43, 44, 45};
+  check_tiles(AnchorBidirectional{anchors.data(), index_t(anchors.size()), 0}, 60, 60, "anchor");
+  std::vector<int> ids(120);
+  for (int i = 0; i < 120; ++i) ids[std::size_t(i)] = (i % 17 == 3) ? -1 : (i % 17 == 9 ? -2 : i);
+  auto roles = sentinel_roles(ids.data(), 120, -1, -2);
+  check_tiles(SentinelSpans{roles.data(), 120, 0, nullptr}, 120, 120, "sentinel");
+  check_tiles(SentinelSpans{roles.data(), 120, 70, nullptr}, 50, 120, "sentinel offset");
+  std::vector<std::uint8_t> dense(40 * 40);
+  for (index_t q = 0; q < 40; ++q)
+    for (index_t k = 0; k < 40; ++k) dense[std::size_t(q * 40 + k)] = (k <= q) && (k % 7 != 3);
+  check_tiles(DenseMask<std::uint8_t>{dense.data(), 40, 40, 40}, 40, 40, "dense");
+}
+
+TEST_CASE("count_visible counts the causal triangle", "[masks]") {
+  CHECK(count_visible(Causal(0), 100, 100) == 100 * 101 / 2);
+  CHECK(count_visible(Causal(10), 5, 15) == 11 + 12 + 13 + 14 + 15);
+  CHECK(count_visible(Full{}, 7, 9) == 63);
+}
+
+TEST_CASE("sentinel roles reject malformed spans", "[masks][errors]") {
+  using Catch::Matchers::Contains;
+  std::vector<int> cr_first{1, 2, -2, 3};
+  CHECK_THROWS_WITH(sentinel_roles(cr_first.data(), 4, -1, -2), Contains("<CR> at index 2 closes no open span"));
+  std::vector<int> nested{-1, 2, -1, 3, -2};
+  CHECK_THROWS_WITH(sentinel_roles(nested.data(), 5, -1, -2), Contains("<CL> at index 2"));
+  std::vector<int> open_end{1, -1, 2};
+  auto roles = sentinel_roles(open_end.data(), 3, -1, -2);
+  CHECK(roles[2].role == SpanRole::Inner);
+}
