@@ -62,3 +62,22 @@ TEST_CASE("sentinel roles reject malformed spans", "[masks][errors]") {
   auto roles = sentinel_roles(open_end.data(), 3, -1, -2);
   CHECK(roles[2].role == SpanRole::Inner);
 }
+
+#include <ctxcomp/io/safetensors.hpp>
+
+TEST_CASE("SentinelSpans equals the official attention_mask of every sentinel fixture", "[masks][fixtures]") {
+  for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"}) {
+    INFO(c);
+    auto st = io::SafeTensors::open(test::fixtures_dir() + "/sentinel/" + c + ".safetensors");
+    const auto ids = st.read<std::int64_t>("input_ids");
+    const auto mask = st.read<std::int64_t>("attention_mask");
+    const index_t n = index_t(ids.size());
+    REQUIRE(mask.size() == std::size_t(n * n));
+    const std::int64_t cl = std::stoll(st.meta("cl_id")), cr = std::stoll(st.meta("cr_id"));
+    auto roles = sentinel_roles(ids.data(), n, cl, cr);
+    SentinelSpans m{roles.data(), n, 0, nullptr};
+    for (index_t q = 0; q < n; ++q)
+      for (index_t k = 0; k < n; ++k) REQUIRE(m.visible(q, k) == (mask[std::size_t(q * n + k)] != 0));
+    check_tiles(m, n, n, c);
+  }
+}
