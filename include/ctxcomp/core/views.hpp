@@ -25,6 +25,13 @@ MatrixView<T> matrix_view(T* data, index_t rows, index_t cols, index_t ld = -1) 
   return MatrixView<T>(data, rows, cols, Eigen::OuterStride<>(ld < 0 ? cols : ld));
 }
 
+/// The same view, read-only.
+template <class S>
+MatrixView<const S> const_view(
+    const Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, Eigen::Unaligned, Eigen::OuterStride<>>& m) {
+  return MatrixView<const S>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.outerStride()));
+}
+
 /// Views an Eigen row-major matrix (or any dense row-major expression with direct access).
 template <class Derived>
 auto matrix_view(Eigen::PlainObjectBase<Derived>& m) {

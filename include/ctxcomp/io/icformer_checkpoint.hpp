@@ -1,0 +1,82 @@
+// Loader of an official IC-Former checkpoint directory (config.json + model.safetensors written
+// by save_pretrained; tensor names of the official ICFormerModel state dict) into an
+// IcformerConfig and owned weights of type T (float or bf16). Digests come separately
+// (the official param.pt, converted with tools/convert_param_pt.py).
+#pragma once
+#include <memory>
+#include <string>
+
+#include "../digest/icformer.hpp"
+#include "checkpoint.hpp"
+
+namespace ctxcomp::io {
+
+template <class T = float>
+class IcformerCheckpoint {
+ public:
+  static IcformerCheckpoint load(const std::string& dir) {
+    IcformerCheckpoint c;
+    const std::string cfg_path = dir + "/config.json";
+    const auto j = read_json(cfg_path);
+    auto& cfg = c.config_;
+    cfg.hidden = config_int(j, "hidden_size", cfg_path);
+    const index_t ctx_hidden = j.contains("context_hidden_size") ? config_int(j, "context_hidden_size", cfg_path) : cfg.hidden;
+    if (ctx_hidden != cfg.hidden)
+      fail(cfg_path, ": context_hidden_size (", ctx_hidden, ") differs from hidden_size (", cfg.hidden,
+           "): keys come from [context ; digests], which needs one width");
+    cfg.heads = config_int(j, "num_attention_heads", cfg_path);
+    cfg.kv_heads = j.contains("num_key_value_heads") ? config_int(j, "num_key_value_heads", cfg_path) : cfg.heads;
+    cfg.head_dim = j.contains("head_dim") && j["head_dim"].is_number_integer() ? j["head_dim"].get<index_t>()
+                                                                              : (cfg.heads ? cfg.hidden / cfg.heads : 0);
+    cfg.intermediate = config_int(j, "intermediate_size", cfg_path);
+    cfg.layers = config_int(j, "num_hidden_layers", cfg_path);
+    cfg.cross_attention_frequency =
+        j.contains("cross_attention_frequency") ? config_int(j, "cross_attention_frequency", cfg_path) : 1;
+    cfg.num_digests = j.contains("num_query_tokens") ? config_int(j, "num_query_tokens", cfg_path) : 0;
+    cfg.rms_eps = static_cast<float>(config_number(j, "rms_norm_eps", cfg_path, 1e-6));
+    cfg.rope = rope_from_config(j, cfg_path);
+    cfg.validate();
+
+    c.store_ = std::make_unique<TensorStore<T>>(dir + "/model.safetensors");
+    auto& st = *c.store_;
+    const std::int64_t d = cfg.hidden, qd = cfg.heads * cfg.head_dim, kd = cfg.kv_heads * cfg.head_dim,
+                       inter = cfg.intermediate;
+    auto wv = [&](const std::string& name, std::int64_t o, std::int64_t i) {
+      return WeightView<T>{st.load(name, {o, i}), o, i};
+    };
+    for (index_t i = 0; i < cfg.layers; ++i) {
+      const std::string p = "encoder.layers." + std::to_string(i) + ".";
+      digest::IcformerLayerWeights<T> l;
+      const std::string attn = cfg.is_cross(i) ? "cross_attn." : "self_attn.";
+      if (cfg.is_cross(i)) {
+        l.query_norm = st.load(p + "cross_input_layernorm.weight", {d});
+        l.context_norm = st.load(p + "context_layernorm.weight", {d});
+      } else {
+        l.query_norm = st.load(p + "input_layernorm.weight", {d});
+      }
+      l.post_attention_norm = st.load(p + "post_attention_layernorm.weight", {d});
+      l.q = wv(p + attn + "q_proj.weight", qd, d);
+      l.k = wv(p + attn + "k_proj.weight", kd, d);
+      l.v = wv(p + attn + "v_proj.weight", kd, d);
+      l.o = wv(p + attn + "o_proj.weight", d, qd);
+      l.mlp.gate = wv(p + "mlp.gate_proj.weight", inter, d);
+      l.mlp.up = wv(p + "mlp.up_proj.weight", inter, d);
+      l.mlp.down = wv(p + "mlp.down_proj.weight", d, inter);
+      c.weights_.layers.push_back(l);
+    }
+    c.weights_.final_norm = st.load("encoder.norm.weight", {d});
+    return c;
+  }
+
+  const digest::IcformerConfig& config() const noexcept { return config_; }
+  /// Views into this checkpoint's storage: keep the checkpoint alive while they are used.
+  const digest::IcformerWeights<T>& weights() const noexcept { return weights_; }
+  digest::IcformerEncoder<T> encoder() const { return digest::IcformerEncoder<T>(config_, weights_); }
+
+ private:
+  digest::IcformerConfig config_;
+  digest::IcformerWeights<T> weights_;
+  std::unique_ptr<TensorStore<T>> store_;
+};
+
+}  // namespace ctxcomp::io

@@ -1,0 +1,154 @@
+// IC-Former against the official fixtures (per layer and whole, plain and chunked), thread-count
+// determinism, and the checkpoint loader's errors for malformed checkpoints.
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include <ctxcomp/io/icformer_checkpoint.hpp>
+
+#include "catch.hpp"
+#include "common.hpp"
+
+using namespace ctxcomp;
+using Catch::Matchers::Contains;
+namespace fs = std::filesystem;
+
+namespace {
+std::string case_dir(const std::string& c) { return test::fixtures_dir() + "/icformer/" + c; }
+}  // namespace
+
+TEST_CASE("IC-Former reproduces the official fixtures layer by layer", "[icformer][fixtures]") {
+  for (const char* c : {"icformer_basic", "icformer_gqa_selfattn"}) {
+    INFO(c);
+    auto ckpt = io::IcformerCheckpoint<float>::load(case_dir(c) + "/model");
+    auto st = io::SafeTensors::open(case_dir(c) + "/case.safetensors");
+    const auto& cfg = ckpt.config();
+    const auto ctx = st.read<float>("context_embeds");
+    const auto dig = st.read<float>("digest_embeds");
+    const index_t n = index_t(ctx.size()) / cfg.hidden, k = index_t(dig.size()) / cfg.hidden;
+    auto enc = ckpt.encoder();
+    std::vector<float> h = dig;
+    auto hv = matrix_view(h.data(), k, cfg.hidden);
+    auto cv = matrix_view<const float>(ctx.data(), n, cfg.hidden);
+    auto dv = matrix_view<const float>(dig.data(), k, cfg.hidden);
+    // layer{i}_hidden: the states entering layer i; the last one is the output after the final norm.
+    for (index_t i = 0; i <= cfg.layers; ++i) {
+      if (i == cfg.layers) enc.final_norm(hv);
+      const auto expect = st.read<double>("layer" + std::to_string(i) + "_hidden");
+      INFO("entering layer " << i);
+      CHECK(test::relative_error(h.data(), expect.data(), h.size()) <= 1e-5);
+      if (i < cfg.layers) enc.layer(i, cv, dv, hv);
+    }
+    const auto soft = st.read<double>("soft_prompt");
+    CHECK(test::relative_error(h.data(), soft.data(), h.size()) <= 1e-5);
+
+    std::vector<float> out(h.size());
+    enc.compress(cv, matrix_view<const float>(dig.data(), k, cfg.hidden), matrix_view(out.data(), k, cfg.hidden));
+    const double err = test::relative_error(out.data(), soft.data(), out.size());
+    CHECK(err <= 1e-5);
+    WARN(c << ": relative error vs float64 " << err);
+  }
+}
+
+TEST_CASE("IC-Former chunked compression reproduces the official fixture", "[icformer][fixtures]") {
+  auto ckpt = io::IcformerCheckpoint<float>::load(case_dir("icformer_chunked") + "/model");
+  auto st = io::SafeTensors::open(case_dir("icformer_chunked") + "/case.safetensors");
+  const auto& cfg = ckpt.config();
+  const auto ctx = st.read<float>("context_embeds");
+  const auto dig = st.read<float>("digest_embeds");
+  const auto soft = st.read<double>("soft_prompt");
+  const index_t n = index_t(ctx.size()) / cfg.hidden, k = index_t(dig.size()) / cfg.hidden;
+  const index_t max_len = std::stoll(st.meta("max_chunk_len"));
+  const auto ch = digest::Chunking::of(n, max_len);
+  CHECK(ch.count == 4);
+  CHECK(ch.size == 25);
+  std::vector<float> out(std::size_t(ch.count * k * cfg.hidden)), out2(out.size());
+  auto enc = ckpt.encoder();
+  std::vector<index_t> seen;
+  enc.compress_chunked(matrix_view<const float>(ctx.data(), n, cfg.hidden), matrix_view<const float>(dig.data(), k, cfg.hidden),
+                       max_len, matrix_view(out.data(), ch.count * k, cfg.hidden), SerialExecutor{},
+                       [&](index_t done, index_t) { seen.push_back(done); });
+  const double err = test::relative_error(out.data(), soft.data(), out.size());
+  CHECK(err <= 1e-5);
+  WARN("icformer_chunked: relative error vs float64 " << err);
+  CHECK(seen == std::vector<index_t>{1, 2, 3, 4});
+#if defined(_OPENMP)
+  enc.compress_chunked(matrix_view<const float>(ctx.data(), n, cfg.hidden), matrix_view<const float>(dig.data(), k, cfg.hidden),
+                       max_len, matrix_view(out2.data(), ch.count * k, cfg.hidden), OpenMPExecutor(2));
+  CHECK(std::memcmp(out.data(), out2.data(), out.size() * sizeof(float)) == 0);
+#endif
+  using Catch::Matchers::Contains;
+  std::vector<float> wrong(std::size_t(3 * k * cfg.hidden), 7.f);
+  CHECK_THROWS_WITH(enc.compress_chunked(matrix_view<const float>(ctx.data(), n, cfg.hidden),
+                                         matrix_view<const float>(dig.data(), k, cfg.hidden), max_len,
+                                         matrix_view(wrong.data(), 3 * k, cfg.hidden)),
+                    Contains("expected 32 x 64 (4 chunks of 8 digests)"));
+  CHECK(std::all_of(wrong.begin(), wrong.end(), [](float x) { return x == 7.f; }));
+  CHECK_THROWS_WITH(digest::Chunking::of(n, 0), Contains("max_chunk_len (0) must be positive"));
+}
+
+TEST_CASE("IC-Former with bf16 weights stays close to the float64 expectation", "[icformer]") {
+  auto f32 = io::IcformerCheckpoint<float>::load(case_dir("icformer_basic") + "/model");
+  auto b16 = io::IcformerCheckpoint<bf16>::load(case_dir("icformer_basic") + "/model");
+  auto st = io::SafeTensors::open(case_dir("icformer_basic") + "/case.safetensors");
+  const auto ctx = st.read<float>("context_embeds");
+  const auto dig = st.read<float>("digest_embeds");
+  const auto soft = st.read<double>("soft_prompt");
+  const index_t d = 64, n = index_t(ctx.size()) / d, k = index_t(dig.size()) / d;
+  std::vector<float> a(dig.size()), b(dig.size());
+  f32.encoder().compress(matrix_view<const float>(ctx.data(), n, d), matrix_view<const float>(dig.data(), k, d), matrix_view(a.data(), k, d));
+  b16.encoder().compress(matrix_view<const float>(ctx.data(), n, d), matrix_view<const float>(dig.data(), k, d), matrix_view(b.data(), k, d));
+  // bf16 weights carry ~2^-9 relative rounding; the output stays close, not equal.
+  const double err = test::relative_error(b.data(), soft.data(), b.size());
+  CHECK(err < 5e-2);
+  CHECK(err > 1e-6);  // really used bf16 weights
+}
+
+TEST_CASE("IC-Former checkpoint loader names what is wrong", "[icformer][io][errors]") {
+  const fs::path tmp = fs::temp_directory_path() / "ctxcomp_bad_icformer";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  const std::string src = case_dir("icformer_basic") + "/model";
+  auto st = io::SafeTensors::open(src + "/model.safetensors");
+  auto write_variant = [&](const std::string& drop, const std::string& reshape) {
+    std::vector<std::vector<float>> keep;
+    std::vector<io::TensorOut> outs;
+    for (const auto& t : st.tensors()) {
+      if (t.name == drop) continue;
+      keep.push_back(st.read<float>(t.name));
+      auto shape = t.shape;
+      if (t.name == reshape) shape = {t.numel()};
+      outs.push_back(io::TensorOut::of(t.name, shape, keep.back().data()));
+    }
+    io::write_safetensors((tmp / "model.safetensors").string(), outs);
+  };
+  fs::copy_file(src + "/config.json", tmp / "config.json");
+  write_variant("encoder.layers.1.cross_attn.v_proj.weight", "");
+  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()),
+                    Contains("missing tensor 'encoder.layers.1.cross_attn.v_proj.weight'"));
+  write_variant("", "encoder.layers.2.mlp.up_proj.weight");
+  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()),
+                    Contains("tensor 'encoder.layers.2.mlp.up_proj.weight' has shape [10240], expected [160, 64]"));
+  {
+    std::ofstream f(tmp / "config.json");
+    f << R"({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3, "intermediate_size": 160, "num_hidden_layers": 3})";
+  }
+  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("heads (4) is not a multiple of kv_heads (3)"));
+  {
+    std::ofstream f(tmp / "config.json");
+    f << R"({"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 160, "num_hidden_layers": 3, "rope_scaling": {"type": "yarn", "factor": 4}})";
+  }
+  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("unsupported RoPE scaling type 'yarn'"));
+  {
+    std::ofstream f(tmp / "config.json");
+    f << R"({"num_attention_heads": 4})";
+  }
+  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("missing integer 'hidden_size'"));
+  {
+    std::ofstream f(tmp / "config.json");
+    f << "{ not json";
+  }
+  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("not valid JSON"));
+  fs::remove_all(tmp);
+}
