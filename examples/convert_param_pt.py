@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Convert the official IC-Former `param.pt` to safetensors for `ctxcomp icformer --digests`.
+
+The official training code saves the learnable digest embeddings (and the AE token) with
+torch.save({"digest_embeddings": ..., "AE": ...}, "param.pt"). This writes them as F32 tensors
+`digest_embeds` [k, hidden] and `AE` [1, hidden] (any leading batch dimension of 1 is dropped).
+Needs only PyTorch (Debian: python3-torch); the safetensors format is written directly.
+
+    /usr/bin/python3 examples/convert_param_pt.py param.pt digests.safetensors
+"""
+import argparse
+import json
+import struct
+import sys
+
+import torch
+
+NAMES = {"digest_embeddings": "digest_embeds", "AE": "AE"}
+
+
+def as_matrix(name, t):
+    t = t.detach().to(torch.float32).cpu().contiguous()
+    while t.dim() > 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    if t.dim() != 2:
+        raise SystemExit(f"convert_param_pt: '{name}' has shape {list(t.shape)}, expected [k, hidden]")
+    return t
+
+
+def write_safetensors(path, tensors, metadata):
+    header, blobs, offset = {"__metadata__": metadata}, [], 0
+    for name, t in tensors.items():
+        data = t.numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("param_pt", help="official param.pt (a dict with digest_embeddings and AE)")
+    ap.add_argument("output", help="safetensors file to write")
+    args = ap.parse_args()
+    params = torch.load(args.param_pt, map_location="cpu")
+    if not isinstance(params, dict):
+        raise SystemExit(f"convert_param_pt: {args.param_pt} holds a {type(params).__name__}, expected a dict")
+    if "digest_embeddings" not in params:
+        raise SystemExit(f"convert_param_pt: {args.param_pt} has no 'digest_embeddings' (keys: {sorted(params)})")
+    out = {NAMES[k]: as_matrix(k, params[k]) for k in NAMES if k in params}
+    write_safetensors(args.output, out, {"source": "param.pt"})
+    for k, t in out.items():
+        print(f"{k}: {list(t.shape)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+// The `ctxcomp` tool end to end: fixtures through the CLI, and its errors.
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+
+#include <ctxcomp/io/safetensors.hpp>
+
+#include "catch.hpp"
+#include "common.hpp"
+
+using namespace ctxcomp;
+namespace fs = std::filesystem;
+
+namespace {
+struct Run {
+  int status;
+  std::string err;
+};
+Run run_cli(const std::string& args) {
+  const fs::path errf = fs::temp_directory_path() / "ctxcomp_cli_stderr.txt";
+  const std::string cmd = std::string(CTXCOMP_CLI_PATH) + " " + args + " 2> " + errf.string() + " > /dev/null";
+  const int rc = std::system(cmd.c_str());
+  std::ifstream f(errf);
+  std::string err((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  return {rc, err};
+}
+std::string tmp(const std::string& name) { return (fs::temp_directory_path() / name).string(); }
+}  // namespace
+
+TEST_CASE("ctxcomp demo runs", "[cli]") { CHECK(run_cli("demo").status == 0); }
+
+TEST_CASE("ctxcomp icformer reproduces every IC-Former fixture", "[cli][icformer][fixtures]") {
+  for (const char* c : {"icformer_basic", "icformer_chunked", "icformer_gqa_selfattn"}) {
+    INFO(c);
+    const std::string dir = test::fixtures_dir() + "/icformer/" + c;
+    auto cs = io::SafeTensors::open(dir + "/case.safetensors");
+    const std::string out = tmp(std::string("ctxcomp_cli_") + c + ".safetensors");
+    const std::string args = "icformer --checkpoint " + dir + "/model --digests " + dir + "/case.safetensors --input " + dir +
+                             "/case.safetensors --output " + out + " --max-chunk-len " + cs.meta("max_chunk_len") +
+                             (cs.meta("use_chunk") == "True" ? "" : " --no-chunk") + " --threads 2";
+    const Run r = run_cli(args);
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    if (cs.meta("use_chunk") == "True") CHECK(r.err.find("chunk 4/4") != std::string::npos);
+    auto os = io::SafeTensors::open(out);
+    const auto got = os.read<float>("soft_prompt", cs.info("soft_prompt").shape);
+    const auto expect = cs.read<double>("soft_prompt");
+    CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
+    std::remove(out.c_str());
+  }
+}
+
+TEST_CASE("ctxcomp reports bad arguments and files", "[cli][errors]") {
+  const std::string dir = test::fixtures_dir() + "/icformer/icformer_basic";
+  Run r = run_cli("icformer --checkpoint " + dir + "/model --digests " + dir + "/case.safetensors --input " + dir +
+                  "/model/model.safetensors --output " + tmp("x.safetensors"));
+  CHECK(r.status != 0);
+  CHECK(r.err.find("no tensor named 'context_embeds'") != std::string::npos);
+  r = run_cli("icformer --checkpoint " + dir + "/model --digests " + dir + "/case.safetensors --input " + dir +
+              "/model/config.json --output " + tmp("x.safetensors"));
+  CHECK(r.status != 0);
+  CHECK(r.err.find("safetensors") != std::string::npos);
+  r = run_cli("icformer --checkpoint " + dir + "/model --digests " + dir + "/case.safetensors --input " + dir +
+              "/case.safetensors --output " + tmp("x.safetensors") + " --max-chunk-len 0");
+  CHECK(r.status != 0);
+  CHECK(r.err.find("max-chunk-len") != std::string::npos);
+  r = run_cli("icformer --help");
+  CHECK(r.status == 0);
+  CHECK(!fs::exists(tmp("x.safetensors")));
+}
