@@ -1,0 +1,181 @@
+// Reference host: a Llama-architecture forward pass built only from ctxcomp blocks
+// (embeddings, RMSNorm, RoPE, grouped-query attention through the fused kernel, SwiGLU, lm
+// head), loading Hugging Face checkpoints (config.json + model.safetensors; F32/F16/BF16) and
+// running prefill or token-by-token decode over a KvCache. The worked example of embedding
+// ctxcomp in an engine: small on purpose. Semantics: transformers' LlamaForCausalLM (eager).
+#pragma once
+#include <ctxcomp/ctxcomp.hpp>
+#include <ctxcomp/io/checkpoint.hpp>
+#include <ctxcomp/kv/kv_cache.hpp>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace ctxcomp::host {
+
+struct LlamaConfig {
+  index_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, layers = 0, vocab = 0;
+  float rms_eps = 1e-6f;
+  RopeConfig rope{};
+};
+
+template <class T>
+struct LlamaLayerWeights {
+  const T* input_norm = nullptr;
+  const T* post_attention_norm = nullptr;
+  WeightView<T> q, k, v, o;
+  SwiGLUWeights<T> mlp;
+};
+
+/// A loaded checkpoint: config and weights (owned, converted to T).
+template <class T = float>
+struct LlamaModel {
+  LlamaConfig config;
+  const T* embed = nullptr;  // [vocab x hidden]
+  std::vector<LlamaLayerWeights<T>> layers;
+  const T* final_norm = nullptr;
+  WeightView<T> lm_head;
+  std::shared_ptr<io::TensorStore<T>> store;
+
+  static LlamaModel load(const std::string& dir) {
+    LlamaModel m;
+    const std::string cp = dir + "/config.json";
+    const auto j = io::read_json(cp);
+    auto& c = m.config;
+    c.hidden = io::config_int(j, "hidden_size", cp);
+    c.heads = io::config_int(j, "num_attention_heads", cp);
+    c.kv_heads = j.contains("num_key_value_heads") ? io::config_int(j, "num_key_value_heads", cp) : c.heads;
+    c.head_dim = j.contains("head_dim") && j["head_dim"].is_number_integer() ? j["head_dim"].get<index_t>()
+                                                                           : (c.heads ? c.hidden / c.heads : 0);
+    c.intermediate = io::config_int(j, "intermediate_size", cp);
+    c.layers = io::config_int(j, "num_hidden_layers", cp);
+    c.vocab = io::config_int(j, "vocab_size", cp);
+    c.rms_eps = static_cast<float>(io::config_number(j, "rms_norm_eps", cp, 1e-6));
+    c.rope = io::rope_from_config(j, cp);
+    CTXCOMP_CHECK(c.hidden > 0 && c.heads > 0 && c.kv_heads > 0 && c.head_dim > 0 && c.layers > 0 && c.vocab > 0,
+                  cp, ": sizes must be positive");
+    CTXCOMP_CHECK(c.heads % c.kv_heads == 0, cp, ": heads (", c.heads, ") is not a multiple of kv_heads (", c.kv_heads, ")");
+    m.store = std::make_shared<io::TensorStore<T>>(dir + "/model.safetensors");
+    auto& st = *m.store;
+    const std::int64_t d = c.hidden, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim, in = c.intermediate;
+    auto wv = [&](const std::string& n, std::int64_t o, std::int64_t i) { return WeightView<T>{st.load(n, {o, i}), o, i}; };
+    m.embed = st.load("model.embed_tokens.weight", {c.vocab, d});
+    for (index_t i = 0; i < c.layers; ++i) {
+      const std::string p = "model.layers." + std::to_string(i) + ".";
+      LlamaLayerWeights<T> l;
+      l.input_norm = st.load(p + "input_layernorm.weight", {d});
+      l.post_attention_norm = st.load(p + "post_attention_layernorm.weight", {d});
+      l.q = wv(p + "self_attn.q_proj.weight", qd, d);
+      l.k = wv(p + "self_attn.k_proj.weight", kd, d);
+      l.v = wv(p + "self_attn.v_proj.weight", kd, d);
+      l.o = wv(p + "self_attn.o_proj.weight", d, qd);
+      l.mlp = {wv(p + "mlp.gate_proj.weight", in, d), wv(p + "mlp.up_proj.weight", in, d), wv(p + "mlp.down_proj.weight", d, in)};
+      m.layers.push_back(l);
+    }
+    m.final_norm = st.load("model.norm.weight", {d});
+    // Tied embeddings: checkpoints without lm_head reuse the embedding matrix.
+    m.lm_head = st.contains("lm_head.weight") ? wv("lm_head.weight", c.vocab, d) : WeightView<T>{m.embed, c.vocab, d};
+    return m;
+  }
+};
+
+/// Runs a LlamaModel over a KvCache. Scratch is owned and reused: steady-state decode
+/// allocates nothing of ctxcomp's.
+template <class T = float, class C = float>
+class LlamaHost {
+ public:
+  explicit LlamaHost(const LlamaModel<T>& model) : m_(model), rope_(model.config.rope, model.config.head_dim) {}
+
+  const LlamaConfig& config() const noexcept { return m_.config; }
+
+  /// A cache sized for this model.
+  KvCache<C> make_cache(index_t capacity) const {
+    return KvCache<C>(m_.config.layers, m_.config.kv_heads, m_.config.head_dim, capacity);
+  }
+
+  /// x[t] = embedding of ids[t].
+  void embed(const std::int64_t* ids, index_t count, MatrixView<float> x) const {
+    CTXCOMP_CHECK(x.rows() == count && x.cols() == m_.config.hidden, "LlamaHost::embed: x is ", x.rows(), " x ", x.cols());
+    for (index_t t = 0; t < count; ++t) {
+      CTXCOMP_CHECK(ids[t] >= 0 && ids[t] < m_.config.vocab, "LlamaHost::embed: token id ", ids[t],
+                    " at index ", t, " is outside the vocabulary [0, ", m_.config.vocab, ")");
+      for (index_t i = 0; i < m_.config.hidden; ++i) x(t, i) = to_float(m_.embed[ids[t] * m_.config.hidden + i]);
+    }
+  }
+
+  /// Runs every layer over new tokens' input embeddings x [t x hidden] (replaced by the final
+  /// normed hidden states), at `positions`, with logical indices `token_index`. Their K/V are
+  /// appended to `cache`; attention rows are the new tokens, columns the cache slots after the
+  /// append, visibility from `mask` (e.g. Causal(cache.size()) for plain prefill). `layers`
+  /// may replace the model's layer weights (same shapes), e.g. a LoRA-merged copy.
+  template <class Mask, class Exec = SerialExecutor>
+  void forward(MatrixView<float> x, const std::int64_t* positions, const index_t* token_index, const Mask& mask,
+               KvCache<C>& cache, const Exec& exec = {}, const std::vector<LlamaLayerWeights<T>>* layers = nullptr) {
+    const auto& c = m_.config;
+    const auto& L = layers ? *layers : m_.layers;
+    const index_t t = x.rows();
+    CTXCOMP_CHECK(t > 0 && x.cols() == c.hidden, "LlamaHost::forward: x is ", x.rows(), " x ", x.cols(),
+                  ", expected t x ", c.hidden, " with t > 0");
+    CTXCOMP_CHECK(index_t(L.size()) == c.layers, "LlamaHost::forward: ", L.size(), " layers given, model has ", c.layers);
+    CTXCOMP_CHECK(cache.layers() == c.layers && cache.kv_heads() == c.kv_heads && cache.head_dim() == c.head_dim,
+                  "LlamaHost::forward: the cache's shape does not match the model");
+    for (index_t i = 0; i < t; ++i)
+      CTXCOMP_CHECK(positions[i] >= 0, "LlamaHost::forward: negative position id at ", i);
+    // The mask may read the new slots' token indices: append the metadata, check, undo on error.
+    const index_t first = cache.append(t, positions, token_index);
+    try {
+      mask.check(t, cache.size(), "LlamaHost::forward");
+    } catch (...) {
+      cache.truncate(first);
+      throw;
+    }
+
+    const index_t hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, d = c.hidden;
+    ws_.reserve(Workspace::bytes_for<float>(t * d) * 2 + Workspace::bytes_for<float>(t * qd) * 2 +
+                Workspace::bytes_for<float>(t * kd) * 2);
+    float* h = ws_.take<float>(t * d);
+    float* tmp = ws_.take<float>(t * d);
+    float* q = ws_.take<float>(t * qd);
+    float* att = ws_.take<float>(t * qd);
+    float* kb = ws_.take<float>(t * kd);
+    float* vb = ws_.take<float>(t * kd);
+    for (index_t l = 0; l < c.layers; ++l) {
+      const auto& w = L[std::size_t(l)];
+      rmsnorm(const_view(x), w.input_norm, d, c.rms_eps, matrix_view(h, t, d));
+      linear(matrix_view<const float>(h, t, d), w.q, matrix_view(q, t, qd), lin_ws_, exec);
+      linear(matrix_view<const float>(h, t, d), w.k, matrix_view(kb, t, kd), lin_ws_, exec);
+      linear(matrix_view<const float>(h, t, d), w.v, matrix_view(vb, t, kd), lin_ws_, exec);
+      rope_.apply(HeadsView<float>::token_major(q, t, c.heads, hd), positions);
+      rope_.apply(HeadsView<float>::token_major(kb, t, c.kv_heads, hd), positions);
+      // Keys (after RoPE) and values go into the cache in its storage type.
+      auto kc = cache.keys(l).slice_tokens(first, t), vc = cache.values(l).slice_tokens(first, t);
+      for (index_t hh = 0; hh < c.kv_heads; ++hh)
+        for (index_t i = 0; i < t; ++i) {
+          kernels::convert(kb + i * kd + hh * hd, kc.row(hh, i), hd);
+          kernels::convert(vb + i * kd + hh * hd, vc.row(hh, i), hd);
+        }
+      attention(HeadsView<const float>::token_major(q, t, c.heads, hd), HeadsView<const C>(cache.keys(l)),
+                HeadsView<const C>(cache.values(l)), mask, HeadsView<float>::token_major(att, t, c.heads, hd), {},
+                attn_ws_, exec);
+      linear(matrix_view<const float>(att, t, qd), w.o, matrix_view(tmp, t, d), lin_ws_, exec);
+      x += matrix_view<const float>(tmp, t, d);
+      rmsnorm(const_view(x), w.post_attention_norm, d, c.rms_eps, matrix_view(h, t, d));
+      swiglu(matrix_view<const float>(h, t, d), w.mlp, matrix_view(tmp, t, d), mlp_ws_, lin_ws_, exec);
+      x += matrix_view<const float>(tmp, t, d);
+    }
+    rmsnorm(const_view(x), m_.final_norm, d, c.rms_eps, x);
+  }
+
+  /// logits [t x vocab] = lm_head(hidden), hidden being forward()'s output.
+  template <class Exec = SerialExecutor>
+  void logits(MatrixView<const float> hidden, MatrixView<float> out, const Exec& exec = {}) {
+    linear(hidden, m_.lm_head, out, lin_ws_, exec);
+  }
+
+ private:
+  const LlamaModel<T>& m_;
+  Rope rope_;
+  Workspace ws_, attn_ws_, mlp_ws_, lin_ws_;
+};
+
+}  // namespace ctxcomp::host
