@@ -6,6 +6,8 @@
 #include <ctxcomp/ctxcomp.hpp>
 #include <ctxcomp/io/icformer_checkpoint.hpp>
 
+#include "fold_driver.hpp"
+
 using namespace ctxcomp;
 
 namespace {
@@ -100,6 +102,50 @@ int run_icformer(const IcformerArgs& a) {
   return 0;
 }
 
+struct FoldArgs {
+  std::string model, input, output;
+  std::int64_t cl = 126, cr = 127;
+  bool every_span = false, at_end = false;
+  int threads = 1;
+};
+
+int run_fold(const FoldArgs& a) {
+  const auto model = host::LlamaModel<float>::load(a.model);
+  const auto& c = model.config;
+  auto in = io::SafeTensors::open(a.input);
+  const auto& info = in.info("input_ids");
+  if (info.shape.size() != 1) fail(a.input, ": input_ids must be 1-D, found ", io::SafeTensors::shape_str(info.shape));
+  const auto ids = in.read<std::int64_t>("input_ids");
+  const index_t n = index_t(ids.size());
+  host::LlamaHost<float> h(model);
+  auto cache = h.make_cache(std::max<index_t>(n, 1));
+  fold::SpanTracker spans(a.cl, a.cr, c.vocab);
+  std::vector<float> logits;
+  const auto t0 = std::chrono::steady_clock::now();
+  with_threads(a.threads, [&](const auto& exec) {
+    logits = host::run_with_folding(h, ids.data(), n, spans, cache,
+                                    a.at_end ? host::FoldSchedule::AtEnd : host::FoldSchedule::EverySpan, exec);
+  });
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const index_t m = cache.size();
+  std::vector<std::int64_t> kept(cache.token_index(), cache.token_index() + m);
+  std::vector<std::vector<float>> kv(std::size_t(2 * c.layers));
+  std::vector<io::TensorOut> outs{io::TensorOut::of("logits", {n, c.vocab}, logits.data()),
+                                  io::TensorOut::of("kept_index", {m}, kept.data())};
+  for (index_t l = 0; l < c.layers; ++l)
+    for (int which = 0; which < 2; ++which) {
+      auto v = which ? cache.values(l) : cache.keys(l);
+      auto& buf = kv[std::size_t(2 * l + which)];
+      for (index_t hh = 0; hh < v.heads; ++hh)
+        buf.insert(buf.end(), v.row(hh, 0), v.row(hh, 0) + m * v.head_dim);
+      outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"), {c.kv_heads, m, c.head_dim}, buf.data()));
+    }
+  io::write_safetensors(a.output, outs, {{"method", "sentinel"}, {"cl_id", std::to_string(a.cl)}, {"cr_id", std::to_string(a.cr)}});
+  std::fprintf(stderr, "ctxcomp fold: %td tokens, %d spans folded, cache %td -> %td entries in %.3f s\n", n,
+               int(spans.closed_spans()), n, m, secs);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -123,10 +169,26 @@ int main(int argc, char** argv) {
   icf->add_option("--threads", ic.threads, "Worker threads (results are identical for any count)")
       ->default_val(1)->check(CLI::Range(1, 64));
 
+  FoldArgs fa;
+  auto* fo = app.add_subcommand("fold", "Run a Llama checkpoint over input_ids, folding every <CL>...<CR> span into its <CR>");
+  fo->add_option("--model", fa.model, "Hugging Face Llama checkpoint directory (config.json + model.safetensors)")
+      ->required()->check(CLI::ExistingDirectory);
+  fo->add_option("--input", fa.input, "safetensors file with tensor input_ids [n] (I64 or I32)")->required()->check(CLI::ExistingFile);
+  fo->add_option("--output", fa.output,
+                 "Output safetensors: logits [n x vocab] F32, kept_index [m] I64, layer{i}_k / layer{i}_v [kv_heads x m x head_dim] F32")
+      ->required();
+  fo->add_option("--cl", fa.cl, "Token id of <CL>, which opens a span")->default_val(126);
+  fo->add_option("--cr", fa.cr, "Token id of <CR>, which closes a span and becomes its compact entry")->default_val(127);
+  auto* every = fo->add_flag("--fold-every-span", fa.every_span, "Evict each span right after its <CR> (default)");
+  fo->add_flag("--fold-at-end", fa.at_end, "Process everything first, evict all closed spans at the end")->excludes(every);
+  fo->add_option("--threads", fa.threads, "Worker threads (results are identical for any count)")
+      ->default_val(1)->check(CLI::Range(1, 64));
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*demo) return run_demo();
     if (*icf) return run_icformer(ic);
+    if (*fo) return run_fold(fa);
   } catch (const ctxcomp::Error& e) {
     std::fprintf(stderr, "ctxcomp: error: %s\n", e.what());
     return 1;
