@@ -22,6 +22,11 @@
 #include "attention/options.hpp"
 #include "attention/reference.hpp"
 
+#include "kv/kv_cache.hpp"
+
+#include "digest/icformer.hpp"
+#include "fold/spans.hpp"
+
 #define CTXCOMP_VERSION_MAJOR 0
 #define CTXCOMP_VERSION_MINOR 1
 #define CTXCOMP_VERSION_PATCH 0

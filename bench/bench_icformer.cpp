@@ -1,0 +1,207 @@
+// IC-Former at the published scale (hidden 4096, 32 heads of 128, intermediate 11008, 3 layers,
+// 128 digests, 512-token chunks; random weights): time per chunk with fp32 and bf16 weights,
+// cost vs context length (chunked), and the baseline it replaces: one causal self-attention
+// layer of a Llama-2-7B-shaped model over n + 128 tokens (ICAE-style).
+// CTXCOMP_BENCH_SMOKE=1 shrinks every shape (CI runs them to keep them runnable).
+#include <cstdlib>
+
+#include "../examples/llama_host.hpp"
+#include "bench_common.hpp"
+
+using namespace ctxcomp;
+
+namespace {
+
+bool smoke() { return std::getenv("CTXCOMP_BENCH_SMOKE") != nullptr; }
+
+digest::IcformerConfig published_config() {
+  digest::IcformerConfig c;
+  const bool s = smoke();
+  c.hidden = s ? 256 : 4096;
+  c.heads = c.kv_heads = s ? 4 : 32;
+  c.head_dim = 128 / (s ? 2 : 1);
+  c.intermediate = s ? 688 : 11008;
+  c.layers = 3;
+  c.num_digests = s ? 16 : 128;
+  return c;
+}
+index_t chunk_len() { return smoke() ? 64 : 512; }
+
+/// Deterministic pseudo-random fill, fast enough for billions of weights.
+template <class T>
+void fill(std::vector<T>& v, std::uint32_t seed, float scale) {
+  std::uint32_t s = seed * 2654435761u + 1;
+  for (auto& x : v) {
+    s = s * 1664525u + 1013904223u;
+    x = from_float<T>((float(s >> 8) / float(1 << 24) - 0.5f) * 2.f * scale);
+  }
+}
+
+template <class T>
+struct RandomIcformer {
+  digest::IcformerConfig cfg = published_config();
+  std::vector<std::vector<T>> storage;
+  digest::IcformerWeights<T> weights;
+
+  const T* add(std::size_t n, float scale, float offset = 0.f) {
+    storage.emplace_back(n);
+    fill(storage.back(), std::uint32_t(storage.size()), scale);
+    if (offset != 0.f)
+      for (auto& x : storage.back()) x = from_float<T>(to_float(x) + offset);
+    return storage.back().data();
+  }
+  RandomIcformer() {
+    const index_t d = cfg.hidden, qd = cfg.heads * cfg.head_dim, kd = cfg.kv_heads * cfg.head_dim, in = cfg.intermediate;
+    storage.reserve(std::size_t(cfg.layers * 12 + 2));
+    auto wv = [&](index_t o, index_t i) { return WeightView<T>{add(std::size_t(o * i), 0.02f), o, i}; };
+    for (index_t l = 0; l < cfg.layers; ++l) {
+      digest::IcformerLayerWeights<T> w;
+      w.query_norm = add(std::size_t(d), 0.1f, 1.f);
+      w.context_norm = add(std::size_t(d), 0.1f, 1.f);
+      w.post_attention_norm = add(std::size_t(d), 0.1f, 1.f);
+      w.q = wv(qd, d), w.k = wv(kd, d), w.v = wv(kd, d), w.o = wv(d, qd);
+      w.mlp = {wv(in, d), wv(in, d), wv(d, in)};
+      weights.layers.push_back(w);
+    }
+    weights.final_norm = add(std::size_t(d), 0.1f, 1.f);
+  }
+  std::size_t weight_bytes() const {
+    std::size_t b = 0;
+    for (const auto& s : storage) b += s.size() * sizeof(T);
+    return b;
+  }
+};
+
+/// Useful FLOPs of compressing one chunk of n tokens into k digests (multiply-add = 2).
+double icformer_flops(const digest::IcformerConfig& c, index_t n) {
+  const double k = double(c.num_digests), d = double(c.hidden), qd = double(c.heads * c.head_dim),
+               kd = double(c.kv_heads * c.head_dim), in = double(c.intermediate);
+  double f = 0;
+  for (index_t l = 0; l < c.layers; ++l) {
+    const double rows = c.is_cross(l) ? double(n) + k : k;
+    f += 2 * k * d * qd + 2 * 2 * rows * d * kd + 2 * k * qd * d;  // q, k+v, o
+    f += 4 * double(c.head_dim) * double(c.heads) * (k * (rows - k) + k * (k + 1) / 2);  // attention
+    f += 3 * 2 * k * d * in;                                                         // SwiGLU
+  }
+  return f;
+}
+
+template <class T>
+RandomIcformer<T>& model() {
+  static RandomIcformer<T> m;
+  return m;
+}
+
+template <class T>
+void chunk(benchmark::State& st, int threads) {
+  auto& m = model<T>();
+  const index_t n = chunk_len(), k = m.cfg.num_digests, d = m.cfg.hidden;
+  digest::IcformerEncoder<T> enc(m.cfg, m.weights);
+  std::vector<float> ctx(std::size_t(n * d)), dig(std::size_t(k * d)), out(dig.size());
+  fill(ctx, 7, 1.f);
+  fill(dig, 8, 1.f);
+  bench::with_executor(threads, [&](const auto& exec) {
+    for (auto _ : st) {
+      enc.compress(matrix_view<const float>(ctx.data(), n, d), matrix_view<const float>(dig.data(), k, d),
+                   matrix_view(out.data(), k, d), exec);
+      benchmark::DoNotOptimize(out.data());
+    }
+  });
+  const double f = icformer_flops(m.cfg, n);
+  st.counters["GFLOPS"] = bench::rate(f * 1e-9);
+  st.counters["peak_fraction"] = bench::rate(f / (225e9 * threads));  // 225 GFLOP/s fp32 FMA peak per core
+  st.counters["weight_MB"] = double(m.weight_bytes()) / 1e6;
+  st.counters["tokens_per_s"] = bench::rate(double(n));
+}
+
+void context_length(benchmark::State& st, index_t n, int threads) {
+  auto& m = model<float>();
+  const index_t k = m.cfg.num_digests, d = m.cfg.hidden, max_len = chunk_len();
+  digest::IcformerEncoder<float> enc(m.cfg, m.weights);
+  const auto ch = digest::Chunking::of(n, max_len);
+  std::vector<float> ctx(std::size_t(n * d)), dig(std::size_t(k * d)), out(std::size_t(ch.count * k * d));
+  fill(ctx, 9, 1.f);
+  fill(dig, 8, 1.f);
+  bench::with_executor(threads, [&](const auto& exec) {
+    for (auto _ : st) {
+      enc.compress_chunked(matrix_view<const float>(ctx.data(), n, d), matrix_view<const float>(dig.data(), k, d), max_len,
+                           matrix_view(out.data(), ch.count * k, d), exec);
+      benchmark::DoNotOptimize(out.data());
+    }
+  });
+  st.counters["tokens_per_s"] = bench::rate(double(n));
+  st.counters["us_per_token"] = benchmark::Counter(double(n) * 1e-6, benchmark::Counter::kIsIterationInvariantRate |
+                                                                        benchmark::Counter::kInvert);
+  st.counters["chunks"] = double(ch.count);
+}
+
+/// One Llama-2-7B-shaped decoder layer (causal self-attention + SwiGLU) over n + k tokens,
+/// through the reference host: what ICAE-style compression runs per layer.
+void llama_layer_baseline(benchmark::State& st, int threads) {
+  const bool s = smoke();
+  host::LlamaModel<float> m;
+  auto& c = m.config;
+  c.hidden = s ? 256 : 4096;
+  c.heads = c.kv_heads = s ? 4 : 32;
+  c.head_dim = 128 / (s ? 2 : 1);
+  c.intermediate = s ? 688 : 11008;
+  c.layers = 1;
+  c.vocab = 1;
+  std::vector<std::vector<float>> w;
+  w.reserve(16);
+  auto add = [&](std::size_t n, float scale, float off) {
+    w.emplace_back(n);
+    fill(w.back(), std::uint32_t(w.size() + 100), scale);
+    for (auto& x : w.back()) x += off;
+    return w.back().data();
+  };
+  const index_t d = c.hidden, in = c.intermediate;
+  host::LlamaLayerWeights<float> l;
+  l.input_norm = add(std::size_t(d), 0.1f, 1.f);
+  l.post_attention_norm = add(std::size_t(d), 0.1f, 1.f);
+  auto wv = [&](index_t o, index_t i) { return WeightView<float>{add(std::size_t(o * i), 0.02f, 0.f), o, i}; };
+  l.q = wv(d, d), l.k = wv(d, d), l.v = wv(d, d), l.o = wv(d, d);
+  l.mlp = {wv(in, d), wv(in, d), wv(d, in)};
+  m.layers.push_back(l);
+  m.final_norm = add(std::size_t(d), 0.f, 1.f);
+  host::LlamaHost<float> h(m);
+  const index_t n = chunk_len() + published_config().num_digests;
+  auto cache = h.make_cache(n);
+  std::vector<float> x(std::size_t(n * d)), x0(x.size());
+  fill(x0, 11, 1.f);
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+  std::vector<index_t> idx(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+  bench::with_executor(threads, [&](const auto& exec) {
+    for (auto _ : st) {
+      st.PauseTiming();
+      x = x0;
+      cache.clear();
+      st.ResumeTiming();
+      h.forward(matrix_view(x.data(), n, d), pos.data(), idx.data(), Causal(0), cache, exec);
+      benchmark::DoNotOptimize(x.data());
+    }
+  });
+  const double fd = double(d), fn = double(n);
+  const double f = 2 * fn * fd * fd * 4 + 3 * 2 * fn * fd * double(in) + 4 * double(c.head_dim) * double(c.heads) * fn * (fn + 1) / 2;
+  st.counters["GFLOPS"] = bench::rate(f * 1e-9);
+  // FLOP ratio IC-Former (all layers, one chunk) / this baseline extrapolated to 32 layers.
+  st.counters["icformer_flop_ratio_32_layers"] = icformer_flops(published_config(), chunk_len()) / (32 * f);
+  st.counters["icformer_flop_ratio_per_layer"] = icformer_flops(published_config(), chunk_len()) / published_config().layers / f;
+}
+
+const bool registered = [] {
+  auto ms = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
+  ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512", chunk<float>, 1));
+  ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512_t2", chunk<float>, 2));
+  ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512", chunk<bf16>, 1));
+  ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512_t2", chunk<bf16>, 2));
+  for (index_t n : {512, 2048, 8192, 32768})
+    ms(benchmark::RegisterBenchmark(("icformer/fp32/n" + std::to_string(n) + "_t2").c_str(), context_length,
+                                    smoke() ? n / 8 : n, 2));
+  ms(benchmark::RegisterBenchmark("icformer/llama7b_layer_baseline/n640", llama_layer_baseline, 1));
+  ms(benchmark::RegisterBenchmark("icformer/llama7b_layer_baseline/n640_t2", llama_layer_baseline, 2));
+  return true;
+}();
+
+}  // namespace
