@@ -57,7 +57,10 @@ TEST_CASE("KvCache eviction compacts in place like a naive copy", "[kv]") {
   const index_t size = cache.size();
   CHECK_THROWS_WITH(cache.evict({{3, 5}, {4, 6}}), Contains("overlaps"));
   CHECK_THROWS_WITH(cache.evict({{0, size + 1}}), Contains("out of"));
-  CHECK_THROWS_WITH(cache.append(100, pos.data(), idx.data()), Contains("do not fit"));
+  std::vector<std::int64_t> many_pos(100, 0);
+  std::vector<index_t> many_idx(100);
+  for (index_t i = 0; i < 100; ++i) many_idx[std::size_t(i)] = 1000 + i;
+  CHECK_THROWS_WITH(cache.append(100, many_pos.data(), many_idx.data()), Contains("do not fit"));
   CHECK(cache.size() == size);
   cache.gather({0, 3});
   CHECK(cache.size() == 2);
