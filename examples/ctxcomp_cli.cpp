@@ -7,6 +7,7 @@
 #include <ctxcomp/io/icformer_checkpoint.hpp>
 
 #include "fold_driver.hpp"
+#include "sac_driver.hpp"
 
 using namespace ctxcomp;
 
@@ -102,6 +103,24 @@ int run_icformer(const IcformerArgs& a) {
   return 0;
 }
 
+/// Appends layer{i}_k / layer{i}_v [kv_heads x m x head_dim] F32 of every cached token to `outs`
+/// (`bufs` holds the copied data until written).
+void add_cache_tensors(const KvCache<float>& cache, std::vector<std::vector<float>>& bufs,
+                       std::vector<io::TensorOut>& outs) {
+  const index_t m = cache.size();
+  bufs.resize(std::size_t(2 * cache.layers()));
+  for (index_t l = 0; l < cache.layers(); ++l)
+    for (int which = 0; which < 2; ++which) {
+      auto v = which ? cache.values(l) : cache.keys(l);
+      auto& buf = bufs[std::size_t(2 * l + which)];
+      buf.clear();
+      for (index_t hh = 0; hh < v.heads; ++hh)
+        for (index_t t = 0; t < m; ++t) buf.insert(buf.end(), v.row(hh, t), v.row(hh, t) + v.head_dim);
+      outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"),
+                                       {cache.kv_heads(), m, cache.head_dim()}, buf.data()));
+    }
+}
+
 struct FoldArgs {
   std::string model, input, output;
   std::int64_t cl = 126, cr = 127;
@@ -129,20 +148,69 @@ int run_fold(const FoldArgs& a) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const index_t m = cache.size();
   std::vector<std::int64_t> kept(cache.token_index(), cache.token_index() + m);
-  std::vector<std::vector<float>> kv(std::size_t(2 * c.layers));
+  std::vector<std::vector<float>> kv;
   std::vector<io::TensorOut> outs{io::TensorOut::of("logits", {n, c.vocab}, logits.data()),
                                   io::TensorOut::of("kept_index", {m}, kept.data())};
-  for (index_t l = 0; l < c.layers; ++l)
-    for (int which = 0; which < 2; ++which) {
-      auto v = which ? cache.values(l) : cache.keys(l);
-      auto& buf = kv[std::size_t(2 * l + which)];
-      for (index_t hh = 0; hh < v.heads; ++hh)
-        buf.insert(buf.end(), v.row(hh, 0), v.row(hh, 0) + m * v.head_dim);
-      outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"), {c.kv_heads, m, c.head_dim}, buf.data()));
-    }
+  add_cache_tensors(cache, kv, outs);
   io::write_safetensors(a.output, outs, {{"method", "sentinel"}, {"cl_id", std::to_string(a.cl)}, {"cr_id", std::to_string(a.cr)}});
   std::fprintf(stderr, "ctxcomp fold: %td tokens, %d spans folded, cache %td -> %td entries in %.3f s\n", n,
                int(spans.closed_spans()), n, m, secs);
+  return 0;
+}
+
+
+struct SacArgs {
+  std::string model, anchor_embeds, input, output, mask = "full";
+  index_t chunk_size = 0, ratio = 0;
+  int threads = 1;
+};
+
+int run_sac(const SacArgs& a) {
+  const auto model = host::LlamaModel<float>::load(a.model);
+  const auto& c = model.config;
+  auto in = io::SafeTensors::open(a.input);
+  auto ae = io::SafeTensors::open(a.anchor_embeds);
+  const auto& info = in.info("input_ids");
+  if (info.shape.size() != 1) fail(a.input, ": input_ids must be 1-D, found ", io::SafeTensors::shape_str(info.shape));
+  const auto ids = in.read<std::int64_t>("input_ids");
+  const index_t n = index_t(ids.size());
+  if (n == 0) fail(a.input, ": input_ids is empty; there is no context to compress");
+  std::vector<std::int64_t> targets;
+  if (in.contains("lm_target_ids")) {
+    const auto& ti = in.info("lm_target_ids");
+    if (ti.shape.size() != 1) fail(a.input, ": lm_target_ids must be 1-D, found ", io::SafeTensors::shape_str(ti.shape));
+    targets = in.read<std::int64_t>("lm_target_ids");
+  }
+  index_t mem, dr, ns, ds;
+  const auto roles = read_matrix(ae, "role_tokens", mem, dr);
+  const auto special = read_matrix(ae, "special_tokens", ns, ds);
+  if (dr != c.hidden) fail(a.anchor_embeds, ": role_tokens has ", dr, " features, the model's hidden size is ", c.hidden);
+  if (ns != 2 || ds != c.hidden)
+    fail(a.anchor_embeds, ": special_tokens must be [2 x ", c.hidden, "], found [", ns, " x ", ds, "]");
+  const auto plan = anchor::AnchorPlan::uniform(n, a.chunk_size, a.ratio);
+  const auto mask = a.mask == "anchor" ? anchor::ChunkMask::Anchor : anchor::ChunkMask::Full;
+  host::LlamaHost<float> h(model);
+  const index_t t = index_t(targets.size());
+  auto cache = h.make_cache(plan.anchor_count() + (in.contains("lm_target_ids") ? t + 1 : 0) + 1);
+  std::vector<float> logits;
+  const auto t0 = std::chrono::steady_clock::now();
+  with_threads(a.threads, [&](const auto& exec) {
+    host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec);
+    if (in.contains("lm_target_ids"))
+      logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
+  });
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const index_t m = cache.size();
+  const auto positions = plan.anchor_position_ids();
+  std::vector<std::vector<float>> kv;
+  std::vector<io::TensorOut> outs{io::TensorOut::of("anchor_position_ids", {m}, positions.data())};
+  add_cache_tensors(cache, kv, outs);
+  if (!logits.empty()) outs.push_back(io::TensorOut::of("decode_logits", {t + 1, c.vocab}, logits.data()));
+  io::write_safetensors(a.output, outs,
+                        {{"method", "sac"}, {"chunk_size", std::to_string(a.chunk_size)},
+                         {"compress_ratio", std::to_string(a.ratio)}, {"mask", a.mask}, {"end_idx", std::to_string(n)}});
+  std::fprintf(stderr, "ctxcomp sac: %td context tokens -> %td anchors (%td chunk%s, %s mask) in %.3f s\n", n, m,
+               plan.chunks(), plan.chunks() == 1 ? "" : "s", a.mask.c_str(), secs);
   return 0;
 }
 
@@ -184,11 +252,33 @@ int main(int argc, char** argv) {
   fo->add_option("--threads", fa.threads, "Worker threads (results are identical for any count)")
       ->default_val(1)->check(CLI::Range(1, 64));
 
+  SacArgs sa;
+  auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a Llama checkpoint, then decode");
+  sc->add_option("--model", sa.model, "Hugging Face Llama checkpoint directory (config.json + model.safetensors)")
+      ->required()->check(CLI::ExistingDirectory);
+  sc->add_option("--anchor-embeds", sa.anchor_embeds,
+                 "safetensors file with role_tokens [anchors per chunk x hidden] and special_tokens [2 x hidden] F32")
+      ->required()->check(CLI::ExistingFile);
+  sc->add_option("--input", sa.input, "safetensors file with input_ids [n] and optionally lm_target_ids [t] (I64 or I32)")
+      ->required()->check(CLI::ExistingFile);
+  sc->add_option("--output", sa.output,
+                 "Output safetensors: anchor_position_ids [m] I64, layer{i}_k / layer{i}_v [kv_heads x m x head_dim] F32, "
+                 "decode_logits [t+1 x vocab] F32 when targets were given")
+      ->required();
+  sc->add_option("--chunk-size", sa.chunk_size, "Tokens per chunk; each chunk is compressed on its own")->required();
+  sc->add_option("--ratio", sa.ratio, "Compression ratio r: one anchor every r tokens of a chunk")->required();
+  sc->add_option("--mask", sa.mask, "Attention inside a chunk: full (every token sees the chunk; official) or anchor "
+                                    "(anchors see the chunk, the others are causal)")
+      ->default_val("full")->check(CLI::IsMember({"full", "anchor"}));
+  sc->add_option("--threads", sa.threads, "Worker threads (results are identical for any count)")
+      ->default_val(1)->check(CLI::Range(1, 64));
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*demo) return run_demo();
     if (*icf) return run_icformer(ic);
     if (*fo) return run_fold(fa);
+    if (*sc) return run_sac(sa);
   } catch (const ctxcomp::Error& e) {
     std::fprintf(stderr, "ctxcomp: error: %s\n", e.what());
     return 1;

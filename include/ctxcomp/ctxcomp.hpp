@@ -26,6 +26,8 @@
 
 #include "digest/icformer.hpp"
 #include "fold/spans.hpp"
+#include "anchor/anchors.hpp"
+#include "anchor/compress.hpp"
 
 #define CTXCOMP_VERSION_MAJOR 0
 #define CTXCOMP_VERSION_MINOR 1

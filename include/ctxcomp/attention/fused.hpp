@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
 
 #include "../core/executor.hpp"
 #include "../core/kernels.hpp"
@@ -65,49 +67,49 @@ std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q
   return static_cast<std::size_t>(std::max<index_t>(1, std::min(concurrency, t.tasks))) * t.worker_bytes();
 }
 
-/// out = softmax(scale * q k^T | mask) v. heads % kv_heads == 0, else ctxcomp::Error. A query row
-/// with no visible key gets zeros. On error nothing is written. Results do not depend on the
-/// executor's thread count (tasks are fixed by the shapes; each writes its own rows).
-/// V selects the vector type (simd::Vec, or simd::ScalarVec for the scalar twin).
-template <class V = simd::Vec, class Q, class K, class Vt, class O, class Mask, class Exec = SerialExecutor>
-void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
-               const AttentionOptions& opt, Workspace& ws, const Exec& exec = {}) {
-  static_assert(!std::is_const_v<O>, "attention: out must be writable");
-  detail::check_attention_args(q, k, v, out, mask, opt, "attention");
-  constexpr float kLog2e = 1.4426950408889634f;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim);
-  const index_t Bk = T.kv_tile, d = T.head_dim, dp = T.dim_padded, g = T.group;
-  const index_t q_len = q.tokens, kv_len = k.tokens;
-  const float qscale = detail::effective_scale(opt, d) * kLog2e;  // softmax in base 2
+namespace detail {
 
-  const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), T.tasks));
-  ws.reserve(static_cast<std::size_t>(workers) * T.worker_bytes());
-  struct Buffers {
-    float *qp, *kt, *vp, *s, *o, *m, *l;
-  };
-  Buffers buf[64];
-  CTXCOMP_CHECK(workers <= 64, "attention: executor concurrency (", workers, ") above the supported 64");
-  for (index_t w = 0; w < workers; ++w) {
-    buf[w].qp = ws.take<float>(T.rows * d);
-    buf[w].kt = ws.take<float>(d * Bk);
-    buf[w].vp = ws.take<float>(Bk * dp);
-    buf[w].s = ws.take<float>(T.rows * Bk);
-    buf[w].o = ws.take<float>(T.rows * dp);
-    buf[w].m = ws.take<float>(T.rows);
-    buf[w].l = ws.take<float>(T.rows);
-  }
+/// Per-worker tile buffers carved from the workspace.
+struct AttentionBuffers {
+  float *qp, *kt, *vp, *s, *o, *m, *l;
+};
+
+/// Masks may split their query rows into groups that each have a simpler mask (e.g. SAC's
+/// anchor mask: anchor rows see everything, the others are causal), so that no tile is computed
+/// for a row that cannot see it. Such a mask provides
+///   index_t row_groups() const
+///   index_t group_rows(index_t g, index_t q_len, index_t* rows) const  // increasing; returns count
+///   Mask'   group_mask(index_t g) const   // tile() exact or conservative over any subset of the
+///                                         // group's rows between its bounds
+template <class M, class = void>
+struct has_row_groups : std::false_type {};
+template <class M>
+struct has_row_groups<M, std::void_t<decltype(std::declval<const M&>().row_groups())>> : std::true_type {};
+
+/// The fused kernel over the query rows rows[0, nrows) (rows == nullptr: 0, 1, ..., nrows-1),
+/// with buffers sized for at least this call's tiling.
+template <class V, class Q, class K, class Vt, class O, class Mask, class Exec>
+void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
+                    float qscale, const index_t* rows_of, index_t nrows, const AttentionBuffers* buf,
+                    const Exec& exec) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const AttentionTiling<V> T(q.heads, k.heads, nrows, q.head_dim);
+  const index_t Bk = T.kv_tile, d = T.head_dim, dp = T.dim_padded, g = T.group;
+  const index_t kv_len = k.tokens;
+  auto row = [rows_of](index_t i) { return rows_of ? rows_of[i] : i; };
 
   exec.parallel_for(T.tasks, [&](index_t task, index_t worker) {
-    const Buffers& b = buf[worker];
+    const AttentionBuffers& b = buf[worker];
     const index_t kh = task / T.q_blocks;
-    const index_t q0 = (task % T.q_blocks) * T.q_block, q1 = std::min(q_len, q0 + T.q_block);
+    const index_t q0 = (task % T.q_blocks) * T.q_block, q1 = std::min(nrows, q0 + T.q_block);
     const index_t nq = q1 - q0, rows = nq * g;
+    // The block's query rows lie within [r0, r1) (all of them when rows_of is null).
+    const index_t r0 = row(q0), r1 = row(q1 - 1) + 1;
 
     for (index_t qi = 0; qi < nq; ++qi)
       for (index_t hh = 0; hh < g; ++hh) {
         float* dst = b.qp + (qi * g + hh) * d;
-        detail::load_row(q.row(kh * g + hh, q0 + qi), dst, d);
+        load_row(q.row(kh * g + hh, row(q0 + qi)), dst, d);
         kernels::scale<V>(dst, qscale, d);
       }
     std::fill(b.o, b.o + rows * dp, 0.f);
@@ -118,7 +120,7 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
 
     for (index_t k0 = 0; k0 < kv_len; k0 += Bk) {
       const index_t k1 = std::min(kv_len, k0 + Bk), nk = k1 - k0;
-      const TileVisibility vis = mask.tile(q0, q1, k0, k1);
+      const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
 
       if (rows < T.few_rows) {
@@ -129,7 +131,7 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
           kr = k.row(kh, k0);
           ldk = k.token_stride;
         } else {
-          for (index_t kk = 0; kk < nk; ++kk) detail::load_row(k.row(kh, k0 + kk), b.kt + kk * d, d);
+          for (index_t kk = 0; kk < nk; ++kk) load_row(k.row(kh, k0 + kk), b.kt + kk * d, d);
           kr = b.kt;
           ldk = d;
         }
@@ -146,10 +148,12 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
       }
 
       if (vis == TileVisibility::Mixed) {
-        for (index_t qi = 0; qi < nq; ++qi)
+        for (index_t qi = 0; qi < nq; ++qi) {
+          const index_t r = row(q0 + qi);
           for (index_t kk = 0; kk < nk; ++kk)
-            if (!mask.visible(q0 + qi, k0 + kk))
+            if (!mask.visible(r, k0 + kk))
               for (index_t hh = 0; hh < g; ++hh) b.s[(qi * g + hh) * Bk + kk] = kNegInf;
+        }
       }
       if (nk < Bk)
         for (index_t r = 0; r < rows; ++r) std::fill(b.s + r * Bk + nk, b.s + (r + 1) * Bk, kNegInf);
@@ -176,7 +180,7 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
           continue;
         }
       }
-      for (index_t kk = 0; kk < nk; ++kk) detail::load_row(v.row(kh, k0 + kk), b.vp + kk * dp, d);
+      for (index_t kk = 0; kk < nk; ++kk) load_row(v.row(kh, k0 + kk), b.vp + kk * dp, d);
       kernels::tile_gemm<true, V>(b.s, Bk, b.vp, dp, b.o, dp, rows, dp, nk);
     }
 
@@ -184,11 +188,53 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
       for (index_t hh = 0; hh < g; ++hh) {
         const index_t r = qi * g + hh;
         const float inv = b.l[r] > 0.f ? 1.f / b.l[r] : 0.f;  // no visible key: zeros, never NaN
-        auto* dst = out.row(kh * g + hh, q0 + qi);
+        auto* dst = out.row(kh * g + hh, row(q0 + qi));
         const float* src = b.o + r * dp;
         for (index_t i = 0; i < d; ++i) dst[i] = from_float<std::remove_const_t<O>>(src[i] * inv);
       }
   });
+}
+
+}  // namespace detail
+
+/// out = softmax(scale * q k^T | mask) v. heads % kv_heads == 0, else ctxcomp::Error. A query row
+/// with no visible key gets zeros. On error nothing is written. Results do not depend on the
+/// executor's thread count (tasks are fixed by the shapes; each writes its own rows).
+/// V selects the vector type (simd::Vec, or simd::ScalarVec for the scalar twin).
+template <class V = simd::Vec, class Q, class K, class Vt, class O, class Mask, class Exec = SerialExecutor>
+void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
+               const AttentionOptions& opt, Workspace& ws, const Exec& exec = {}) {
+  static_assert(!std::is_const_v<O>, "attention: out must be writable");
+  detail::check_attention_args(q, k, v, out, mask, opt, "attention");
+  constexpr float kLog2e = 1.4426950408889634f;
+  // Buffers sized for all q rows fit any subset of them (a group's tiling is never larger).
+  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim);
+  const float qscale = detail::effective_scale(opt, T.head_dim) * kLog2e;  // softmax in base 2
+  const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), T.tasks));
+  CTXCOMP_CHECK(workers <= 64, "attention: executor concurrency (", workers, ") above the supported 64");
+  constexpr bool split = detail::has_row_groups<Mask>::value;
+  ws.reserve(static_cast<std::size_t>(workers) * T.worker_bytes() +
+             (split ? Workspace::bytes_for<index_t>(q.tokens) : 0));
+  detail::AttentionBuffers buf[64];
+  for (index_t w = 0; w < workers; ++w) {
+    buf[w].qp = ws.take<float>(T.rows * T.head_dim);
+    buf[w].kt = ws.take<float>(T.head_dim * T.kv_tile);
+    buf[w].vp = ws.take<float>(T.kv_tile * T.dim_padded);
+    buf[w].s = ws.take<float>(T.rows * T.kv_tile);
+    buf[w].o = ws.take<float>(T.rows * T.dim_padded);
+    buf[w].m = ws.take<float>(T.rows);
+    buf[w].l = ws.take<float>(T.rows);
+  }
+  if constexpr (split) {
+    index_t* rows = ws.take<index_t>(q.tokens);
+    for (index_t grp = 0; grp < mask.row_groups(); ++grp) {
+      const index_t n = mask.group_rows(grp, q.tokens, rows);
+      if (n > 0)
+        detail::attention_rows<V>(q, k, v, mask.group_mask(grp), out, qscale, rows, n, buf, exec);
+    }
+  } else {
+    detail::attention_rows<V>(q, k, v, mask, out, qscale, nullptr, q.tokens, buf, exec);
+  }
 }
 
 }  // namespace ctxcomp

@@ -101,6 +101,34 @@ struct AnchorBidirectional {
     return TileVisibility::Mixed;
   }
   bool visible(index_t q, index_t k) const noexcept { return k <= q + q_offset || is_anchor(q + q_offset); }
+
+  // Row groups for the fused kernel: group 0 the causal (non-anchor) rows, group 1 the anchor
+  // rows, which see everything; so a tile is computed only for rows that see part of it and the
+  // cost follows the visible pairs rather than the square.
+  index_t row_groups() const noexcept { return 2; }
+  index_t group_rows(index_t g, index_t q_len, index_t* rows) const noexcept {
+    index_t n = 0;
+    const index_t* a = std::lower_bound(anchors, anchors + anchor_count, q_offset);
+    const index_t* const end = anchors + anchor_count;
+    for (index_t q = 0; q < q_len; ++q) {
+      while (a != end && *a < q + q_offset) ++a;
+      const bool anchor = a != end && *a == q + q_offset;
+      if (anchor == (g == 1)) rows[n++] = q;
+    }
+    return n;
+  }
+  /// The mask of one row group: every key (anchors) or causal (the others).
+  struct Group {
+    bool all = false;
+    index_t q_offset = 0;
+    TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
+      return all ? TileVisibility::All : Causal(q_offset).tile(q0, q1, k0, k1);
+    }
+    bool visible(index_t q, index_t k) const noexcept { return all || k <= q + q_offset; }
+    void check(index_t, index_t, const char*) const {}
+  };
+  Group group_mask(index_t g) const noexcept { return Group{g == 1, q_offset}; }
+
   void check(index_t, index_t, const char* fn) const {
     CTXCOMP_CHECK(anchor_count >= 0 && (anchor_count == 0 || anchors != nullptr), fn,
                   ": AnchorBidirectional has ", anchor_count, " anchors but no array");

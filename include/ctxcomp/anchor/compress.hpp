@@ -1,0 +1,138 @@
+// SAC compression driver: for each chunk of the context, embed its tokens, add the anchor
+// embeddings, run the host's layers over the chunk alone (1-based positions, bidirectional
+// mask) into a scratch cache, and keep only the anchors' per-layer K/V (keys after RoPE at
+// their original positions) in the caller's KvCache. The host's layers are a callable, so the
+// compressing weights (e.g. with the official LoRA on q_proj/v_proj merged) can differ from the
+// weights the host decodes with. Semantics: tests/data/fixtures/README.md, section sac.
+//
+// Decoding afterwards is the host's own loop: the first decoded input (officially
+// special_tokens[1]) goes at position plan.decode_position() (= n), the next at n+1, ...; each
+// sees the whole compressed cache and the decoded inputs before it, i.e. Causal(m) with m the
+// number of cached anchors.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "../attention/masks.hpp"
+#include "../kv/kv_cache.hpp"
+#include "anchors.hpp"
+
+namespace ctxcomp::anchor {
+
+/// Attention inside a chunk while compressing.
+enum class ChunkMask {
+  Full,    // every token sees the whole chunk (the official SAC branch; FullBidirectional)
+  Anchor,  // anchors see the whole chunk, the other tokens are causal (AnchorBidirectional)
+};
+
+/// Owns the scratch cache and buffers of the chunk loop, so that compressing allocates nothing
+/// once the first call of a given chunk size has run. C is the cache's storage type.
+template <class C>
+class Compressor {
+ public:
+  Compressor(index_t layers, index_t kv_heads, index_t head_dim, index_t hidden, index_t chunk_size)
+      : scratch_(layers, kv_heads, head_dim, chunk_size), hidden_(hidden) {
+    CTXCOMP_CHECK(hidden > 0, "anchor::Compressor: hidden size (", hidden, ") must be positive");
+    x_.resize(std::size_t(chunk_size * hidden));
+    pos_.resize(std::size_t(chunk_size));
+    idx_.resize(std::size_t(chunk_size));
+    rows_.resize(std::size_t(chunk_size));
+  }
+
+  index_t chunk_capacity() const noexcept { return scratch_.capacity(); }
+
+  /// Compresses context `ids` [plan.tokens()] into `out`, appending the anchors of every chunk in
+  /// order (positions plan.anchor_position_ids(), token indices token_base + anchor token;
+  /// token_base < 0: right after the cache's last token index, 0 for an empty cache).
+  /// `role_tokens` [>= anchors per chunk x hidden] are the anchor embeddings.
+  ///   embed(const std::int64_t* ids, index_t count, MatrixView<float> x)        x = embeddings
+  ///   forward(MatrixView<float> x, const std::int64_t* positions, const index_t* token_index,
+  ///           const Mask& mask, KvCache<C>& cache)   runs every layer over x, appending its K/V
+  ///                                                  to cache (Mask: FullBidirectional or
+  ///                                                  AnchorBidirectional)
+  /// Returns the number of anchors appended. On error `out` is left as it was.
+  template <class Embed, class Forward>
+  index_t compress(const AnchorPlan& plan, const std::int64_t* ids, MatrixView<const float> role_tokens,
+                   ChunkMask mask, Embed&& embed, Forward&& forward, KvCache<C>& out, index_t token_base = -1) {
+    const char* fn = "anchor::Compressor::compress";
+    CTXCOMP_CHECK(plan.tokens() > 0, fn, ": the context is empty");
+    CTXCOMP_CHECK(plan.max_anchors_per_chunk() <= role_tokens.rows(), fn, ": a chunk has ",
+                  plan.max_anchors_per_chunk(), " anchors but there are only ", role_tokens.rows(),
+                  " role (anchor) embeddings; use a larger ratio or a smaller chunk");
+    CTXCOMP_CHECK(role_tokens.cols() == hidden_, fn, ": role embeddings have ", role_tokens.cols(),
+                  " features, the hidden size is ", hidden_);
+    CTXCOMP_CHECK(std::min(plan.chunk_size(), plan.tokens()) <= scratch_.capacity(), fn, ": chunks of ",
+                  plan.chunk_size(), " tokens exceed the compressor's chunk capacity of ", scratch_.capacity());
+    CTXCOMP_CHECK(out.layers() == scratch_.layers() && out.kv_heads() == scratch_.kv_heads() &&
+                      out.head_dim() == scratch_.head_dim(),
+                  fn, ": the output cache is ", out.layers(), " layers x ", out.kv_heads(), " kv heads x ",
+                  out.head_dim(), ", the compressor's ", scratch_.layers(), " x ", scratch_.kv_heads(), " x ",
+                  scratch_.head_dim());
+    CTXCOMP_CHECK(out.capacity() - out.size() >= plan.anchor_count(), fn, ": ", plan.anchor_count(),
+                  " anchors do not fit in the output cache (", out.size(), " of ", out.capacity(), " slots used)");
+    const index_t next_index = out.size() == 0 ? 0 : out.token_index()[out.size() - 1] + 1;
+    if (token_base < 0) token_base = next_index;
+    CTXCOMP_CHECK(token_base >= next_index, fn, ": token_base (", token_base,
+                  ") must be past the output cache's last token index (", next_index - 1, ")");
+
+    const index_t out_size = out.size();
+    const auto& anchors = plan.anchors();
+    index_t c = 0;
+    try {
+      for (; c < plan.chunks(); ++c) {
+        const auto [s, e] = plan.chunk(c);
+        const auto [a0, a1] = plan.chunk_anchors(c);
+        const index_t t = e - s, count = a1 - a0;
+        if (count == 0) continue;  // chunks are independent: one without anchors keeps nothing
+        auto x = matrix_view(x_.data(), t, hidden_);
+        embed(ids + s, t, x);
+        for (index_t j = 0; j < count; ++j) rows_[std::size_t(j)] = anchors[std::size_t(a0 + j)] - s;
+        add_anchor_embeddings(x, rows_.data(), count, role_tokens);
+        for (index_t i = 0; i < t; ++i)
+          pos_[std::size_t(i)] = AnchorPlan::position_of(s + i), idx_[std::size_t(i)] = s + i;
+        scratch_.clear();
+        if (mask == ChunkMask::Full)
+          forward(x, pos_.data(), idx_.data(), FullBidirectional{}, scratch_);
+        else
+          forward(x, pos_.data(), idx_.data(), AnchorBidirectional{rows_.data(), count, 0}, scratch_);
+        CTXCOMP_CHECK(scratch_.size() == t, fn, ": the host's forward left ", scratch_.size(),
+                      " tokens in the chunk's cache, expected ", t);
+        keep_anchors(count, out, token_base);
+      }
+    } catch (const Error& err) {  // the host's message, with the chunk it came from
+      out.truncate(out_size);
+      fail(fn, ": chunk ", c, " (tokens [", plan.chunk(c).begin, ", ", plan.chunk(c).end, ")): ", err.what());
+    } catch (...) {
+      out.truncate(out_size);
+      throw;
+    }
+    return out.size() - out_size;
+  }
+
+ private:
+  // Appends the scratch slots rows_[0, count) to `out` with their positions and token indices.
+  void keep_anchors(index_t count, KvCache<C>& out, index_t token_base) {
+    for (index_t j = 0; j < count; ++j) {
+      const index_t r = rows_[std::size_t(j)];
+      pos_kept_[std::size_t(j)] = scratch_.positions()[r];
+      idx_kept_[std::size_t(j)] = token_base + scratch_.token_index()[r];
+    }
+    const index_t first = out.append(count, pos_kept_.data(), idx_kept_.data());
+    for (index_t l = 0; l < out.layers(); ++l)
+      for (auto [src, dst] : {std::pair{scratch_.keys(l), out.keys(l)}, std::pair{scratch_.values(l), out.values(l)}})
+        for (index_t h = 0; h < out.kv_heads(); ++h)
+          for (index_t j = 0; j < count; ++j)
+            std::copy(src.row(h, rows_[std::size_t(j)]), src.row(h, rows_[std::size_t(j)]) + out.head_dim(),
+                      dst.row(h, first + j));
+  }
+
+  KvCache<C> scratch_;
+  index_t hidden_;
+  std::vector<float> x_;
+  std::vector<std::int64_t> pos_;
+  std::vector<index_t> idx_, rows_;
+  std::vector<std::int64_t> pos_kept_ = std::vector<std::int64_t>(std::size_t(scratch_.capacity()));
+  std::vector<index_t> idx_kept_ = std::vector<index_t>(std::size_t(scratch_.capacity()));
+};
+
+}  // namespace ctxcomp::anchor
