@@ -5,14 +5,14 @@
 // CTXCOMP_BENCH_SMOKE=1 shrinks every shape (CI runs them to keep them runnable).
 #include <cstdlib>
 
-#include "../examples/llama_host.hpp"
-#include "bench_common.hpp"
+#include "synthetic_llama.hpp"
 
 using namespace ctxcomp;
+using bench::fill;
+using bench::smoke;
 
 namespace {
 
-bool smoke() { return std::getenv("CTXCOMP_BENCH_SMOKE") != nullptr; }
 
 digest::IcformerConfig published_config() {
   digest::IcformerConfig c;
@@ -26,16 +26,6 @@ digest::IcformerConfig published_config() {
   return c;
 }
 index_t chunk_len() { return smoke() ? 64 : 512; }
-
-/// Deterministic pseudo-random fill, fast enough for billions of weights.
-template <class T>
-void fill(std::vector<T>& v, std::uint32_t seed, float scale) {
-  std::uint32_t s = seed * 2654435761u + 1;
-  for (auto& x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = from_float<T>((float(s >> 8) / float(1 << 24) - 0.5f) * 2.f * scale);
-  }
-}
 
 template <class T>
 struct RandomIcformer {
@@ -138,33 +128,10 @@ void context_length(benchmark::State& st, index_t n, int threads) {
 /// One Llama-2-7B-shaped decoder layer (causal self-attention + SwiGLU) over n + k tokens,
 /// through the reference host: what ICAE-style compression runs per layer.
 void llama_layer_baseline(benchmark::State& st, int threads) {
-  const bool s = smoke();
-  host::LlamaModel<float> m;
-  auto& c = m.config;
-  c.hidden = s ? 256 : 4096;
-  c.heads = c.kv_heads = s ? 4 : 32;
-  c.head_dim = 128 / (s ? 2 : 1);
-  c.intermediate = s ? 688 : 11008;
-  c.layers = 1;
-  c.vocab = 1;
-  std::vector<std::vector<float>> w;
-  w.reserve(16);
-  auto add = [&](std::size_t n, float scale, float off) {
-    w.emplace_back(n);
-    fill(w.back(), std::uint32_t(w.size() + 100), scale);
-    for (auto& x : w.back()) x += off;
-    return w.back().data();
-  };
-  const index_t d = c.hidden, in = c.intermediate;
-  host::LlamaLayerWeights<float> l;
-  l.input_norm = add(std::size_t(d), 0.1f, 1.f);
-  l.post_attention_norm = add(std::size_t(d), 0.1f, 1.f);
-  auto wv = [&](index_t o, index_t i) { return WeightView<float>{add(std::size_t(o * i), 0.02f, 0.f), o, i}; };
-  l.q = wv(d, d), l.k = wv(d, d), l.v = wv(d, d), l.o = wv(d, d);
-  l.mlp = {wv(in, d), wv(in, d), wv(d, in)};
-  m.layers.push_back(l);
-  m.final_norm = add(std::size_t(d), 0.f, 1.f);
-  host::LlamaHost<float> h(m);
+  const bench::SyntheticLlama<float> llama(1);
+  const auto& c = llama.model.config;
+  const index_t d = c.hidden;
+  host::LlamaHost<float> h(llama.model);
   const index_t n = chunk_len() + published_config().num_digests;
   auto cache = h.make_cache(n);
   std::vector<float> x(std::size_t(n * d)), x0(x.size());
@@ -182,8 +149,8 @@ void llama_layer_baseline(benchmark::State& st, int threads) {
       benchmark::DoNotOptimize(x.data());
     }
   });
-  const double fd = double(d), fn = double(n);
-  const double f = 2 * fn * fd * fd * 4 + 3 * 2 * fn * fd * double(in) + 4 * double(c.head_dim) * double(c.heads) * fn * (fn + 1) / 2;
+  const double fn = double(n);
+  const double f = llama.layer_flops(fn, fn * (fn + 1) / 2);
   st.counters["GFLOPS"] = bench::rate(f * 1e-9);
   // FLOP ratio IC-Former (all layers, one chunk) / this baseline extrapolated to 32 layers.
   st.counters["icformer_flop_ratio_32_layers"] = icformer_flops(published_config(), chunk_len()) / (32 * f);

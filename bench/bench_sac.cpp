@@ -1,0 +1,146 @@
+// SAC anchor compression on a Llama-2-7B-shaped layer (random weights), chunk 512:
+// - sac/compress_layer: context tokens/s of compressing one chunk through one layer with the
+//   full and the anchor mask at ratios 4, 8, 16, 32, beside plain causal prefill of the chunk;
+// - sac/attention: the attention of that layer alone, with its visible (query, key) pairs, so
+//   the cost of each mask can be set against its pairs (pairs_vs_causal);
+// - sac/decode: one decode step's attention over the anchors-only cache of a 4096-token context
+//   vs the uncompressed cache (fp16), with the compressed cache's bytes per context token.
+// CTXCOMP_BENCH_SMOKE=1 shrinks every shape.
+#include "../examples/sac_driver.hpp"
+#include "synthetic_llama.hpp"
+
+using namespace ctxcomp;
+
+namespace {
+
+using bench::smoke;
+index_t chunk() { return smoke() ? 64 : 512; }
+const index_t kRatios[] = {4, 8, 16, 32};
+
+enum class Kind { Causal, Full, Anchor };
+
+double pairs_of(Kind kind, const anchor::AnchorPlan& plan, index_t n) {
+  if (kind == Kind::Causal) return double(count_visible(Causal(0), n, n));
+  if (kind == Kind::Full) return double(count_visible(FullBidirectional{}, n, n));
+  return double(count_visible(AnchorBidirectional{plan.anchors().data(), plan.anchor_count(), 0}, n, n));
+}
+
+/// One layer over one chunk: SAC compression (embed, anchor embeddings, layer, keep anchors) or
+/// the causal prefill baseline (embed, layer).
+void compress_layer(benchmark::State& st, Kind kind, index_t ratio, int threads) {
+  const index_t n = chunk();
+  static const bench::SyntheticLlama<float> llama(1, 512);
+  const auto& c = llama.model.config;
+  host::LlamaHost<float> h(llama.model);
+  const auto plan = anchor::AnchorPlan::uniform(n, n, ratio);
+  const auto roles = bench::random_buffer(std::size_t(plan.anchor_count() * c.hidden), 5, 0.1f);
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(n)), pos(ids.size());
+  std::vector<index_t> idx(ids.size());
+  for (index_t i = 0; i < n; ++i) ids[std::size_t(i)] = i % 512, pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+  anchor::Compressor<float> comp(c.layers, c.kv_heads, c.head_dim, c.hidden, n);
+  auto out = h.make_cache(plan.anchor_count());
+  auto scratch = h.make_cache(n);
+  std::vector<float> x(std::size_t(n * c.hidden));
+  bench::with_executor(threads, [&](const auto& exec) {
+    for (auto _ : st) {
+      if (kind == Kind::Causal) {
+        scratch.clear();
+        h.embed(ids.data(), n, matrix_view(x.data(), n, c.hidden));
+        h.forward(matrix_view(x.data(), n, c.hidden), pos.data(), idx.data(), Causal(0), scratch, exec);
+      } else {
+        out.clear();
+        comp.compress(
+            plan, ids.data(), matrix_view<const float>(roles.data(), plan.anchor_count(), c.hidden),
+            kind == Kind::Full ? anchor::ChunkMask::Full : anchor::ChunkMask::Anchor,
+            [&](const std::int64_t* p, index_t cnt, MatrixView<float> xv) { h.embed(p, cnt, xv); },
+            [&](MatrixView<float> xv, const std::int64_t* ps, const index_t* ix, const auto& mask, KvCache<float>& cache) {
+              h.forward(xv, ps, ix, mask, cache, exec);
+            },
+            out);
+      }
+      benchmark::ClobberMemory();
+    }
+  });
+  const double pairs = pairs_of(kind, plan, n), causal = pairs_of(Kind::Causal, plan, n);
+  st.counters["tokens_per_s"] = bench::rate(double(n));
+  st.counters["GFLOPS"] = bench::rate(llama.layer_flops(double(n), pairs) * 1e-9);
+  st.counters["flops_vs_causal"] = llama.layer_flops(double(n), pairs) / llama.layer_flops(double(n), causal);
+  if (kind != Kind::Causal) st.counters["anchors"] = double(plan.anchor_count());
+}
+
+/// The attention of one such layer over the chunk (32 heads of 128), by mask.
+void chunk_attention(benchmark::State& st, Kind kind, index_t ratio) {
+  const index_t n = chunk(), heads = smoke() ? 4 : 32, d = smoke() ? 64 : 128;
+  const auto plan = anchor::AnchorPlan::uniform(n, n, ratio);
+  const auto q = bench::random_buffer(std::size_t(heads * n * d), 1), k = bench::random_buffer(q.size(), 2),
+             v = bench::random_buffer(q.size(), 3);
+  std::vector<float> o(q.size());
+  const auto qv = HeadsView<const float>::contiguous(q.data(), heads, n, d);
+  const auto kv = HeadsView<const float>::contiguous(k.data(), heads, n, d);
+  const auto vv = HeadsView<const float>::contiguous(v.data(), heads, n, d);
+  const auto ov = HeadsView<float>::contiguous(o.data(), heads, n, d);
+  const AnchorBidirectional am{plan.anchors().data(), plan.anchor_count(), 0};
+  Workspace ws;
+  for (auto _ : st) {
+    if (kind == Kind::Causal) attention(qv, kv, vv, Causal(0), ov, {}, ws);
+    else if (kind == Kind::Full) attention(qv, kv, vv, FullBidirectional{}, ov, {}, ws);
+    else attention(qv, kv, vv, am, ov, {}, ws);
+    benchmark::DoNotOptimize(o.data());
+  }
+  const double pairs = pairs_of(kind, plan, n);
+  st.counters["visible_pairs"] = pairs;
+  st.counters["pairs_vs_causal"] = pairs / pairs_of(Kind::Causal, plan, n);
+  st.counters["GFLOPS"] = bench::rate(4.0 * double(heads * d) * pairs * 1e-9);
+}
+
+/// One decode step's attention (32 query heads) over one layer's cache of a 4096-token context:
+/// all tokens (ratio 1) or the SAC anchors of 512-token chunks at `ratio`. fp16 cache.
+void decode(benchmark::State& st, index_t ratio) {
+  const index_t n = smoke() ? 512 : 4096, heads = smoke() ? 4 : 32, d = smoke() ? 64 : 128;
+  const index_t m = ratio == 1 ? n : anchor::AnchorPlan::uniform(n, chunk(), ratio).anchor_count();
+  const auto kf = bench::random_buffer(std::size_t(heads * m * d), 7), vf = bench::random_buffer(kf.size(), 8);
+  std::vector<fp16> k(kf.size()), v(vf.size());
+  kernels::convert(kf.data(), k.data(), index_t(k.size()));
+  kernels::convert(vf.data(), v.data(), index_t(v.size()));
+  const auto q = bench::random_buffer(std::size_t(heads * d), 9);
+  std::vector<float> o(q.size());
+  Workspace ws;
+  for (auto _ : st) {
+    attention(HeadsView<const float>::contiguous(q.data(), heads, 1, d), HeadsView<const fp16>::contiguous(k.data(), heads, m, d),
+              HeadsView<const fp16>::contiguous(v.data(), heads, m, d), Causal(m - 1),
+              HeadsView<float>::contiguous(o.data(), heads, 1, d), {}, ws);
+    benchmark::DoNotOptimize(o.data());
+  }
+  const double layer_bytes = 2.0 * double(heads * m * d) * sizeof(fp16);
+  st.counters["cache_tokens"] = double(m);
+  // All 32 layers of Llama-2-7B (32 kv heads of 128, fp16): bytes kept per context token.
+  st.counters["bytes_per_context_token_32_layers"] = 32 * 2.0 * double(m) * 32 * 128 * 2 / double(n);
+  st.counters["GBps"] = bench::rate(layer_bytes * 1e-9);
+}
+
+const bool registered = [] {
+  auto ms = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
+  const std::string c = "chunk" + std::to_string(chunk());
+  for (int t : {1, 2}) {
+    const std::string ts = t == 1 ? "" : "_t2";
+    ms(benchmark::RegisterBenchmark(("sac/compress_layer/" + c + "/causal_prefill" + ts).c_str(), compress_layer,
+                                    Kind::Causal, index_t(1), t));
+    for (index_t r : kRatios)
+      for (Kind k : {Kind::Full, Kind::Anchor})
+        ms(benchmark::RegisterBenchmark(
+            ("sac/compress_layer/" + c + (k == Kind::Full ? "/full_r" : "/anchor_r") + std::to_string(r) + ts).c_str(),
+            compress_layer, k, r, t));
+  }
+  ms(benchmark::RegisterBenchmark(("sac/attention/" + c + "/causal").c_str(), chunk_attention, Kind::Causal, index_t(1)));
+  ms(benchmark::RegisterBenchmark(("sac/attention/" + c + "/full").c_str(), chunk_attention, Kind::Full, index_t(1)));
+  for (index_t r : kRatios)
+    ms(benchmark::RegisterBenchmark(("sac/attention/" + c + "/anchor_r" + std::to_string(r)).c_str(), chunk_attention,
+                                    Kind::Anchor, r));
+  const std::string ctx = smoke() ? "ctx512" : "ctx4096";
+  ms(benchmark::RegisterBenchmark(("sac/decode/" + ctx + "_uncompressed").c_str(), decode, index_t(1)));
+  for (index_t r : kRatios)
+    ms(benchmark::RegisterBenchmark(("sac/decode/" + ctx + "_r" + std::to_string(r)).c_str(), decode, r));
+  return true;
+}();
+
+}  // namespace
