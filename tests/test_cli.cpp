@@ -6,26 +6,15 @@
 #include <ctxcomp/io/safetensors.hpp>
 
 #include "catch.hpp"
+#include "cli_runner.hpp"
 #include "common.hpp"
 
 using namespace ctxcomp;
 namespace fs = std::filesystem;
 
-namespace {
-struct Run {
-  int status;
-  std::string err;
-};
-Run run_cli(const std::string& args) {
-  const fs::path errf = fs::temp_directory_path() / "ctxcomp_cli_stderr.txt";
-  const std::string cmd = std::string(CTXCOMP_CLI_PATH) + " " + args + " 2> " + errf.string() + " > /dev/null";
-  const int rc = std::system(cmd.c_str());
-  std::ifstream f(errf);
-  std::string err((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  return {rc, err};
-}
-std::string tmp(const std::string& name) { return (fs::temp_directory_path() / name).string(); }
-}  // namespace
+using test::run_cli;
+using test::tmp;
+using Run = test::CliRun;
 
 TEST_CASE("ctxcomp demo runs", "[cli]") { CHECK(run_cli("demo").status == 0); }
 

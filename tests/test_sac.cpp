@@ -10,6 +10,7 @@
 #include <ctxcomp/io/safetensors.hpp>
 
 #include "catch.hpp"
+#include "cli_runner.hpp"
 #include "common.hpp"
 #include "sac_driver.hpp"
 
@@ -237,20 +238,9 @@ TEST_CASE("sac errors are named and leave the cache unchanged", "[sac][errors]")
   CHECK(layer_kv(cache, 0, false) == k0);
 }
 
-namespace {
-struct Run {
-  int status;
-  std::string err;
-};
-Run run_cli(const std::string& args) {
-  const fs::path errf = fs::temp_directory_path() / "ctxcomp_sac_stderr.txt";
-  const std::string cmd = std::string(CTXCOMP_CLI_PATH) + " " + args + " 2> " + errf.string() + " > /dev/null";
-  const int rc = std::system(cmd.c_str());
-  std::ifstream in(errf);
-  return {rc, std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>())};
-}
-std::string tmp(const std::string& name) { return (fs::temp_directory_path() / name).string(); }
-}  // namespace
+using test::run_cli;
+using test::tmp;
+using Run = test::CliRun;
 
 TEST_CASE("ctxcomp sac reproduces every sac fixture", "[cli][sac][fixtures]") {
   for (const char* c : kCases) {
