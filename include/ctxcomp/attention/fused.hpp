@@ -31,9 +31,9 @@ struct AttentionTiling {
   // above, K tiles are transposed once and reused by every row (outer-product GEMM).
   static constexpr index_t few_rows = 16;
   index_t group, q_block, rows, head_dim, dim_padded;
-  index_t q_blocks, tasks;
+  index_t q_blocks, tasks, kv_tiles;
 
-  AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d) {
+  AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d, index_t kv_len) {
     group = heads / kv_heads;
     q_block = std::min(q_len, std::max<index_t>(1, target_rows / group));
     rows = q_block * group;
@@ -41,10 +41,15 @@ struct AttentionTiling {
     dim_padded = (d + V::width - 1) / V::width * V::width;
     q_blocks = (q_len + q_block - 1) / q_block;
     tasks = kv_heads * q_blocks;
+    kv_tiles = (kv_len + kv_tile - 1) / kv_tile;
   }
+  /// Many-row tasks keep every transposed K tile of their kv head (reused by the next task of
+  /// the same head); few-row tasks only widen one tile at a time.
+  index_t kt_tiles() const { return rows < few_rows ? 1 : kv_tiles; }
   std::size_t worker_bytes() const {
     return Workspace::bytes_for<float>(rows * head_dim)          // packed, pre-scaled queries
-           + Workspace::bytes_for<float>(head_dim * kv_tile)     // K tile (transposed for many rows)
+           + Workspace::bytes_for<float>(head_dim * kv_tile * kt_tiles())  // K tiles (transposed for many rows)
+           + Workspace::bytes_for<index_t>(kv_tiles)                // kv head each transposed tile holds
            + Workspace::bytes_for<float>(kv_tile * dim_padded)   // V tile
            + Workspace::bytes_for<float>(rows * kv_tile)         // scores / probabilities
            + Workspace::bytes_for<float>(rows * dim_padded)      // output accumulator
@@ -61,9 +66,9 @@ inline void load_row(const T* src, float* dst, index_t n) noexcept {
 
 /// Bytes of workspace `attention` reserves for these shapes and concurrency.
 template <class V = simd::Vec>
-std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t head_dim,
+std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, index_t head_dim,
                                       index_t concurrency = 1) {
-  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim);
+  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim, kv_len);
   return static_cast<std::size_t>(std::max<index_t>(1, std::min(concurrency, t.tasks))) * t.worker_bytes();
 }
 
@@ -72,13 +77,15 @@ namespace detail {
 /// Per-worker tile buffers carved from the workspace.
 struct AttentionBuffers {
   float *qp, *kt, *vp, *s, *o, *m, *l;
+  index_t* kt_head;  // kt_head[tile] = kv head whose K tile `tile` is transposed in kt, or -1
 };
 
 /// Masks may split their query rows into groups that each have a simpler mask (e.g. SAC's
 /// anchor mask: anchor rows see everything, the others are causal), so that no tile is computed
 /// for a row that cannot see it. Such a mask provides
 ///   index_t row_groups() const
-///   index_t group_rows(index_t g, index_t q_len, index_t* rows) const  // increasing; returns count
+///   index_t group_rows(index_t g, index_t q_len, index_t* rows) const  // increasing; returns count;
+///                                         // the groups partition the rows [0, q_len)
 ///   Mask'   group_mask(index_t g) const   // tile() exact or conservative over any subset of the
 ///                                         // group's rows between its bounds
 template <class M, class = void>
@@ -86,22 +93,44 @@ struct has_row_groups : std::false_type {};
 template <class M>
 struct has_row_groups<M, std::void_t<decltype(std::declval<const M&>().row_groups())>> : std::true_type {};
 
-/// The fused kernel over the query rows rows[0, nrows) (rows == nullptr: 0, 1, ..., nrows-1),
-/// with buffers sized for at least this call's tiling.
+/// A set of query rows with one mask: rows[0, n) (rows == nullptr: 0, 1, ..., n-1).
+template <class Mask>
+struct RowGroup {
+  const index_t* rows = nullptr;
+  index_t n = 0;
+  Mask mask{};
+};
+inline constexpr index_t kMaxRowGroups = 4;
+
+/// The fused kernel over row groups, with buffers sized for all q rows. Tasks run kv-head by
+/// kv-head across the groups, so every group's tasks of a head reuse its transposed K tiles.
 template <class V, class Q, class K, class Vt, class O, class Mask, class Exec>
-void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
-                    float qscale, const index_t* rows_of, index_t nrows, const AttentionBuffers* buf,
+void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGroup<Mask>* groups,
+                    index_t group_count, HeadsView<O> out, float qscale, const AttentionBuffers* buf,
                     const Exec& exec) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const AttentionTiling<V> T(q.heads, k.heads, nrows, q.head_dim);
-  const index_t Bk = T.kv_tile, d = T.head_dim, dp = T.dim_padded, g = T.group;
+  AttentionTiling<V> tilings[kMaxRowGroups] = {
+      {q.heads, k.heads, 1, q.head_dim, k.tokens}, {q.heads, k.heads, 1, q.head_dim, k.tokens},
+      {q.heads, k.heads, 1, q.head_dim, k.tokens}, {q.heads, k.heads, 1, q.head_dim, k.tokens}};
+  index_t per_head = 0;
+  for (index_t gi = 0; gi < group_count; ++gi) {
+    tilings[gi] = AttentionTiling<V>(q.heads, k.heads, groups[gi].n, q.head_dim, k.tokens);
+    per_head += tilings[gi].q_blocks;
+  }
   const index_t kv_len = k.tokens;
-  auto row = [rows_of](index_t i) { return rows_of ? rows_of[i] : i; };
 
-  exec.parallel_for(T.tasks, [&](index_t task, index_t worker) {
+  exec.parallel_for(k.heads * per_head, [&](index_t task, index_t worker) {
     const AttentionBuffers& b = buf[worker];
-    const index_t kh = task / T.q_blocks;
-    const index_t q0 = (task % T.q_blocks) * T.q_block, q1 = std::min(nrows, q0 + T.q_block);
+    const index_t kh = task / per_head;
+    index_t local = task % per_head, gi = 0;
+    while (local >= tilings[gi].q_blocks) local -= tilings[gi++].q_blocks;
+    const AttentionTiling<V>& T = tilings[gi];
+    const Mask& mask = groups[gi].mask;
+    const index_t* rows_of = groups[gi].rows;
+    const index_t nrows = groups[gi].n;
+    const index_t Bk = T.kv_tile, d = T.head_dim, dp = T.dim_padded, g = T.group;
+    auto row = [rows_of](index_t i) { return rows_of ? rows_of[i] : i; };
+    const index_t q0 = local * T.q_block, q1 = std::min(nrows, q0 + T.q_block);
     const index_t nq = q1 - q0, rows = nq * g;
     // The block's query rows lie within [r0, r1) (all of them when rows_of is null).
     const index_t r0 = row(q0), r1 = row(q1 - 1) + 1;
@@ -132,19 +161,26 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask&
           ldk = k.token_stride;
         } else {
           for (index_t kk = 0; kk < nk; ++kk) load_row(k.row(kh, k0 + kk), b.kt + kk * d, d);
+          b.kt_head[0] = -1;  // tile 0's transposed copy (if any) is overwritten
           kr = b.kt;
           ldk = d;
         }
         kernels::tile_gemm_nt<V>(b.qp, d, kr, ldk, b.s, Bk, rows, nk, d);
       } else {
-        // K tile, transposed to [d x Bk]; columns past the last key are zero.
-        for (index_t kk = 0; kk < nk; ++kk) {
-          const auto* src = k.row(kh, k0 + kk);
-          for (index_t i = 0; i < d; ++i) b.kt[i * Bk + kk] = to_float(src[i]);
+        // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
+        // and worker: later tasks of the same head reuse it.
+        const index_t tile = k0 / Bk;
+        float* kt = b.kt + tile * d * Bk;
+        if (b.kt_head[tile] != kh) {
+          for (index_t kk = 0; kk < nk; ++kk) {
+            const auto* src = k.row(kh, k0 + kk);
+            for (index_t i = 0; i < d; ++i) kt[i * Bk + kk] = to_float(src[i]);
+          }
+          if (nk < Bk)
+            for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);
+          b.kt_head[tile] = kh;
         }
-        if (nk < Bk)
-          for (index_t i = 0; i < d; ++i) std::fill(b.kt + i * Bk + nk, b.kt + (i + 1) * Bk, 0.f);
-        kernels::tile_gemm<false, V>(b.qp, d, b.kt, Bk, b.s, Bk, rows, Bk, d);
+        kernels::tile_gemm<false, V>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
       }
 
       if (vis == TileVisibility::Mixed) {
@@ -208,7 +244,7 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
   detail::check_attention_args(q, k, v, out, mask, opt, "attention");
   constexpr float kLog2e = 1.4426950408889634f;
   // Buffers sized for all q rows fit any subset of them (a group's tiling is never larger).
-  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim);
+  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim, k.tokens);
   const float qscale = detail::effective_scale(opt, T.head_dim) * kLog2e;  // softmax in base 2
   const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), T.tasks));
   CTXCOMP_CHECK(workers <= 64, "attention: executor concurrency (", workers, ") above the supported 64");
@@ -218,22 +254,31 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
   detail::AttentionBuffers buf[64];
   for (index_t w = 0; w < workers; ++w) {
     buf[w].qp = ws.take<float>(T.rows * T.head_dim);
-    buf[w].kt = ws.take<float>(T.head_dim * T.kv_tile);
+    buf[w].kt = ws.take<float>(T.head_dim * T.kv_tile * T.kt_tiles());
     buf[w].vp = ws.take<float>(T.kv_tile * T.dim_padded);
     buf[w].s = ws.take<float>(T.rows * T.kv_tile);
     buf[w].o = ws.take<float>(T.rows * T.dim_padded);
     buf[w].m = ws.take<float>(T.rows);
     buf[w].l = ws.take<float>(T.rows);
+    buf[w].kt_head = ws.take<index_t>(T.kv_tiles);
+    std::fill(buf[w].kt_head, buf[w].kt_head + T.kv_tiles, index_t(-1));
   }
   if constexpr (split) {
+    using GroupMask = decltype(mask.group_mask(0));
+    CTXCOMP_CHECK(mask.row_groups() <= detail::kMaxRowGroups, "attention: the mask has ", mask.row_groups(),
+                  " row groups, above the supported ", detail::kMaxRowGroups);
     index_t* rows = ws.take<index_t>(q.tokens);
+    detail::RowGroup<GroupMask> groups[detail::kMaxRowGroups];
+    index_t count = 0, used = 0;
     for (index_t grp = 0; grp < mask.row_groups(); ++grp) {
-      const index_t n = mask.group_rows(grp, q.tokens, rows);
-      if (n > 0)
-        detail::attention_rows<V>(q, k, v, mask.group_mask(grp), out, qscale, rows, n, buf, exec);
+      const index_t n = mask.group_rows(grp, q.tokens, rows + used);
+      if (n > 0) groups[count++] = {rows + used, n, mask.group_mask(grp)};
+      used += n;
     }
+    detail::attention_rows<V>(q, k, v, groups, count, out, qscale, buf, exec);
   } else {
-    detail::attention_rows<V>(q, k, v, mask, out, qscale, nullptr, q.tokens, buf, exec);
+    const detail::RowGroup<Mask> all{nullptr, q.tokens, mask};
+    detail::attention_rows<V>(q, k, v, &all, 1, out, qscale, buf, exec);
   }
 }
 
