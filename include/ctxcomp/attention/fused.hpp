@@ -124,8 +124,8 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
     const index_t kh = task / per_head;
     index_t local = task % per_head, gi = 0;
     while (local >= tilings[gi].q_blocks) local -= tilings[gi++].q_blocks;
-    const AttentionTiling<V>& T = tilings[gi];
-    const Mask& mask = groups[gi].mask;
+    const AttentionTiling<V> T = tilings[gi];  // local copies: no reloads after stores in the loops
+    const Mask mask = groups[gi].mask;
     const index_t* rows_of = groups[gi].rows;
     const index_t nrows = groups[gi].n;
     const index_t Bk = T.kv_tile, d = T.head_dim, dp = T.dim_padded, g = T.group;
