@@ -67,6 +67,51 @@ TEST_CASE("KvCache eviction compacts in place like a naive copy", "[kv]") {
   CHECK(cache.token_index()[1] == 2 * kept[3]);
 }
 
+TEST_CASE("KvCache eviction of large runs (whole Llama-sized heads) equals a naive copy", "[kv]") {
+  for (bool fp16_storage : {false, true}) {
+    INFO((fp16_storage ? "fp16" : "float"));
+    const index_t n = 1500, hd = 128, heads = 2;
+    KvCache<float> cf(2, heads, hd, n);
+    KvCache<fp16> ch(2, heads, hd, n);
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+    std::vector<index_t> idx(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+    auto value = [](index_t l, index_t h, index_t t, index_t i) { return float((l * 7 + h * 3 + t * 5 + i) % 1021) - 510.f; };
+    auto run = [&](auto& cache) {
+      using T = std::decay_t<decltype(cache.keys(0)(0, 0, 0))>;
+      cache.append(n, pos.data(), idx.data());
+      for (index_t l = 0; l < 2; ++l)
+        for (index_t h = 0; h < heads; ++h)
+          for (index_t t = 0; t < n; ++t)
+            for (index_t i = 0; i < hd; ++i) {
+              cache.keys(l)(h, t, i) = from_float<T>(value(l, h, t, i));
+              cache.values(l)(h, t, i) = from_float<T>(-value(l, h, t, i));
+            }
+      const std::vector<TokenRange> drop{{3, 20}, {100, 101}, {400, 777}, {1490, 1500}};
+      cache.evict(drop);
+      std::vector<index_t> kept;
+      for (index_t t = 0; t < n; ++t) {
+        bool gone = false;
+        for (const auto& r : drop) gone = gone || (t >= r.begin && t < r.end);
+        if (!gone) kept.push_back(t);
+      }
+      REQUIRE(cache.size() == index_t(kept.size()));
+      bool same = true;
+      for (std::size_t s = 0; s < kept.size(); ++s) {
+        same = same && cache.positions()[s] == kept[s] && cache.token_index()[s] == kept[s];
+        for (index_t l = 0; l < 2; ++l)
+          for (index_t h = 0; h < heads; ++h)
+            for (index_t i = 0; i < hd; ++i)
+              same = same && to_float(cache.keys(l)(h, index_t(s), i)) == value(l, h, kept[s], i) &&
+                     to_float(cache.values(l)(h, index_t(s), i)) == -value(l, h, kept[s], i);
+      }
+      CHECK(same);
+    };
+    if (fp16_storage) run(ch);
+    else run(cf);
+  }
+}
+
 TEST_CASE("span tracker positions and errors", "[fold]") {
   fold::SpanTracker spans(126, 127, 128);
   for (const char* c : kCases) {
