@@ -61,6 +61,13 @@ std::vector<float> read_matrix(const io::SafeTensors& st, const std::string& nam
   return st.read<float>(name);
 }
 
+/// A 1-D token-id tensor (I64 or I32) from a safetensors file, with a message naming file and tensor.
+std::vector<std::int64_t> read_ids(const io::SafeTensors& st, const std::string& name) {
+  const auto& t = st.info(name);
+  if (t.shape.size() != 1) fail(st.path(), ": ", name, " must be 1-D, found ", io::SafeTensors::shape_str(t.shape));
+  return st.read<std::int64_t>(name);
+}
+
 struct IcformerArgs {
   std::string checkpoint, digests, input, output;
   index_t max_chunk_len = 512;
@@ -132,9 +139,7 @@ int run_fold(const FoldArgs& a) {
   const auto model = host::LlamaModel<float>::load(a.model);
   const auto& c = model.config;
   auto in = io::SafeTensors::open(a.input);
-  const auto& info = in.info("input_ids");
-  if (info.shape.size() != 1) fail(a.input, ": input_ids must be 1-D, found ", io::SafeTensors::shape_str(info.shape));
-  const auto ids = in.read<std::int64_t>("input_ids");
+  const auto ids = read_ids(in, "input_ids");
   const index_t n = index_t(ids.size());
   host::LlamaHost<float> h(model);
   auto cache = h.make_cache(std::max<index_t>(n, 1));
@@ -170,17 +175,11 @@ int run_sac(const SacArgs& a) {
   const auto& c = model.config;
   auto in = io::SafeTensors::open(a.input);
   auto ae = io::SafeTensors::open(a.anchor_embeds);
-  const auto& info = in.info("input_ids");
-  if (info.shape.size() != 1) fail(a.input, ": input_ids must be 1-D, found ", io::SafeTensors::shape_str(info.shape));
-  const auto ids = in.read<std::int64_t>("input_ids");
+  const auto ids = read_ids(in, "input_ids");
   const index_t n = index_t(ids.size());
   if (n == 0) fail(a.input, ": input_ids is empty; there is no context to compress");
-  std::vector<std::int64_t> targets;
-  if (in.contains("lm_target_ids")) {
-    const auto& ti = in.info("lm_target_ids");
-    if (ti.shape.size() != 1) fail(a.input, ": lm_target_ids must be 1-D, found ", io::SafeTensors::shape_str(ti.shape));
-    targets = in.read<std::int64_t>("lm_target_ids");
-  }
+  const bool has_targets = in.contains("lm_target_ids");
+  const auto targets = has_targets ? read_ids(in, "lm_target_ids") : std::vector<std::int64_t>{};
   index_t mem, dr, ns, ds;
   const auto roles = read_matrix(ae, "role_tokens", mem, dr);
   const auto special = read_matrix(ae, "special_tokens", ns, ds);
@@ -191,12 +190,12 @@ int run_sac(const SacArgs& a) {
   const auto mask = a.mask == "anchor" ? anchor::ChunkMask::Anchor : anchor::ChunkMask::Full;
   host::LlamaHost<float> h(model);
   const index_t t = index_t(targets.size());
-  auto cache = h.make_cache(plan.anchor_count() + (in.contains("lm_target_ids") ? t + 1 : 0) + 1);
+  auto cache = h.make_cache(plan.anchor_count() + (has_targets ? t + 1 : 0) + 1);
   std::vector<float> logits;
   const auto t0 = std::chrono::steady_clock::now();
   with_threads(a.threads, [&](const auto& exec) {
     host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec);
-    if (in.contains("lm_target_ids"))
+    if (has_targets)
       logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
   });
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -42,23 +42,17 @@ struct LlamaModel {
     const std::string cp = dir + "/config.json";
     const auto j = io::read_json(cp);
     auto& c = m.config;
-    c.hidden = io::config_int(j, "hidden_size", cp);
-    c.heads = io::config_int(j, "num_attention_heads", cp);
-    c.kv_heads = j.contains("num_key_value_heads") ? io::config_int(j, "num_key_value_heads", cp) : c.heads;
-    c.head_dim = j.contains("head_dim") && j["head_dim"].is_number_integer() ? j["head_dim"].get<index_t>()
-                                                                           : (c.heads ? c.hidden / c.heads : 0);
-    c.intermediate = io::config_int(j, "intermediate_size", cp);
-    c.layers = io::config_int(j, "num_hidden_layers", cp);
+    const io::TransformerDims t = io::transformer_dims(j, cp);
+    c.hidden = t.hidden, c.heads = t.heads, c.kv_heads = t.kv_heads, c.head_dim = t.head_dim;
+    c.intermediate = t.intermediate, c.layers = t.layers, c.rms_eps = t.rms_eps, c.rope = t.rope;
     c.vocab = io::config_int(j, "vocab_size", cp);
-    c.rms_eps = static_cast<float>(io::config_number(j, "rms_norm_eps", cp, 1e-6));
-    c.rope = io::rope_from_config(j, cp);
     CTXCOMP_CHECK(c.hidden > 0 && c.heads > 0 && c.kv_heads > 0 && c.head_dim > 0 && c.layers > 0 && c.vocab > 0,
                   cp, ": sizes must be positive");
     CTXCOMP_CHECK(c.heads % c.kv_heads == 0, cp, ": heads (", c.heads, ") is not a multiple of kv_heads (", c.kv_heads, ")");
     m.store = std::make_shared<io::TensorStore<T>>(dir + "/model.safetensors");
     auto& st = *m.store;
     const std::int64_t d = c.hidden, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim, in = c.intermediate;
-    auto wv = [&](const std::string& n, std::int64_t o, std::int64_t i) { return WeightView<T>{st.load(n, {o, i}), o, i}; };
+    auto wv = [&](const std::string& n, std::int64_t o, std::int64_t i) { return st.load_weight(n, o, i); };
     m.embed = st.load("model.embed_tokens.weight", {c.vocab, d});
     for (index_t i = 0; i < c.layers; ++i) {
       const std::string p = "model.layers." + std::to_string(i) + ".";

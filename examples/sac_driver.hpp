@@ -10,7 +10,8 @@
 namespace ctxcomp::host {
 
 /// Compresses ids [plan.tokens()] into `cache` (appending the anchors). `compress_layers`, when
-/// given, replaces the model's layer weights while compressing only.
+/// given, replaces the model's layer weights while compressing only. Builds a Compressor (its
+/// scratch cache and buffers) per call; an engine compressing repeatedly keeps one instead.
 template <class T, class C, class Exec = SerialExecutor>
 index_t sac_compress(LlamaHost<T, C>& host, const anchor::AnchorPlan& plan, const std::int64_t* ids,
                      MatrixView<const float> role_tokens, anchor::ChunkMask mask, KvCache<C>& cache,

@@ -34,9 +34,8 @@ class Compressor {
       : scratch_(layers, kv_heads, head_dim, chunk_size), hidden_(hidden) {
     CTXCOMP_CHECK(hidden > 0, "anchor::Compressor: hidden size (", hidden, ") must be positive");
     x_.resize(std::size_t(chunk_size * hidden));
-    pos_.resize(std::size_t(chunk_size));
-    idx_.resize(std::size_t(chunk_size));
-    rows_.resize(std::size_t(chunk_size));
+    for (auto* v : {&pos_, &pos_kept_}) v->resize(std::size_t(chunk_size));
+    for (auto* v : {&idx_, &idx_kept_, &rows_}) v->resize(std::size_t(chunk_size));
   }
 
   index_t chunk_capacity() const noexcept { return scratch_.capacity(); }
@@ -129,10 +128,8 @@ class Compressor {
   KvCache<C> scratch_;
   index_t hidden_;
   std::vector<float> x_;
-  std::vector<std::int64_t> pos_;
-  std::vector<index_t> idx_, rows_;
-  std::vector<std::int64_t> pos_kept_ = std::vector<std::int64_t>(std::size_t(scratch_.capacity()));
-  std::vector<index_t> idx_kept_ = std::vector<index_t>(std::size_t(scratch_.capacity()));
+  std::vector<std::int64_t> pos_, pos_kept_;
+  std::vector<index_t> idx_, idx_kept_, rows_;
 };
 
 }  // namespace ctxcomp::anchor

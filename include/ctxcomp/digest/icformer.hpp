@@ -127,9 +127,7 @@ class IcformerEncoder {
     check_shapes(context, digests);
     CTXCOMP_CHECK(out.rows() == digests.rows() && out.cols() == cfg_.hidden, "icformer compress: out is ",
                   out.rows(), " x ", out.cols(), ", expected ", digests.rows(), " x ", cfg_.hidden);
-    out = digests;
-    for (index_t i = 0; i < cfg_.layers; ++i) run_layer(i, context, digests, out, exec);
-    final_norm(out);
+    encode(context, digests, out, exec);
   }
 
   /// Official chunked compression: out [chunks*k x hidden], chunks compressed independently with
@@ -148,9 +146,7 @@ class IcformerEncoder {
       MatrixView<float> o(out.data() + c * k * out.outerStride(), k, cfg_.hidden, Eigen::OuterStride<>(out.outerStride()));
       MatrixView<const float> ctx(context.data() + ch.begin(c) * context.outerStride(), ch.length(c, context.rows()),
                                   cfg_.hidden, Eigen::OuterStride<>(context.outerStride()));
-      o = digests;
-      for (index_t i = 0; i < cfg_.layers; ++i) run_layer(i, ctx, digests, o, exec);
-      final_norm(o);
+      encode(ctx, digests, o, exec);
       if (progress) progress(c + 1, ch.count);
     }
   }
@@ -162,6 +158,15 @@ class IcformerEncoder {
                   " features but the encoder's hidden size is ", cfg_.hidden);
     CTXCOMP_CHECK(digests.rows() > 0 && digests.cols() == cfg_.hidden, "icformer: digests are ", digests.rows(), " x ",
                   digests.cols(), ", expected k x ", cfg_.hidden, " with k > 0");
+  }
+
+  // Every layer and the final norm over one (checked) context: out starts as the digests.
+  template <class Exec>
+  void encode(MatrixView<const float> context, MatrixView<const float> digests, MatrixView<float> out,
+              const Exec& exec) {
+    out = digests;
+    for (index_t i = 0; i < cfg_.layers; ++i) run_layer(i, context, digests, out, exec);
+    final_norm(out);
   }
 
   template <class Exec>

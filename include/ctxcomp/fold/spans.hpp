@@ -26,40 +26,32 @@ class SpanTracker {
   /// span, a <CL> inside a span, an id outside the vocabulary) name the stream index; on error
   /// nothing is appended.
   void push(const std::int64_t* ids, index_t count, std::int64_t* positions_out) {
-    bool open = open_;
-    std::int32_t span = spans_;
+    SentinelRoleState state = state_;
     std::int64_t ordinary = ordinary_;
-    std::vector<TokenRole> add(static_cast<std::size_t>(count));
-    for (index_t i = 0; i < count; ++i) {
-      const index_t at = size() + i;
-      const std::int64_t id = ids[i];
-      CTXCOMP_CHECK(vocab_ < 0 || (id >= 0 && id < vocab_), "fold: token id ", id, " at index ", at,
-                    " is outside the vocabulary [0, ", vocab_, ")");
-      if (id == cl_) {
-        CTXCOMP_CHECK(!open, "fold: <CL> at index ", at, " opens a span inside the span opened before it (nested spans are not supported)");
-        open = true;
-        add[std::size_t(i)] = {SpanRole::Open, span};
-      } else if (id == cr_) {
-        CTXCOMP_CHECK(open, "fold: <CR> at index ", at, " closes no open span");
-        open = false;
-        add[std::size_t(i)] = {SpanRole::Close, span++};
-      } else {
-        add[std::size_t(i)] = open ? TokenRole{SpanRole::Inner, span} : TokenRole{};
+    const std::size_t first = roles_.size();
+    try {
+      for (index_t i = 0; i < count; ++i) {
+        const index_t at = index_t(first) + i;
+        const std::int64_t id = ids[i];
+        CTXCOMP_CHECK(vocab_ < 0 || (id >= 0 && id < vocab_), "fold: token id ", id, " at index ", at,
+                      " is outside the vocabulary [0, ", vocab_, ")");
+        roles_.push_back(state.next(id, cl_, cr_, at, "fold"));
+        const bool sentinel = id == cl_ || id == cr_;
+        positions_out[i] = sentinel ? std::max<std::int64_t>(ordinary - 1, 0) : ordinary++;
       }
-      const bool sentinel = id == cl_ || id == cr_;
-      positions_out[i] = sentinel ? std::max<std::int64_t>(ordinary - 1, 0) : ordinary++;
+    } catch (...) {
+      roles_.resize(first);
+      throw;
     }
-    roles_.insert(roles_.end(), add.begin(), add.end());
-    open_ = open;
-    spans_ = span;
+    state_ = state;
     ordinary_ = ordinary;
   }
 
   index_t size() const noexcept { return index_t(roles_.size()); }
   const std::vector<TokenRole>& roles() const noexcept { return roles_; }
   /// Number of closed spans so far; a span is open between its <CL> and <CR>.
-  std::int32_t closed_spans() const noexcept { return spans_; }
-  bool span_open() const noexcept { return open_; }
+  std::int32_t closed_spans() const noexcept { return state_.span; }
+  bool span_open() const noexcept { return state_.open; }
 
   /// Mask for new tokens starting at stream index `first` against the cache's slots (whose
   /// logical token indices are cache.token_index()).
@@ -71,14 +63,13 @@ class SpanTracker {
   /// Whether stream token t may be evicted: a <CL> or inner token of a closed span.
   bool evictable(index_t t) const noexcept {
     const TokenRole& r = roles_[std::size_t(t)];
-    return (r.role == SpanRole::Open || r.role == SpanRole::Inner) && r.span < spans_;
+    return (r.role == SpanRole::Open || r.role == SpanRole::Inner) && r.span < state_.span;
   }
 
  private:
   std::int64_t cl_, cr_, vocab_;
   std::vector<TokenRole> roles_;
-  bool open_ = false;
-  std::int32_t spans_ = 0;
+  SentinelRoleState state_;
   std::int64_t ordinary_ = 0;
 };
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "../nn/linear.hpp"
 #include "../nn/rope.hpp"
 #include "safetensors.hpp"
 
@@ -34,6 +35,11 @@ inline double config_number(const nlohmann::json& j, const char* key, const std:
   return j[key].get<double>();
 }
 
+/// An optional integer: `fallback` when absent.
+inline index_t config_int_or(const nlohmann::json& j, const char* key, const std::string& file, index_t fallback) {
+  return j.contains(key) ? config_int(j, key, file) : fallback;
+}
+
 /// RoPE settings from a transformers config: v5 `rope_parameters` {rope_theta, rope_type,
 /// factor} or the older top-level `rope_theta` and `rope_scaling` {type|rope_type, factor}.
 /// Only "default" and "linear" scaling are supported; others are an error, not a guess.
@@ -58,6 +64,27 @@ inline RopeConfig rope_from_config(const nlohmann::json& j, const std::string& f
   return r;
 }
 
+/// The sizes every Llama-style transformer config.json gives (head_dim defaults to
+/// hidden / heads, kv heads to heads, rms_norm_eps to 1e-6), with the RoPE settings.
+struct TransformerDims {
+  index_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, layers = 0;
+  float rms_eps = 1e-6f;
+  RopeConfig rope{};
+};
+inline TransformerDims transformer_dims(const nlohmann::json& j, const std::string& file) {
+  TransformerDims t;
+  t.hidden = config_int(j, "hidden_size", file);
+  t.heads = config_int(j, "num_attention_heads", file);
+  t.kv_heads = config_int_or(j, "num_key_value_heads", file, t.heads);
+  t.head_dim = j.contains("head_dim") && j["head_dim"].is_number_integer() ? j["head_dim"].get<index_t>()
+                                                                          : (t.heads ? t.hidden / t.heads : 0);
+  t.intermediate = config_int(j, "intermediate_size", file);
+  t.layers = config_int(j, "num_hidden_layers", file);
+  t.rms_eps = static_cast<float>(config_number(j, "rms_norm_eps", file, 1e-6));
+  t.rope = rope_from_config(j, file);
+  return t;
+}
+
 /// Owned tensors loaded from a safetensors file, converted to T, each checked for its shape.
 template <class T>
 class TensorStore {
@@ -74,6 +101,10 @@ class TensorStore {
     auto& v = tensors_[name];
     v = file_.read<T>(name);
     return v.data();
+  }
+  /// A [out_features x in_features] weight (PyTorch Linear layout).
+  WeightView<T> load_weight(const std::string& name, std::int64_t out_features, std::int64_t in_features) {
+    return WeightView<T>{load(name, {out_features, in_features}), out_features, in_features};
   }
   bool contains(const std::string& name) const { return file_.contains(name); }
   const SafeTensors& file() const noexcept { return file_; }

@@ -19,31 +19,22 @@ class IcformerCheckpoint {
     const std::string cfg_path = dir + "/config.json";
     const auto j = read_json(cfg_path);
     auto& cfg = c.config_;
-    cfg.hidden = config_int(j, "hidden_size", cfg_path);
-    const index_t ctx_hidden = j.contains("context_hidden_size") ? config_int(j, "context_hidden_size", cfg_path) : cfg.hidden;
+    const TransformerDims t = transformer_dims(j, cfg_path);
+    cfg.hidden = t.hidden, cfg.heads = t.heads, cfg.kv_heads = t.kv_heads, cfg.head_dim = t.head_dim;
+    cfg.intermediate = t.intermediate, cfg.layers = t.layers, cfg.rms_eps = t.rms_eps, cfg.rope = t.rope;
+    const index_t ctx_hidden = config_int_or(j, "context_hidden_size", cfg_path, cfg.hidden);
     if (ctx_hidden != cfg.hidden)
       fail(cfg_path, ": context_hidden_size (", ctx_hidden, ") differs from hidden_size (", cfg.hidden,
            "): keys come from [context ; digests], which needs one width");
-    cfg.heads = config_int(j, "num_attention_heads", cfg_path);
-    cfg.kv_heads = j.contains("num_key_value_heads") ? config_int(j, "num_key_value_heads", cfg_path) : cfg.heads;
-    cfg.head_dim = j.contains("head_dim") && j["head_dim"].is_number_integer() ? j["head_dim"].get<index_t>()
-                                                                              : (cfg.heads ? cfg.hidden / cfg.heads : 0);
-    cfg.intermediate = config_int(j, "intermediate_size", cfg_path);
-    cfg.layers = config_int(j, "num_hidden_layers", cfg_path);
-    cfg.cross_attention_frequency =
-        j.contains("cross_attention_frequency") ? config_int(j, "cross_attention_frequency", cfg_path) : 1;
-    cfg.num_digests = j.contains("num_query_tokens") ? config_int(j, "num_query_tokens", cfg_path) : 0;
-    cfg.rms_eps = static_cast<float>(config_number(j, "rms_norm_eps", cfg_path, 1e-6));
-    cfg.rope = rope_from_config(j, cfg_path);
+    cfg.cross_attention_frequency = config_int_or(j, "cross_attention_frequency", cfg_path, 1);
+    cfg.num_digests = config_int_or(j, "num_query_tokens", cfg_path, 0);
     cfg.validate();
 
     c.store_ = std::make_unique<TensorStore<T>>(dir + "/model.safetensors");
     auto& st = *c.store_;
     const std::int64_t d = cfg.hidden, qd = cfg.heads * cfg.head_dim, kd = cfg.kv_heads * cfg.head_dim,
                        inter = cfg.intermediate;
-    auto wv = [&](const std::string& name, std::int64_t o, std::int64_t i) {
-      return WeightView<T>{st.load(name, {o, i}), o, i};
-    };
+    auto wv = [&](const std::string& name, std::int64_t o, std::int64_t i) { return st.load_weight(name, o, i); };
     for (index_t i = 0; i < cfg.layers; ++i) {
       const std::string p = "encoder.layers." + std::to_string(i) + ".";
       digest::IcformerLayerWeights<T> l;

@@ -45,10 +45,10 @@ class KvCache {
   std::size_t bytes_used() const noexcept { return std::size_t(2 * layers_ * kv_heads_ * size_ * head_dim_) * sizeof(T); }
 
   /// Keys of one layer, tokens [0, size()).
-  HeadsView<T> keys(index_t layer) noexcept { return view(keys_, layer, size_); }
-  HeadsView<T> values(index_t layer) noexcept { return view(values_, layer, size_); }
-  HeadsView<const T> keys(index_t layer) const noexcept { return view(keys_, layer, size_); }
-  HeadsView<const T> values(index_t layer) const noexcept { return view(values_, layer, size_); }
+  HeadsView<T> keys(index_t layer) noexcept { return view(keys_.data(), layer, size_); }
+  HeadsView<T> values(index_t layer) noexcept { return view(values_.data(), layer, size_); }
+  HeadsView<const T> keys(index_t layer) const noexcept { return view(keys_.data(), layer, size_); }
+  HeadsView<const T> values(index_t layer) const noexcept { return view(values_.data(), layer, size_); }
   /// Position id and logical token index of each cached token.
   const std::int64_t* positions() const noexcept { return positions_.data(); }
   const index_t* token_index() const noexcept { return token_index_.data(); }
@@ -93,21 +93,18 @@ class KvCache {
       if (size_ > src) move(src, dst, size_ - src);
       return dst + (size_ - src);
     };
-    index_t new_size = 0;
     for (index_t l = 0; l < layers_; ++l)
       for (index_t h = 0; h < kv_heads_; ++h)
         for (auto* buf : {&keys_, &values_}) {
           T* base = buf->data() + (l * kv_heads_ + h) * capacity_ * head_dim_;
-          new_size = for_each_kept_run([&](index_t src, index_t dst, index_t n) {
+          for_each_kept_run([&](index_t src, index_t dst, index_t n) {
             if (src != dst) std::memmove(base + dst * head_dim_, base + src * head_dim_, std::size_t(n * head_dim_) * sizeof(T));
           });
         }
-    for_each_kept_run([&](index_t src, index_t dst, index_t n) {
+    size_ = for_each_kept_run([&](index_t src, index_t dst, index_t n) {
       std::memmove(positions_.data() + dst, positions_.data() + src, std::size_t(n) * sizeof(std::int64_t));
       std::memmove(token_index_.data() + dst, token_index_.data() + src, std::size_t(n) * sizeof(index_t));
     });
-    if (layers_ == 0) new_size = size_;
-    size_ = new_size;
   }
 
   /// Keeps only the slots listed in `keep` (strictly increasing), compacting in place.
@@ -134,15 +131,10 @@ class KvCache {
   void clear() noexcept { size_ = 0; }
 
  private:
-  template <class Buf>
-  auto view(Buf& buf, index_t layer, index_t tokens) const noexcept {
-    using E = std::remove_reference_t<decltype(buf[0])>;
-    return HeadsView<E>{const_cast<E*>(buf.data()) + layer * kv_heads_ * capacity_ * head_dim_, kv_heads_, tokens,
-                        head_dim_, capacity_ * head_dim_, head_dim_};
-  }
-  template <class Buf>
-  auto view(Buf& buf, index_t layer, index_t tokens) noexcept {
-    return HeadsView<T>{buf.data() + layer * kv_heads_ * capacity_ * head_dim_, kv_heads_, tokens, head_dim_,
+  // Layer `layer` of a [layers x kv_heads x capacity x head_dim] buffer, its first `tokens` slots.
+  template <class E>
+  HeadsView<E> view(E* data, index_t layer, index_t tokens) const noexcept {
+    return HeadsView<E>{data + layer * kv_heads_ * capacity_ * head_dim_, kv_heads_, tokens, head_dim_,
                         capacity_ * head_dim_, head_dim_};
   }
 
