@@ -103,6 +103,33 @@ TEST_CASE("IC-Former with bf16 weights stays close to the float64 expectation", 
   const double err = test::relative_error(b.data(), soft.data(), b.size());
   CHECK(err < 5e-2);
   CHECK(err > 1e-6);  // really used bf16 weights
+  // Exactly: the fp32 encoder over the same bf16-rounded weights widened to float.
+  std::vector<std::vector<float>> owned;
+  owned.reserve(64);
+  auto widen = [&](const bf16* w, index_t count) {
+    owned.emplace_back(std::size_t(count));
+    for (index_t i = 0; i < count; ++i) owned.back()[std::size_t(i)] = to_float(w[i]);
+    return owned.back().data();
+  };
+  auto widen_w = [&](const WeightView<bf16>& w) {
+    return WeightView<float>{widen(w.data, w.out_features * w.in_features), w.out_features, w.in_features};
+  };
+  const auto& cfg = b16.config();
+  digest::IcformerWeights<float> wf;
+  for (const auto& l : b16.weights().layers) {
+    digest::IcformerLayerWeights<float> x;
+    x.query_norm = widen(l.query_norm, d);
+    x.context_norm = l.context_norm ? widen(l.context_norm, d) : nullptr;
+    x.post_attention_norm = widen(l.post_attention_norm, d);
+    x.q = widen_w(l.q), x.k = widen_w(l.k), x.v = widen_w(l.v), x.o = widen_w(l.o);
+    x.mlp = {widen_w(l.mlp.gate), widen_w(l.mlp.up), widen_w(l.mlp.down)};
+    wf.layers.push_back(x);
+  }
+  wf.final_norm = widen(b16.weights().final_norm, d);
+  std::vector<float> c(dig.size());
+  digest::IcformerEncoder<float>(cfg, wf).compress(matrix_view<const float>(ctx.data(), n, d),
+                                                  matrix_view<const float>(dig.data(), k, d), matrix_view(c.data(), k, d));
+  CHECK(test::relative_error(b.data(), c.data(), b.size()) <= 1e-6);
 }
 
 TEST_CASE("IC-Former checkpoint loader names what is wrong", "[icformer][io][errors]") {
