@@ -107,6 +107,63 @@ TEST_CASE("tile GEMM matches a double GEMM on ragged shapes", "[kernels]") {
         }
 }
 
+TEST_CASE("packed linear GEMM matches a double GEMM and its scalar FMA chain", "[kernels][gemm]") {
+  // Ragged shapes around the panel width (MI rows), the register tile (NJ columns), the task
+  // width (96 columns) and the k-blocking; strided operands; fp32 and bf16 weights.
+  using S = kernels::GemmNtShape<simd::Vec>;
+  const index_t MI = S::MI;
+  Workspace ws;
+  for (index_t M : {index_t(1), index_t(2), MI - 1, MI, MI + 1, 2 * MI + 3, index_t(130)})
+    for (index_t N : {1, 5, 7, 95, 97, 200})
+      for (index_t K : {0, 1, 17, 700}) {
+        const index_t lda = K + 3, ldb = K + 1, ldc = N + 2;
+        auto A = random_vector(std::size_t(M * lda), 12), B = random_vector(std::size_t(N * ldb), 13);
+        std::vector<float> C(std::size_t(M * ldc), -7.f), R(C.size(), -7.f);
+        kernels::gemm_nt<float>(A.data(), lda, B.data(), ldb, C.data(), ldc, M, N, K, ws);
+        kernels::gemm_nt_reference<float>(A.data(), lda, B.data(), ldb, R.data(), ldc, M, N, K);
+        const double gamma = double(K) * 0x1p-24 / (1 - double(K) * 0x1p-24);
+        for (index_t i = 0; i < M; ++i) {
+          for (index_t j = 0; j < N; ++j) {
+            double r = 0, mag = 0;
+            for (index_t k = 0; k < K; ++k) {
+              const double p = double(A[std::size_t(i * lda + k)]) * B[std::size_t(j * ldb + k)];
+              r += p, mag += std::abs(p);
+            }
+            // The a-priori bound of any order of K float multiply-adds.
+            REQUIRE(std::abs(C[std::size_t(i * ldc + j)] - r) <= gamma * mag);
+          }
+          for (index_t j = N; j < ldc; ++j) REQUIRE(C[std::size_t(i * ldc + j)] == -7.f);  // padding untouched
+        }
+#if defined(__FMA__)
+        // With fused multiply-adds the kernel is exactly the sequential chain over k.
+        if (simd::Vec::width > 1) REQUIRE(std::memcmp(C.data(), R.data(), C.size() * sizeof(float)) == 0);
+#endif
+        // bf16 weights: exactly the fp32 product of the widened weights.
+        std::vector<bf16> Bb(B.size());
+        std::vector<float> Bw(B.size()), Cb(C.size(), -7.f), Cw(C.size(), -7.f);
+        kernels::convert(B.data(), Bb.data(), index_t(B.size()));
+        kernels::convert(Bb.data(), Bw.data(), index_t(B.size()));
+        kernels::gemm_nt<bf16>(A.data(), lda, Bb.data(), ldb, Cb.data(), ldc, M, N, K, ws);
+        kernels::gemm_nt<float>(A.data(), lda, Bw.data(), ldb, Cw.data(), ldc, M, N, K, ws);
+        REQUIRE(std::memcmp(Cb.data(), Cw.data(), Cb.size() * sizeof(float)) == 0);
+#if defined(_OPENMP)
+        std::vector<float> C2(C.size(), -7.f);
+        kernels::gemm_nt<float>(A.data(), lda, B.data(), ldb, C2.data(), ldc, M, N, K, ws, OpenMPExecutor(2));
+        REQUIRE(std::memcmp(C.data(), C2.data(), C.size() * sizeof(float)) == 0);
+#endif
+      }
+  // Steady state: the same shape again takes no new memory.
+  const index_t M = 70, N = 300, K = 500;
+  auto A = random_vector(std::size_t(M * K), 14), B = random_vector(std::size_t(N * K), 15);
+  std::vector<float> C(std::size_t(M * N));
+  Workspace w2;
+  kernels::gemm_nt<float>(A.data(), K, B.data(), K, C.data(), N, M, N, K, w2);
+  const auto allocs = w2.allocations();
+  kernels::gemm_nt<float>(A.data(), K, B.data(), K, C.data(), N, M, N, K, w2);
+  CHECK(w2.allocations() == allocs);
+  CHECK(w2.capacity() == kernels::gemm_nt_workspace_bytes<float>(M, N, K, 1));
+}
+
 TEST_CASE("RMSNorm, linear and SwiGLU match double references", "[nn]") {
   const index_t T = 19, H = 72, I = 150;
   auto x = random_vector(std::size_t(T * H), 7, -2.f, 2.f), w = random_vector(std::size_t(H), 8, 0.5f, 1.5f);

@@ -72,7 +72,7 @@ struct Chunking {
 };
 
 /// The encoder over one set of weights. Holds only scratch; steady-state calls of the same
-/// shapes allocate nothing of ctxcomp's (Eigen's GEMM packing aside).
+/// shapes allocate nothing.
 template <class T>
 class IcformerEncoder {
  public:

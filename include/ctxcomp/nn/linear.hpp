@@ -1,10 +1,13 @@
 // Linear layer y = x W^T (no bias) with PyTorch's weight layout [out_features x in_features],
 // weights in float or bf16 (bf16 blocks are widened to fp32 in the workspace; fp32 products).
-// Layout: x [tokens x in], y [tokens x out], token-major views. Products are Eigen GEMMs.
+// Layout: x [tokens x in], y [tokens x out], token-major views. From kLinearMinGemmRows tokens on
+// the product is ctxcomp's packed GEMM (core/gemm.hpp: one FMA chain per element, bit-identical
+// on any thread count); below it (decode) an Eigen matrix-vector product over weight blocks.
 #pragma once
 #include <algorithm>
 
 #include "../core/executor.hpp"
+#include "../core/gemm.hpp"
 #include "../core/kernels.hpp"
 #include "../core/views.hpp"
 #include "../core/workspace.hpp"
@@ -23,18 +26,24 @@ namespace detail {
 /// Output features per task. Fixed (not derived from the thread count) so that every element's
 /// reduction is the same product whatever the executor.
 inline constexpr index_t kLinearBlock = 128;
+/// Token rows from which `linear` uses the packed GEMM (one row, i.e. decode: Eigen's matrix-vector
+/// product, which reads each weight once and allocates nothing).
+inline constexpr index_t kLinearMinGemmRows = 2;
 }  // namespace detail
 
-/// Workspace bytes `linear` needs with weights of type T.
+/// Workspace bytes `linear` needs for `tokens` rows with weights of type T.
 template <class T>
-std::size_t linear_workspace_bytes(index_t in_features, index_t concurrency) {
+std::size_t linear_workspace_bytes(index_t tokens, index_t out_features, index_t in_features,
+                                   index_t concurrency) {
+  if (tokens >= detail::kLinearMinGemmRows)
+    return kernels::gemm_nt_workspace_bytes<T>(tokens, out_features, in_features, concurrency);
   if constexpr (std::is_same_v<T, float>) return 0;
   else return static_cast<std::size_t>(std::max<index_t>(1, concurrency)) *
               Workspace::bytes_for<float>(detail::kLinearBlock * in_features);
 }
 
-/// y = x W^T. Eigen's GEMM allocates its own packing buffers for large products (outside
-/// ctxcomp's workspace); everything else uses `ws`.
+/// y = x W^T. All scratch comes from `ws` (reserved here; it grows only on the first call of a
+/// larger shape).
 template <class T, class Exec = SerialExecutor>
 void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Workspace& ws, const Exec& exec = {}) {
   CTXCOMP_CHECK(w.data != nullptr, "linear: weight has no data");
@@ -42,12 +51,17 @@ void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Wor
                 w.in_features);
   CTXCOMP_CHECK(y.rows() == x.rows() && y.cols() == w.out_features, "linear: y is ", y.rows(), " x ", y.cols(),
                 " but should be ", x.rows(), " x ", w.out_features);
+  if (x.rows() >= detail::kLinearMinGemmRows) {
+    kernels::gemm_nt<T>(x.data(), x.outerStride(), w.data, w.in_features, y.data(), y.outerStride(), x.rows(),
+                        w.out_features, w.in_features, ws, exec);
+    return;
+  }
   const index_t blocks = (w.out_features + detail::kLinearBlock - 1) / detail::kLinearBlock;
   const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), blocks));
   float* scratch[64] = {};
   CTXCOMP_CHECK(workers <= 64, "linear: executor concurrency (", workers, ") above the supported 64");
   if constexpr (!std::is_same_v<T, float>) {
-    ws.reserve(linear_workspace_bytes<T>(w.in_features, workers));
+    ws.reserve(linear_workspace_bytes<T>(x.rows(), w.out_features, w.in_features, workers));
     for (index_t i = 0; i < workers; ++i) scratch[i] = ws.take<float>(detail::kLinearBlock * w.in_features);
   }
   exec.parallel_for(blocks, [&](index_t b, index_t worker) {

@@ -15,7 +15,8 @@ struct SwiGLUWeights {
 template <class T>
 std::size_t swiglu_workspace_bytes(index_t tokens, index_t hidden, index_t inter, index_t concurrency) {
   return 2 * Workspace::bytes_for<float>(tokens * inter) +
-         linear_workspace_bytes<T>(std::max(hidden, inter), concurrency);
+         std::max(linear_workspace_bytes<T>(tokens, inter, hidden, concurrency),
+                  linear_workspace_bytes<T>(tokens, hidden, inter, concurrency));
 }
 
 template <class T, class Exec = SerialExecutor>
