@@ -99,7 +99,7 @@ void chunk(benchmark::State& st, int threads) {
   });
   const double f = icformer_flops(m.cfg, n);
   st.counters["GFLOPS"] = bench::rate(f * 1e-9);
-  st.counters["peak_fraction"] = bench::rate(f / (225e9 * threads));  // 225 GFLOP/s fp32 FMA peak per core
+  st.counters["peak_fraction"] = bench::peak_fraction(f, threads);
   st.counters["weight_MB"] = double(m.weight_bytes()) / 1e6;
   st.counters["tokens_per_s"] = bench::rate(double(n));
 }

@@ -78,7 +78,7 @@ std::size_t gemm_nt_workspace_bytes(index_t M, index_t N, index_t K, index_t con
   const index_t mpad = (M + S::MI - 1) / S::MI * S::MI, kc = detail::gemm_kc(mpad, K);
   const index_t workers = std::max<index_t>(1, concurrency);
   std::size_t per_worker = Workspace::bytes_for<float>(detail::kGemmTaskCols * mpad);
-  if constexpr (!std::is_same_v<T, float>) per_worker += Workspace::bytes_for<float>(detail::kGemmTaskCols * kc);
+  if constexpr (!std::is_same_v<T, float>) per_worker += Workspace::bytes_for<float>(S::NJ * kc);
   (void)N;
   return Workspace::bytes_for<float>(mpad * K) + static_cast<std::size_t>(workers) * per_worker;
 }
@@ -105,7 +105,7 @@ void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, ind
   float* wconv[64] = {};
   for (index_t w = 0; w < workers; ++w) {
     ct[w] = ws.take<float>(detail::kGemmTaskCols * mpad);
-    if constexpr (!std::is_same_v<T, float>) wconv[w] = ws.take<float>(detail::kGemmTaskCols * kc);
+    if constexpr (!std::is_same_v<T, float>) wconv[w] = ws.take<float>(NJ * kc);
   }
 
   // Pack A^T: panel p holds rows [p*MI, p*MI + MI) as [K][MI] (rows past M are zero).
@@ -130,21 +130,32 @@ void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, ind
     float* cw = ct[worker];
     for (index_t k0 = 0; k0 < K; k0 += kc) {
       const index_t kl = std::min(kc, K - k0);
-      // Weight rows of this block as float: in place, or widened into the worker's scratch.
-      const float* wbase;
-      index_t ldw;
-      if constexpr (std::is_same_v<T, float>) {
-        wbase = B + o0 * ldb + k0;
-        ldw = ldb;
-      } else {
-        for (index_t j = 0; j < nb; ++j) convert<T, float>(B + (o0 + j) * ldb + k0, wconv[worker] + j * kc, kl);
-        wbase = wconv[worker];
-        ldw = kc;
-      }
       for (index_t j0 = 0; j0 < nb; j0 += NJ) {
+        // The tile's weight rows as float: in place, or widened into the worker's L1 scratch.
         // Rows past the task's edge repeat its last row; their results are never read.
         const float* w[NJ];
-        for (int j = 0; j < NJ; ++j) w[j] = wbase + std::min<index_t>(j0 + j, nb - 1) * ldw;
+        for (int j = 0; j < NJ; ++j) {
+          const index_t row = o0 + std::min<index_t>(j0 + j, nb - 1);
+          if constexpr (std::is_same_v<T, float>) {
+            w[j] = B + row * ldb + k0;
+          } else {
+            float* dst = wconv[worker] + j * kc;
+            if (j0 + j < nb) convert<T, float>(B + row * ldb + k0, dst, kl);
+            w[j] = j0 + j < nb ? dst : w[j - 1];
+          }
+        }
+        if constexpr (!std::is_same_v<T, float>) {
+          // Narrow rows are converted up front rather than streamed by the kernel, so fetch the
+          // next tile's rows while this one computes (the hardware prefetcher ramps up too late
+          // on row pieces of a few lines).
+          const index_t n0 = j0 + NJ < nb ? j0 + NJ : 0, nk = j0 + NJ < nb ? k0 : k0 + kc;
+          if (nk < K)
+            for (index_t j = n0; j < std::min<index_t>(nb, n0 + NJ); ++j) {
+              const char* row = reinterpret_cast<const char*>(B + (o0 + j) * ldb + nk);
+              const index_t bytes = std::min(kc, K - nk) * index_t(sizeof(T));
+              for (index_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+            }
+        }
         for (index_t p = 0; p < panels; ++p) {
           const float* a = ap + p * K * MI + k0 * MI;
           float* c = cw + j0 * mpad + p * MI;
