@@ -91,9 +91,13 @@ void chunk(benchmark::State& st, int threads) {
   fill(ctx, 7, 1.f);
   fill(dig, 8, 1.f);
   bench::with_executor(threads, [&](const auto& exec) {
-    for (auto _ : st) {
+    auto run = [&] {
       enc.compress(matrix_view<const float>(ctx.data(), n, d), matrix_view<const float>(dig.data(), k, d),
                    matrix_view(out.data(), k, d), exec);
+    };
+    run();  // steady state, as in a host that keeps its encoder: workspaces are sized and touched
+    for (auto _ : st) {
+      run();
       benchmark::DoNotOptimize(out.data());
     }
   });
@@ -113,6 +117,10 @@ void context_length(benchmark::State& st, index_t n, int threads) {
   fill(ctx, 9, 1.f);
   fill(dig, 8, 1.f);
   bench::with_executor(threads, [&](const auto& exec) {
+    // Steady state first (workspaces sized and touched by one chunk), as in a host that keeps
+    // its encoder; otherwise the single-chunk case alone would carry the first call's page faults.
+    enc.compress(matrix_view<const float>(ctx.data(), max_len, d), matrix_view<const float>(dig.data(), k, d),
+                 matrix_view(out.data(), k, d), exec);
     for (auto _ : st) {
       enc.compress_chunked(matrix_view<const float>(ctx.data(), n, d), matrix_view<const float>(dig.data(), k, d), max_len,
                            matrix_view(out.data(), ch.count * k, d), exec);
