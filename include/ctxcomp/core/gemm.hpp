@@ -1,5 +1,5 @@
 // Packed GEMM for linear layers: C[M x N] = A[M x K] * B[N x K]^T, with B a weight matrix in
-// PyTorch's layout [out_features x in_features] (float, or bf16/fp16 widened block by block).
+// PyTorch's layout [out_features x in_features] (float, or bf16/fp16 widened as they are read).
 //
 // Why not Eigen: a linear layer of a compressor multiplies a few hundred token rows (128 digests,
 // 640 context + digest rows) by weights of 4096 x 4096 or 11008 x 4096. Eigen repacks both
@@ -47,22 +47,23 @@ inline index_t gemm_kc(index_t mpad, index_t K) noexcept {
 }
 
 /// acc[j][v] over k in [0, kc): acc = fma(A^T panel, broadcast(w_j[k]), acc) for the first MV
-/// vectors of a panel MI floats wide; the NJ x MV*W tile of C^T at ct (row stride ldct) is loaded
+/// vectors of a panel MI floats wide; weights of type WT are widened as they are broadcast (one
+/// scalar widening per weight element per panel, off the FMA ports); the NJ x MV*W tile of C^T at ct (row stride ldct) is loaded
 /// first unless `first`, and stored back.
-template <class V, int MV, int NJ, int MI>
-inline void gemm_nt_micro(const float* ap, const float* const* w, index_t kc, float* ct, index_t ldct,
+template <class V, int MV, int NJ, int MI, class WT = float>
+inline void gemm_nt_micro(const float* ap, const WT* const* w, index_t kc, float* ct, index_t ldct,
                           bool first) noexcept {
   constexpr int W = V::width;
   typename V::type acc[NJ][MV];
   for (int j = 0; j < NJ; ++j)
     for (int v = 0; v < MV; ++v) acc[j][v] = first ? V::zero() : V::load(ct + j * ldct + v * W);
-  const float* wj[NJ];
+  const WT* wj[NJ];
   for (int j = 0; j < NJ; ++j) wj[j] = w[j];
   for (index_t k = 0; k < kc; ++k) {
     typename V::type a[MV];
     for (int v = 0; v < MV; ++v) a[v] = V::load(ap + k * MI + v * W);
     for (int j = 0; j < NJ; ++j) {
-      const auto b = V::broadcast(wj[j][k]);
+      const auto b = V::broadcast(to_float(wj[j][k]));
       for (int v = 0; v < MV; ++v) acc[j][v] = V::fma(a[v], b, acc[j][v]);
     }
   }
@@ -71,16 +72,16 @@ inline void gemm_nt_micro(const float* ap, const float* const* w, index_t kc, fl
 }
 }  // namespace detail
 
-/// Workspace bytes `gemm_nt` needs for M token rows, N outputs, K inputs and weights of type T.
+/// Workspace bytes `gemm_nt` needs for M token rows, N outputs, K inputs and weights of type T:
+/// the packed A^T (M padded to whole panels x K) and one output tile per worker. N and T do
+/// not change it; they are parameters so that callers need not know.
 template <class T, class V = simd::Vec>
 std::size_t gemm_nt_workspace_bytes(index_t M, index_t N, index_t K, index_t concurrency) {
   using S = GemmNtShape<V>;
-  const index_t mpad = (M + S::MI - 1) / S::MI * S::MI, kc = detail::gemm_kc(mpad, K);
-  const index_t workers = std::max<index_t>(1, concurrency);
-  std::size_t per_worker = Workspace::bytes_for<float>(detail::kGemmTaskCols * mpad);
-  if constexpr (!std::is_same_v<T, float>) per_worker += Workspace::bytes_for<float>(S::NJ * kc);
   (void)N;
-  return Workspace::bytes_for<float>(mpad * K) + static_cast<std::size_t>(workers) * per_worker;
+  const index_t mpad = (M + S::MI - 1) / S::MI * S::MI, workers = std::max<index_t>(1, concurrency);
+  return Workspace::bytes_for<float>(mpad * K) +
+         static_cast<std::size_t>(workers) * Workspace::bytes_for<float>(detail::kGemmTaskCols * mpad);
 }
 
 /// C = A * B^T: A [M x K] (row stride lda), B [N x K] weights (row stride ldb), C [M x N] (row
@@ -102,11 +103,7 @@ void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, ind
   ws.reserve(gemm_nt_workspace_bytes<T, V>(M, N, K, workers));
   float* ap = ws.take<float>(mpad * K);
   float* ct[64] = {};
-  float* wconv[64] = {};
-  for (index_t w = 0; w < workers; ++w) {
-    ct[w] = ws.take<float>(detail::kGemmTaskCols * mpad);
-    if constexpr (!std::is_same_v<T, float>) wconv[w] = ws.take<float>(NJ * kc);
-  }
+  for (index_t w = 0; w < workers; ++w) ct[w] = ws.take<float>(detail::kGemmTaskCols * mpad);
 
   // Pack A^T: panel p holds rows [p*MI, p*MI + MI) as [K][MI] (rows past M are zero).
   constexpr index_t KB = 16;
@@ -131,40 +128,18 @@ void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, ind
     for (index_t k0 = 0; k0 < K; k0 += kc) {
       const index_t kl = std::min(kc, K - k0);
       for (index_t j0 = 0; j0 < nb; j0 += NJ) {
-        // The tile's weight rows as float: in place, or widened into the worker's L1 scratch.
         // Rows past the task's edge repeat its last row; their results are never read.
-        const float* w[NJ];
-        for (int j = 0; j < NJ; ++j) {
-          const index_t row = o0 + std::min<index_t>(j0 + j, nb - 1);
-          if constexpr (std::is_same_v<T, float>) {
-            w[j] = B + row * ldb + k0;
-          } else {
-            float* dst = wconv[worker] + j * kc;
-            if (j0 + j < nb) convert<T, float>(B + row * ldb + k0, dst, kl);
-            w[j] = j0 + j < nb ? dst : w[j - 1];
-          }
-        }
-        if constexpr (!std::is_same_v<T, float>) {
-          // Narrow rows are converted up front rather than streamed by the kernel, so fetch the
-          // next tile's rows while this one computes (the hardware prefetcher ramps up too late
-          // on row pieces of a few lines).
-          const index_t n0 = j0 + NJ < nb ? j0 + NJ : 0, nk = j0 + NJ < nb ? k0 : k0 + kc;
-          if (nk < K)
-            for (index_t j = n0; j < std::min<index_t>(nb, n0 + NJ); ++j) {
-              const char* row = reinterpret_cast<const char*>(B + (o0 + j) * ldb + nk);
-              const index_t bytes = std::min(kc, K - nk) * index_t(sizeof(T));
-              for (index_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
-            }
-        }
+        const T* w[NJ];
+        for (int j = 0; j < NJ; ++j) w[j] = B + (o0 + std::min<index_t>(j0 + j, nb - 1)) * ldb + k0;
         for (index_t p = 0; p < panels; ++p) {
           const float* a = ap + p * K * MI + k0 * MI;
           float* c = cw + j0 * mpad + p * MI;
           // A last panel with few rows runs only the vectors it needs.
           const index_t vecs = std::min<index_t>(MV, (M - p * MI + V::width - 1) / V::width);
-          if (vecs == MV || MV == 1) detail::gemm_nt_micro<V, MV, NJ, MI>(a, w, kl, c, mpad, k0 == 0);
-          else if (vecs == 1) detail::gemm_nt_micro<V, 1, NJ, MI>(a, w, kl, c, mpad, k0 == 0);
-          else if (vecs == 2 || MV <= 3) detail::gemm_nt_micro<V, (MV > 2 ? 2 : MV), NJ, MI>(a, w, kl, c, mpad, k0 == 0);
-          else detail::gemm_nt_micro<V, (MV > 3 ? 3 : MV), NJ, MI>(a, w, kl, c, mpad, k0 == 0);
+          if (vecs == MV || MV == 1) detail::gemm_nt_micro<V, MV, NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
+          else if (vecs == 1) detail::gemm_nt_micro<V, 1, NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
+          else if (vecs == 2 || MV <= 3) detail::gemm_nt_micro<V, (MV > 2 ? 2 : MV), NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
+          else detail::gemm_nt_micro<V, (MV > 3 ? 3 : MV), NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
         }
       }
     }
