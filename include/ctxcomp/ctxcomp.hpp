@@ -5,6 +5,7 @@
 
 #include "core/error.hpp"
 #include "core/executor.hpp"
+#include "core/gemm.hpp"
 #include "core/kernels.hpp"
 #include "core/simd.hpp"
 #include "core/tile_gemm.hpp"

@@ -18,7 +18,6 @@
 #include <type_traits>
 
 #include "executor.hpp"
-#include "kernels.hpp"
 #include "simd.hpp"
 #include "types.hpp"
 #include "workspace.hpp"
