@@ -238,7 +238,7 @@ int main(int argc, char** argv) {
 
   FoldArgs fa;
   auto* fo = app.add_subcommand("fold", "Run a Llama checkpoint over input_ids, folding every <CL>...<CR> span into its <CR>");
-  fo->add_option("--model", fa.model, "Hugging Face Llama checkpoint directory (config.json + model.safetensors)")
+  fo->add_option("--model", fa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 (config.json + model.safetensors, or shards with model.safetensors.index.json)")
       ->required()->check(CLI::ExistingDirectory);
   fo->add_option("--input", fa.input, "safetensors file with tensor input_ids [n] (I64 or I32)")->required()->check(CLI::ExistingFile);
   fo->add_option("--output", fa.output,
@@ -253,7 +253,7 @@ int main(int argc, char** argv) {
 
   SacArgs sa;
   auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a Llama checkpoint, then decode");
-  sc->add_option("--model", sa.model, "Hugging Face Llama checkpoint directory (config.json + model.safetensors)")
+  sc->add_option("--model", sa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 (config.json + model.safetensors, or shards with model.safetensors.index.json)")
       ->required()->check(CLI::ExistingDirectory);
   sc->add_option("--anchor-embeds", sa.anchor_embeds,
                  "safetensors file with role_tokens [anchors per chunk x hidden] and special_tokens [2 x hidden] F32")

@@ -1,8 +1,12 @@
 // Reference host: a Llama-architecture forward pass built only from ctxcomp blocks
 // (embeddings, RMSNorm, RoPE, grouped-query attention through the fused kernel, SwiGLU, lm
-// head), loading Hugging Face checkpoints (config.json + model.safetensors; F32/F16/BF16) and
-// running prefill or token-by-token decode over a KvCache. The worked example of embedding
-// ctxcomp in an engine: small on purpose. Semantics: transformers' LlamaForCausalLM (eager).
+// head), loading Hugging Face checkpoints (config.json + model.safetensors or sharded
+// model-0000k-of-0000N.safetensors with model.safetensors.index.json; F32/F16/BF16) and running
+// prefill or token-by-token decode over a KvCache. The worked example of embedding ctxcomp in an
+// engine: small on purpose. Semantics: transformers' LlamaForCausalLM, MistralForCausalLM (no
+// sliding window), Qwen2ForCausalLM (q/k/v biases) and Qwen3ForCausalLM (per-head q/k RMSNorm
+// before RoPE), eager attention; tied or untied embeddings; Llama 3 RoPE. Loading is strict: a
+// checkpoint tensor the host would not use is an error, never silently dropped.
 #pragma once
 #include <ctxcomp/ctxcomp.hpp>
 #include <ctxcomp/io/checkpoint.hpp>
@@ -17,14 +21,17 @@ struct LlamaConfig {
   index_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, layers = 0, vocab = 0;
   float rms_eps = 1e-6f;
   RopeConfig rope{};
+  io::DecoderArch arch{"LlamaForCausalLM"};  // family, biases, q/k norm, tied embeddings
 };
 
 template <class T>
 struct LlamaLayerWeights {
   const T* input_norm = nullptr;
   const T* post_attention_norm = nullptr;
-  WeightView<T> q, k, v, o;
+  WeightView<T> q, k, v, o;  // biases in WeightView::bias where the family has them
   SwiGLUWeights<T> mlp;
+  const T* q_norm = nullptr;  // [head_dim], Qwen3: RMSNorm of each query head before RoPE
+  const T* k_norm = nullptr;  // [head_dim], likewise for keys
 };
 
 /// A loaded checkpoint: config and weights (owned, converted to T).
@@ -42,6 +49,7 @@ struct LlamaModel {
     const std::string cp = dir + "/config.json";
     const auto j = io::read_json(cp);
     auto& c = m.config;
+    c.arch = io::decoder_arch(j, cp);
     const io::TransformerDims t = io::transformer_dims(j, cp);
     c.hidden = t.hidden, c.heads = t.heads, c.kv_heads = t.kv_heads, c.head_dim = t.head_dim;
     c.intermediate = t.intermediate, c.layers = t.layers, c.rms_eps = t.rms_eps, c.rope = t.rope;
@@ -49,26 +57,43 @@ struct LlamaModel {
     CTXCOMP_CHECK(c.hidden > 0 && c.heads > 0 && c.kv_heads > 0 && c.head_dim > 0 && c.layers > 0 && c.vocab > 0,
                   cp, ": sizes must be positive");
     CTXCOMP_CHECK(c.heads % c.kv_heads == 0, cp, ": heads (", c.heads, ") is not a multiple of kv_heads (", c.kv_heads, ")");
-    m.store = std::make_shared<io::TensorStore<T>>(dir + "/model.safetensors");
+    m.store = std::make_shared<io::TensorStore<T>>(io::TensorStore<T>::open_dir(dir));
     auto& st = *m.store;
+    const auto& a = c.arch;
     const std::int64_t d = c.hidden, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim, in = c.intermediate;
-    auto wv = [&](const std::string& n, std::int64_t o, std::int64_t i) { return st.load_weight(n, o, i); };
+    auto wv = [&](const std::string& p, std::int64_t o, std::int64_t i, bool bias) {
+      return st.load_weight(p + ".weight", o, i, bias ? p + ".bias" : std::string());
+    };
     m.embed = st.load("model.embed_tokens.weight", {c.vocab, d});
     for (index_t i = 0; i < c.layers; ++i) {
       const std::string p = "model.layers." + std::to_string(i) + ".";
       LlamaLayerWeights<T> l;
       l.input_norm = st.load(p + "input_layernorm.weight", {d});
       l.post_attention_norm = st.load(p + "post_attention_layernorm.weight", {d});
-      l.q = wv(p + "self_attn.q_proj.weight", qd, d);
-      l.k = wv(p + "self_attn.k_proj.weight", kd, d);
-      l.v = wv(p + "self_attn.v_proj.weight", kd, d);
-      l.o = wv(p + "self_attn.o_proj.weight", d, qd);
-      l.mlp = {wv(p + "mlp.gate_proj.weight", in, d), wv(p + "mlp.up_proj.weight", in, d), wv(p + "mlp.down_proj.weight", d, in)};
+      l.q = wv(p + "self_attn.q_proj", qd, d, a.qkv_bias);
+      l.k = wv(p + "self_attn.k_proj", kd, d, a.qkv_bias);
+      l.v = wv(p + "self_attn.v_proj", kd, d, a.qkv_bias);
+      l.o = wv(p + "self_attn.o_proj", d, qd, a.o_bias);
+      if (a.qk_norm) {
+        l.q_norm = st.load(p + "self_attn.q_norm.weight", {c.head_dim});
+        l.k_norm = st.load(p + "self_attn.k_norm.weight", {c.head_dim});
+      }
+      l.mlp = {wv(p + "mlp.gate_proj", in, d, a.mlp_bias), wv(p + "mlp.up_proj", in, d, a.mlp_bias),
+               wv(p + "mlp.down_proj", d, in, a.mlp_bias)};
       m.layers.push_back(l);
     }
     m.final_norm = st.load("model.norm.weight", {d});
-    // Tied embeddings: checkpoints without lm_head reuse the embedding matrix.
-    m.lm_head = st.contains("lm_head.weight") ? wv("lm_head.weight", c.vocab, d) : WeightView<T>{m.embed, c.vocab, d};
+    if (!a.tied_embeddings) {
+      m.lm_head = wv("lm_head", c.vocab, d, false);
+    } else {
+      // Tied: the output layer is the embedding matrix. A stored lm_head must then be a copy of it.
+      m.lm_head = WeightView<T>{m.embed, c.vocab, d};
+      if (const T* head = st.load_if_present("lm_head.weight", {c.vocab, d}))
+        CTXCOMP_CHECK(std::equal(head, head + c.vocab * d, m.embed,
+                                 [](T x, T y) { return to_float(x) == to_float(y); }),
+                      cp, ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
+    }
+    st.check_all_consumed(a.name, io::harmless_extra_tensor);
     return m;
   }
 };
@@ -139,6 +164,8 @@ class LlamaHost {
       linear(matrix_view<const float>(h, t, d), w.q, matrix_view(q, t, qd), lin_ws_, exec);
       linear(matrix_view<const float>(h, t, d), w.k, matrix_view(kb, t, kd), lin_ws_, exec);
       linear(matrix_view<const float>(h, t, d), w.v, matrix_view(vb, t, kd), lin_ws_, exec);
+      if (w.q_norm) rmsnorm_heads(HeadsView<float>::token_major(q, t, c.heads, hd), w.q_norm, hd, c.rms_eps);
+      if (w.k_norm) rmsnorm_heads(HeadsView<float>::token_major(kb, t, c.kv_heads, hd), w.k_norm, hd, c.rms_eps);
       rope_.apply(HeadsView<float>::token_major(q, t, c.heads, hd), positions);
       rope_.apply(HeadsView<float>::token_major(kb, t, c.kv_heads, hd), positions);
       // Keys (after RoPE) and values go into the cache in its storage type.

@@ -159,19 +159,25 @@ TEST_CASE("IC-Former checkpoint loader names what is wrong", "[icformer][io][err
                     Contains("tensor 'encoder.layers.2.mlp.up_proj.weight' has shape [10240], expected [160, 64]"));
   {
     std::ofstream f(tmp / "config.json");
-    f << R"({"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3, "intermediate_size": 160, "num_hidden_layers": 3})";
+    f << R"({"model_type": "icformer", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3, "intermediate_size": 160, "num_hidden_layers": 3})";
   }
   CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("heads (4) is not a multiple of kv_heads (3)"));
   {
     std::ofstream f(tmp / "config.json");
-    f << R"({"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 160, "num_hidden_layers": 3, "rope_scaling": {"type": "yarn", "factor": 4}})";
+    f << R"({"architectures": ["ICFormerModel"], "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 160, "num_hidden_layers": 3, "rope_scaling": {"type": "yarn", "factor": 4}})";
   }
   CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("unsupported RoPE scaling type 'yarn'"));
   {
     std::ofstream f(tmp / "config.json");
-    f << R"({"num_attention_heads": 4})";
+    f << R"({"model_type": "icformer", "num_attention_heads": 4})";
   }
   CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("missing integer 'hidden_size'"));
+  {
+    std::ofstream f(tmp / "config.json");
+    f << R"({"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 160, "num_hidden_layers": 3})";
+  }
+  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()),
+                    Contains("neither 'architectures' nor 'model_type' names the model (supported: ICFormerModel)"));
   {
     std::ofstream f(tmp / "config.json");
     f << "{ not json";

@@ -2,7 +2,12 @@
 // transformers: `rope_parameters` (v5) and top-level `rope_theta` / `rope_scaling` (older)),
 // and a tensor store that loads named tensors with expected shapes into owned storage.
 #pragma once
+#include <cmath>
+#include <filesystem>
 #include <fstream>
+#include <functional>
+#include <set>
+#include <deque>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -40,26 +45,59 @@ inline index_t config_int_or(const nlohmann::json& j, const char* key, const std
   return j.contains(key) ? config_int(j, key, file) : fallback;
 }
 
-/// RoPE settings from a transformers config: v5 `rope_parameters` {rope_theta, rope_type,
-/// factor} or the older top-level `rope_theta` and `rope_scaling` {type|rope_type, factor}.
-/// Only "default" and "linear" scaling are supported; others are an error, not a guess.
+/// RoPE settings from a transformers config: v5 `rope_parameters` {rope_theta, rope_type, ...}
+/// or the older top-level `rope_theta` and `rope_scaling` {type|rope_type, ...}. Supported
+/// types: "default", "linear" (factor) and "llama3" (factor, low_freq_factor, high_freq_factor,
+/// original_max_position_embeddings, all required). Any other type is an error naming it.
 inline RopeConfig rope_from_config(const nlohmann::json& j, const std::string& file) {
   RopeConfig r;
   const nlohmann::json* scaling = nullptr;
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
+    if (!j["rope_parameters"].is_object()) fail(file, ": 'rope_parameters' is not an object");
     const auto& p = j["rope_parameters"];
     r.theta = config_number(p, "rope_theta", file, 10000.0);
     scaling = &p;
   } else {
     r.theta = config_number(j, "rope_theta", file, 10000.0);
-    if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) scaling = &j["rope_scaling"];
+    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+      if (!j["rope_scaling"].is_object()) fail(file, ": 'rope_scaling' is not an object");
+      scaling = &j["rope_scaling"];
+    }
   }
-  if (scaling) {
-    std::string type = "default";
-    if (scaling->contains("rope_type") && (*scaling)["rope_type"].is_string()) type = (*scaling)["rope_type"];
-    else if (scaling->contains("type") && (*scaling)["type"].is_string()) type = (*scaling)["type"];
-    if (type == "linear") r.linear_scaling = config_number(*scaling, "factor", file, 1.0);
-    else if (type != "default") fail(file, ": unsupported RoPE scaling type '", type, "' (supported: default, linear)");
+  if (!(r.theta > 0) || !std::isfinite(r.theta)) fail(file, ": rope_theta (", r.theta, ") must be positive");
+  if (!scaling) return r;
+  std::string type = "default";
+  for (const char* key : {"rope_type", "type"})
+    if (scaling->contains(key) && !(*scaling)[key].is_null()) {
+      if (!(*scaling)[key].is_string()) fail(file, ": RoPE '", key, "' is not a string");
+      type = (*scaling)[key].get<std::string>();
+      break;
+    }
+  auto required = [&](const char* key) {
+    if (!scaling->contains(key) || !(*scaling)[key].is_number())
+      fail(file, ": RoPE scaling type '", type, "' needs a number '", key, "'");
+    return (*scaling)[key].get<double>();
+  };
+  if (type == "default") {
+  } else if (type == "linear") {
+    r.linear_scaling = required("factor");
+    if (!(r.linear_scaling > 0) || !std::isfinite(r.linear_scaling))
+      fail(file, ": RoPE linear factor (", r.linear_scaling, ") must be positive");
+  } else if (type == "llama3") {
+    r.llama3.factor = required("factor");
+    r.llama3.low_freq_factor = required("low_freq_factor");
+    r.llama3.high_freq_factor = required("high_freq_factor");
+    r.llama3.original_max_position_embeddings = required("original_max_position_embeddings");
+    const auto& l = r.llama3;
+    if (!(l.factor >= 1) || !std::isfinite(l.factor)) fail(file, ": RoPE llama3 factor (", l.factor, ") must be >= 1");
+    if (!(l.low_freq_factor > 0) || !(l.high_freq_factor > l.low_freq_factor) || !std::isfinite(l.high_freq_factor))
+      fail(file, ": RoPE llama3 needs 0 < low_freq_factor < high_freq_factor (got ", l.low_freq_factor, ", ",
+           l.high_freq_factor, ")");
+    if (!(l.original_max_position_embeddings > 0) || !std::isfinite(l.original_max_position_embeddings))
+      fail(file, ": RoPE llama3 original_max_position_embeddings (", l.original_max_position_embeddings,
+           ") must be positive");
+  } else {
+    fail(file, ": unsupported RoPE scaling type '", type, "' (supported: default, linear, llama3)");
   }
   return r;
 }
@@ -76,8 +114,14 @@ inline TransformerDims transformer_dims(const nlohmann::json& j, const std::stri
   t.hidden = config_int(j, "hidden_size", file);
   t.heads = config_int(j, "num_attention_heads", file);
   t.kv_heads = config_int_or(j, "num_key_value_heads", file, t.heads);
-  t.head_dim = j.contains("head_dim") && j["head_dim"].is_number_integer() ? j["head_dim"].get<index_t>()
-                                                                          : (t.heads ? t.hidden / t.heads : 0);
+  if (j.contains("head_dim") && !j["head_dim"].is_null()) {
+    t.head_dim = config_int(j, "head_dim", file);  // explicit, may differ from hidden / heads (Qwen3, Gemma)
+  } else {
+    if (t.heads <= 0 || t.hidden % t.heads != 0)
+      fail(file, ": hidden_size (", t.hidden, ") is not a multiple of num_attention_heads (", t.heads,
+           ") and no head_dim is given");
+    t.head_dim = t.hidden / t.heads;
+  }
   t.intermediate = config_int(j, "intermediate_size", file);
   t.layers = config_int(j, "num_hidden_layers", file);
   t.rms_eps = static_cast<float>(config_number(j, "rms_norm_eps", file, 1e-6));
@@ -85,32 +129,267 @@ inline TransformerDims transformer_dims(const nlohmann::json& j, const std::stri
   return t;
 }
 
-/// Owned tensors loaded from a safetensors file, converted to T, each checked for its shape.
+/// An optional boolean: `fallback` when absent or null.
+inline bool config_bool_or(const nlohmann::json& j, const char* key, const std::string& file, bool fallback) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  if (!j[key].is_boolean()) fail(file, ": '", key, "' is not a boolean");
+  return j[key].get<bool>();
+}
+
+/// The architecture named by a config: `architectures` (exactly one entry) and `model_type`,
+/// which must agree with each other and with one of `supported` ({architecture, model_type}).
+/// Returns the index into `supported`.
+inline std::size_t config_architecture(const nlohmann::json& j, const std::string& file,
+                                       const std::vector<std::pair<std::string, std::string>>& supported) {
+  std::string list;
+  for (const auto& [a, m] : supported) list += (list.empty() ? "" : ", ") + a;
+  std::string arch, type;
+  if (j.contains("architectures") && !j["architectures"].is_null()) {
+    const auto& a = j["architectures"];
+    if (!a.is_array() || a.size() != 1 || !a[0].is_string())
+      fail(file, ": 'architectures' must list exactly one architecture (supported: ", list, ")");
+    arch = a[0].get<std::string>();
+  }
+  if (j.contains("model_type") && !j["model_type"].is_null()) {
+    if (!j["model_type"].is_string()) fail(file, ": 'model_type' is not a string");
+    type = j["model_type"].get<std::string>();
+  }
+  if (arch.empty() && type.empty()) fail(file, ": neither 'architectures' nor 'model_type' names the model (supported: ", list, ")");
+  for (std::size_t i = 0; i < supported.size(); ++i) {
+    const bool arch_ok = arch.empty() || arch == supported[i].first;
+    const bool type_ok = type.empty() || type == supported[i].second;
+    if (arch_ok && type_ok) return i;
+  }
+  fail(file, ": unsupported architecture '", arch.empty() ? "?" : arch, "' (model_type '", type.empty() ? "?" : type,
+       "'; supported: ", list, ")");
+}
+
+/// What a decoder-only causal LM config asks of the block, for the families a Llama-style host
+/// runs: LlamaForCausalLM (attention_bias, mlp_bias), MistralForCausalLM (no sliding window),
+/// Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (per-head q/k RMSNorm before RoPE,
+/// attention_bias). Everything else about the block is Llama's (RMSNorm, SwiGLU with silu,
+/// rotate_half RoPE). Settings that would change the computation in a way the host does not
+/// implement (sliding windows, another activation, non-full attention layers) are errors.
+struct DecoderArch {
+  std::string name;          // e.g. "Qwen3ForCausalLM"
+  bool qkv_bias = false;     // q/k/v projections carry a bias
+  bool o_bias = false;       // o_proj carries a bias
+  bool mlp_bias = false;     // gate/up/down carry a bias
+  bool qk_norm = false;      // RMSNorm over each head of q and k (weight [head_dim]) before RoPE
+  bool tied_embeddings = false;  // the output layer is the embedding matrix
+};
+
+inline DecoderArch decoder_arch(const nlohmann::json& j, const std::string& file) {
+  static const std::vector<std::pair<std::string, std::string>> kSupported{{"LlamaForCausalLM", "llama"},
+                                                                           {"MistralForCausalLM", "mistral"},
+                                                                           {"Qwen2ForCausalLM", "qwen2"},
+                                                                           {"Qwen3ForCausalLM", "qwen3"}};
+  const std::size_t which = config_architecture(j, file, kSupported);
+  DecoderArch a;
+  a.name = kSupported[which].first;
+  const bool attention_bias = config_bool_or(j, "attention_bias", file, false);
+  switch (which) {
+    case 0:  // Llama: attention_bias covers q/k/v/o, mlp_bias gate/up/down
+      a.qkv_bias = a.o_bias = attention_bias;
+      a.mlp_bias = config_bool_or(j, "mlp_bias", file, false);
+      break;
+    case 1:  // Mistral: no biases; a sliding window changes the mask, which this host does not do
+      if (j.contains("sliding_window") && !j["sliding_window"].is_null())
+        fail(file, ": MistralForCausalLM with a sliding window (sliding_window ", j["sliding_window"].dump(),
+             ") is not supported");
+      break;
+    case 2:  // Qwen2: q/k/v biases, none on o_proj
+      a.qkv_bias = true;
+      break;
+    default:  // Qwen3: q/k norm, attention_bias on q/k/v/o
+      a.qkv_bias = a.o_bias = attention_bias;
+      a.qk_norm = true;
+      break;
+  }
+  if (which >= 2 && config_bool_or(j, "use_sliding_window", file, false))
+    fail(file, ": ", a.name, " with use_sliding_window true is not supported");
+  if (j.contains("layer_types") && !j["layer_types"].is_null()) {
+    if (!j["layer_types"].is_array()) fail(file, ": 'layer_types' is not an array");
+    for (const auto& t : j["layer_types"])
+      if (!t.is_string() || t.get<std::string>() != "full_attention")
+        fail(file, ": layer type ", t.dump(), " is not supported (only full_attention)");
+  }
+  if (j.contains("hidden_act") && !j["hidden_act"].is_null() &&
+      (!j["hidden_act"].is_string() || j["hidden_act"].get<std::string>() != "silu"))
+    fail(file, ": hidden_act ", j["hidden_act"].dump(), " is not supported (the SwiGLU MLP uses silu)");
+  a.tied_embeddings = config_bool_or(j, "tie_word_embeddings", file, false);
+  return a;
+}
+
+/// Tensors a checkpoint may hold that no loader consumes because they are recomputed
+/// (the rotary frequency buffers older transformers saved).
+inline bool harmless_extra_tensor(const std::string& name) {
+  const std::string suffix = "rotary_emb.inv_freq";
+  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+/// The safetensors files of a checkpoint directory as `save_pretrained` writes them: one
+/// `model.safetensors`, or shards `model-0000k-of-0000N.safetensors` listed by
+/// `model.safetensors.index.json` (`weight_map`: tensor name -> shard file). Every shard is
+/// mapped, and the index is checked against the shards: a shard that is missing or named outside
+/// the directory, a tensor the index lists in a shard that does not hold it, a tensor stored in a
+/// shard the index does not list it in (or in none, or in two shards) are errors naming the file
+/// and the tensor.
+class CheckpointFiles {
+ public:
+  static constexpr const char* kSingle = "model.safetensors";
+  static constexpr const char* kIndex = "model.safetensors.index.json";
+
+  static CheckpointFiles open(const std::string& dir) {
+    namespace fs = std::filesystem;
+    CheckpointFiles c;
+    c.dir_ = dir;
+    const fs::path d(dir);
+    if (fs::exists(d / kSingle)) {
+      c.files_.push_back(SafeTensors::open((d / kSingle).string()));
+    } else if (fs::exists(d / kIndex)) {
+      c.open_sharded((d / kIndex).string());
+    } else {
+      fail(dir, ": no '", kSingle, "' and no '", kIndex, "' (a checkpoint directory as save_pretrained writes it)");
+    }
+    for (std::size_t f = 0; f < c.files_.size(); ++f)
+      for (const auto& t : c.files_[f].tensors()) c.where_.emplace(t.name, f);  // unique: the index was checked
+    return c;
+  }
+
+  const std::string& dir() const noexcept { return dir_; }
+  const std::vector<SafeTensors>& files() const noexcept { return files_; }
+  /// The file that holds tensor `name`, or nullptr.
+  const SafeTensors* file_of(const std::string& name) const {
+    auto it = where_.find(name);
+    return it == where_.end() ? nullptr : &files_[it->second];
+  }
+  /// Every tensor name, sorted.
+  std::vector<std::string> names() const {
+    std::vector<std::string> r;
+    for (const auto& [n, e] : where_) r.push_back(n);
+    return r;
+  }
+
+ private:
+  void open_sharded(const std::string& index_path) {
+    const auto j = read_json(index_path);
+    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+      fail(index_path, ": no 'weight_map' object (tensor name -> shard file)");
+    std::map<std::string, std::size_t> shard_of_file;
+    std::vector<std::string> shard_names;
+    std::map<std::string, std::string> listed;  // tensor -> shard file
+    for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+      if (!it->is_string()) fail(index_path, ": weight_map entry of '", it.key(), "' is not a file name");
+      const std::string f = it->get<std::string>();
+      if (f.empty() || f == "." || f == ".." || f.find('/') != std::string::npos || f.find('\\') != std::string::npos)
+        fail(index_path, ": tensor '", it.key(), "' is mapped to '", f,
+             "', which is not a file in the checkpoint directory");
+      listed[it.key()] = f;
+      if (shard_of_file.emplace(f, shard_names.size()).second) shard_names.push_back(f);
+    }
+    if (shard_names.empty()) fail(index_path, ": weight_map is empty");
+    for (const auto& f : shard_names) {
+      const std::string path = (std::filesystem::path(dir_) / f).string();
+      if (!std::filesystem::exists(path)) {
+        std::string first;
+        for (const auto& [n, s] : listed)
+          if (s == f) { first = n; break; }
+        fail(index_path, ": missing shard '", f, "' (listed for tensor '", first, "')");
+      }
+      files_.push_back(SafeTensors::open(path));
+    }
+    for (std::size_t s = 0; s < files_.size(); ++s)
+      for (const auto& t : files_[s].tensors()) {
+        auto it = listed.find(t.name);
+        if (it == listed.end())
+          fail(index_path, ": tensor '", t.name, "' is stored in shard '", shard_names[s],
+               "' but the index lists it in no shard");
+        if (it->second != shard_names[s])
+          fail(index_path, ": tensor '", t.name, "' is listed in shard '", it->second, "' but stored in '",
+               shard_names[s], "'");
+      }
+    for (const auto& [n, f] : listed)
+      if (!files_[shard_of_file[f]].contains(n))
+        fail(index_path, ": the index lists tensor '", n, "' in shard '", f, "', which does not hold it");
+  }
+
+  std::string dir_;
+  std::vector<SafeTensors> files_;
+  std::map<std::string, std::size_t> where_;  // tensor -> index into files_
+};
+
+/// Owned tensors loaded from a checkpoint (one file, or a sharded directory), converted to T,
+/// each checked for its shape. The store records which tensors were loaded, so a loader can
+/// refuse a checkpoint that holds weights it did not consume (`check_all_consumed`).
 template <class T>
 class TensorStore {
  public:
-  explicit TensorStore(const std::string& path) : file_(SafeTensors::open(path)) {}
+  /// One safetensors file.
+  explicit TensorStore(const std::string& path) : origin_(path) {
+    files_.push_back(SafeTensors::open(path));
+    for (const auto& t : files_.back().tensors()) where_[t.name] = {&files_.back(), &t};
+  }
+  /// A checkpoint directory: `model.safetensors` or the shards of `model.safetensors.index.json`.
+  static TensorStore open_dir(const std::string& dir) { return TensorStore(CheckpointFiles::open(dir)); }
+  TensorStore(TensorStore&&) noexcept = default;  // deque and map nodes do not move: pointers stay valid
+  TensorStore(const TensorStore&) = delete;
+  TensorStore& operator=(const TensorStore&) = delete;
 
   /// Loads `name` with `shape`; the error names the missing or mis-shaped tensor.
   const T* load(const std::string& name, const std::vector<std::int64_t>& shape) {
-    const TensorInfo* t = file_.find(name);
-    if (!t) fail(file_.path(), ": missing tensor '", name, "'");
+    auto it = where_.find(name);
+    if (it == where_.end()) fail(origin_, ": missing tensor '", name, "'");
+    const auto& [file, t] = it->second;
     if (t->shape != shape)
-      fail(file_.path(), ": tensor '", name, "' has shape ", SafeTensors::shape_str(t->shape), ", expected ",
+      fail(file->path(), ": tensor '", name, "' has shape ", SafeTensors::shape_str(t->shape), ", expected ",
            SafeTensors::shape_str(shape));
     auto& v = tensors_[name];
-    v = file_.read<T>(name);
+    v = file->read<T>(name);
     return v.data();
   }
-  /// A [out_features x in_features] weight (PyTorch Linear layout).
-  WeightView<T> load_weight(const std::string& name, std::int64_t out_features, std::int64_t in_features) {
-    return WeightView<T>{load(name, {out_features, in_features}), out_features, in_features};
+  /// `load` when the checkpoint holds `name`, nullptr otherwise.
+  const T* load_if_present(const std::string& name, const std::vector<std::int64_t>& shape) {
+    return contains(name) ? load(name, shape) : nullptr;
   }
-  bool contains(const std::string& name) const { return file_.contains(name); }
-  const SafeTensors& file() const noexcept { return file_; }
+  /// A [out_features x in_features] weight (PyTorch Linear layout), with its [out_features] bias
+  /// when `bias` names one (empty: no bias).
+  WeightView<T> load_weight(const std::string& name, std::int64_t out_features, std::int64_t in_features,
+                            const std::string& bias = {}) {
+    WeightView<T> w{load(name, {out_features, in_features}), out_features, in_features};
+    if (!bias.empty()) w.bias = load(bias, {out_features});
+    return w;
+  }
+  bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  bool consumed(const std::string& name) const { return tensors_.count(name) != 0; }
+  /// Where the tensors come from (a file or a directory), for messages.
+  const std::string& origin() const noexcept { return origin_; }
+
+  /// Fails, naming the tensors, when the checkpoint holds a tensor that was not loaded and that
+  /// `harmless` does not accept (a loader that silently drops weights computes something else).
+  void check_all_consumed(const std::string& loader, const std::function<bool(const std::string&)>& harmless) const {
+    std::vector<std::string> extra;
+    for (const auto& [name, e] : where_)
+      if (!consumed(name) && !harmless(name)) extra.push_back(name);
+    if (extra.empty()) return;
+    std::string list;
+    for (std::size_t i = 0; i < extra.size() && i < 5; ++i) list += (i ? "', '" : "'") + extra[i];
+    list += "'";
+    if (extra.size() > 5) list += " and " + std::to_string(extra.size() - 5) + " more";
+    fail(origin_, ": checkpoint tensor ", list, " ", extra.size() == 1 ? "is" : "are", " not used by the ", loader,
+         " loader (refusing to drop weights; unsupported architecture variant?)");
+  }
 
  private:
-  SafeTensors file_;
+  explicit TensorStore(const CheckpointFiles& files)
+      : origin_(files.dir()), files_(files.files().begin(), files.files().end()) {
+    for (const auto& f : files_)
+      for (const auto& t : f.tensors()) where_[t.name] = {&f, &t};
+  }
+
+  std::string origin_;
+  std::deque<SafeTensors> files_;  // stable addresses for where_
+  std::map<std::string, std::pair<const SafeTensors*, const TensorInfo*>> where_;
   std::map<std::string, std::vector<T>> tensors_;  // node-based: pointers stay valid
 };
 

@@ -1,5 +1,6 @@
-// Loader of an official IC-Former checkpoint directory (config.json + model.safetensors written
-// by save_pretrained; tensor names of the official ICFormerModel state dict) into an
+// Loader of an official IC-Former checkpoint directory (config.json + model.safetensors, or
+// shards with model.safetensors.index.json, written by save_pretrained; tensor names of the
+// official ICFormerModel state dict; strict: an unused tensor is an error) into an
 // IcformerConfig and owned weights of type T (float or bf16). Digests come separately
 // (the official param.pt, converted with tools/convert_param_pt.py).
 #pragma once
@@ -18,6 +19,12 @@ class IcformerCheckpoint {
     IcformerCheckpoint c;
     const std::string cfg_path = dir + "/config.json";
     const auto j = read_json(cfg_path);
+    config_architecture(j, cfg_path, {{"ICFormerModel", "icformer"}});
+    if (config_bool_or(j, "attention_bias", cfg_path, false))
+      fail(cfg_path, ": attention_bias true is not supported by the IC-Former encoder (the official model has none)");
+    if (j.contains("hidden_act") && !j["hidden_act"].is_null() &&
+        (!j["hidden_act"].is_string() || j["hidden_act"].get<std::string>() != "silu"))
+      fail(cfg_path, ": hidden_act ", j["hidden_act"].dump(), " is not supported (the SwiGLU MLP uses silu)");
     auto& cfg = c.config_;
     const TransformerDims t = transformer_dims(j, cfg_path);
     cfg.hidden = t.hidden, cfg.heads = t.heads, cfg.kv_heads = t.kv_heads, cfg.head_dim = t.head_dim;
@@ -30,7 +37,7 @@ class IcformerCheckpoint {
     cfg.num_digests = config_int_or(j, "num_query_tokens", cfg_path, 0);
     cfg.validate();
 
-    c.store_ = std::make_unique<TensorStore<T>>(dir + "/model.safetensors");
+    c.store_ = std::make_unique<TensorStore<T>>(TensorStore<T>::open_dir(dir));
     auto& st = *c.store_;
     const std::int64_t d = cfg.hidden, qd = cfg.heads * cfg.head_dim, kd = cfg.kv_heads * cfg.head_dim,
                        inter = cfg.intermediate;
@@ -56,6 +63,7 @@ class IcformerCheckpoint {
       c.weights_.layers.push_back(l);
     }
     c.weights_.final_norm = st.load("encoder.norm.weight", {d});
+    st.check_all_consumed("ICFormerModel", harmless_extra_tensor);
     return c;
   }
 

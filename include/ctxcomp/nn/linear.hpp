@@ -1,4 +1,4 @@
-// Linear layer y = x W^T (no bias) with PyTorch's weight layout [out_features x in_features],
+// Linear layer y = x W^T + b (bias optional) with PyTorch's weight layout [out_features x in_features],
 // weights in float or bf16 (bf16 blocks are widened to fp32 in the workspace; fp32 products).
 // Layout: x [tokens x in], y [tokens x out], token-major views. From kLinearMinGemmRows tokens on
 // the product is ctxcomp's packed GEMM (core/gemm.hpp: one FMA chain per element, bit-identical
@@ -14,13 +14,27 @@
 
 namespace ctxcomp {
 
-/// A weight matrix [out_features x in_features], row-major, float or bf16 (or fp16).
+/// A weight matrix [out_features x in_features], row-major, float or bf16 (or fp16), with an
+/// optional bias [out_features] of the same type (nullptr: none), as a PyTorch nn.Linear holds them.
 template <class T>
 struct WeightView {
   const T* data = nullptr;
   index_t out_features = 0, in_features = 0;
+  const T* bias = nullptr;
   const T* row(index_t o) const noexcept { return data + o * in_features; }
 };
+
+namespace detail {
+/// y[t] += bias for every row (the bias is added once, after the product, as nn.Linear does).
+template <class T>
+void add_bias(MatrixView<float> y, const T* bias) {
+  if (!bias) return;
+  for (index_t t = 0; t < y.rows(); ++t) {
+    float* r = y.data() + t * y.outerStride();
+    for (index_t o = 0; o < y.cols(); ++o) r[o] += to_float(bias[o]);
+  }
+}
+}  // namespace detail
 
 namespace detail {
 /// Output features per task. Fixed (not derived from the thread count) so that every element's
@@ -42,8 +56,8 @@ std::size_t linear_workspace_bytes(index_t tokens, index_t out_features, index_t
               Workspace::bytes_for<float>(detail::kLinearBlock * in_features);
 }
 
-/// y = x W^T. All scratch comes from `ws` (reserved here; it grows only on the first call of a
-/// larger shape).
+/// y = x W^T (+ w.bias). All scratch comes from `ws` (reserved here; it grows only on the first
+/// call of a larger shape).
 template <class T, class Exec = SerialExecutor>
 void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Workspace& ws, const Exec& exec = {}) {
   CTXCOMP_CHECK(w.data != nullptr, "linear: weight has no data");
@@ -54,6 +68,7 @@ void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Wor
   if (x.rows() >= detail::kLinearMinGemmRows) {
     kernels::gemm_nt<T>(x.data(), x.outerStride(), w.data, w.in_features, y.data(), y.outerStride(), x.rows(),
                         w.out_features, w.in_features, ws, exec);
+    detail::add_bias(y, w.bias);
     return;
   }
   const index_t blocks = (w.out_features + detail::kLinearBlock - 1) / detail::kLinearBlock;
@@ -76,6 +91,7 @@ void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Wor
     auto wb = matrix_view(wf, n, w.in_features);
     y.middleCols(o0, n).noalias() = x * wb.transpose();
   });
+  detail::add_bias(y, w.bias);
 }
 
 }  // namespace ctxcomp

@@ -1,8 +1,10 @@
 // Rotary position embedding for arbitrary per-token position ids, in Llama's rotate_half form
 // (dimension i pairs with i + rotary_dim/2) or GPT-J's interleaved form (2i pairs with 2i+1),
-// with theta and linear position scaling. Layout: HeadsView [heads x tokens x head_dim], in place.
-// Source: transformers' LlamaRotaryEmbedding / apply_rotary_pos_emb (inv_freq in fp32, as there).
+// with theta, linear position scaling and Llama 3.x frequency scaling. Layout: HeadsView
+// [heads x tokens x head_dim], in place. Source: transformers' LlamaRotaryEmbedding /
+// apply_rotary_pos_emb and `_compute_llama3_parameters` (inv_freq in fp32, as there).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -14,12 +16,56 @@ namespace ctxcomp {
 
 enum class RopeStyle { RotateHalf, Interleaved };
 
+/// Llama 3.x frequency scaling (rope_type "llama3"): with wavelen = 2*pi / inv_freq,
+/// low_wavelen = original_max / low_freq_factor and high_wavelen = original_max / high_freq_factor,
+/// a frequency with wavelen > low_wavelen is divided by `factor`, one with wavelen < high_wavelen
+/// is kept, and one in between is blended:
+///   smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor),
+///   inv_freq' = (1 - smooth) * inv_freq / factor + smooth * inv_freq.
+/// `factor` <= 0 (the default) means no Llama 3 scaling.
+struct Llama3Scaling {
+  double factor = 0.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  double original_max_position_embeddings = 8192.0;
+  bool enabled() const noexcept { return factor > 0.0; }
+};
+
 struct RopeConfig {
   double theta = 10000.0;
   double linear_scaling = 1.0;  // positions are divided by this factor (rope_scaling type "linear")
   RopeStyle style = RopeStyle::RotateHalf;
   index_t rotary_dim = 0;       // 0 = the whole head_dim
+  Llama3Scaling llama3{};       // rope_type "llama3" (disabled by default)
 };
+
+/// The rotary frequencies inv_freq[i] = 1 / theta^(2i / rotary_dim), i < rotary_dim / 2, in fp32
+/// as transformers computes them, then the Llama 3 rule when `cfg.llama3` is enabled (also in
+/// fp32, the order of transformers' tensor expression).
+inline std::vector<float> rope_inv_freq(const RopeConfig& cfg, index_t rotary_dim) {
+  std::vector<float> f(static_cast<std::size_t>(rotary_dim / 2));
+  for (index_t i = 0; i < rotary_dim / 2; ++i) {
+    const float e = static_cast<float>(2 * i) / static_cast<float>(rotary_dim);
+    f[std::size_t(i)] = 1.0f / std::pow(static_cast<float>(cfg.theta), e);
+  }
+  if (!cfg.llama3.enabled()) return f;
+  const auto& l = cfg.llama3;
+  const float factor = static_cast<float>(l.factor), low = static_cast<float>(l.low_freq_factor),
+              high = static_cast<float>(l.high_freq_factor), old = static_cast<float>(l.original_max_position_embeddings);
+  const float low_wavelen = static_cast<float>(l.original_max_position_embeddings / l.low_freq_factor);
+  const float high_wavelen = static_cast<float>(l.original_max_position_embeddings / l.high_freq_factor);
+  const float two_pi = static_cast<float>(2.0 * 3.14159265358979323846);
+  for (auto& x : f) {
+    const float wavelen = two_pi / x;
+    if (wavelen > low_wavelen) {
+      x = x / factor;
+    } else if (!(wavelen < high_wavelen)) {
+      const float smooth = (old / wavelen - low) / (high - low);
+      x = (1.f - smooth) * x / factor + smooth * x;
+    }
+  }
+  return f;
+}
 
 /// Cos/sin table for positions [0, size()) of one head_dim; grows on demand (the only
 /// allocation), so a host keeps one per model and steady-state calls never allocate.
@@ -32,17 +78,25 @@ class Rope {
     CTXCOMP_CHECK(cfg.theta > 0 && std::isfinite(cfg.theta), "Rope: theta (", cfg.theta, ") must be positive");
     CTXCOMP_CHECK(cfg.linear_scaling > 0 && std::isfinite(cfg.linear_scaling), "Rope: linear_scaling (",
                   cfg.linear_scaling, ") must be positive");
-    inv_freq_.resize(static_cast<std::size_t>(rot_ / 2));
-    for (index_t i = 0; i < rot_ / 2; ++i) {
-      // As transformers: inv_freq = 1 / theta^(2i/dim), evaluated in float32.
-      const float e = static_cast<float>(2 * i) / static_cast<float>(rot_);
-      inv_freq_[i] = 1.0f / std::pow(static_cast<float>(cfg.theta), e);
+    if (cfg.llama3.enabled()) {
+      const auto& l = cfg.llama3;
+      CTXCOMP_CHECK(std::isfinite(l.factor) && l.factor >= 1.0, "Rope: llama3 factor (", l.factor, ") must be >= 1");
+      CTXCOMP_CHECK(std::isfinite(l.low_freq_factor) && std::isfinite(l.high_freq_factor) && l.low_freq_factor > 0 &&
+                        l.high_freq_factor > l.low_freq_factor,
+                    "Rope: llama3 needs 0 < low_freq_factor < high_freq_factor (got ", l.low_freq_factor, ", ",
+                    l.high_freq_factor, ")");
+      CTXCOMP_CHECK(std::isfinite(l.original_max_position_embeddings) && l.original_max_position_embeddings > 0,
+                    "Rope: llama3 original_max_position_embeddings (", l.original_max_position_embeddings,
+                    ") must be positive");
     }
+    inv_freq_ = rope_inv_freq(cfg, rot_);
   }
 
   const RopeConfig& config() const noexcept { return cfg_; }
   index_t head_dim() const noexcept { return head_dim_; }
   index_t size() const noexcept { return size_; }
+  /// The rotary frequencies in use (rotary_dim / 2 of them).
+  const std::vector<float>& inv_freq() const noexcept { return inv_freq_; }
 
   /// Makes the table cover positions [0, n).
   void reserve_positions(index_t n) {
