@@ -5,6 +5,10 @@
 //   the cost of each mask can be set against its pairs (pairs_vs_causal);
 // - sac/decode: one decode step's attention over the anchors-only cache of a 4096-token context
 //   vs the uncompressed cache (fp16), with the compressed cache's bytes per context token.
+// - sac/llama32_1b: the SAC paper's configuration at full size (Llama-3.2-1B shape, bf16 weights,
+//   llama3 RoPE): compressing a 2040-token context in chunks of 510 at ratio 5 (full mask) beside
+//   the plain causal prefill of the same context, and one decode step (16 layers and the lm head)
+//   over the compressed vs the full cache (bf16 K/V).
 // CTXCOMP_BENCH_SMOKE=1 shrinks every shape.
 #include "../examples/sac_driver.hpp"
 #include "synthetic_llama.hpp"
@@ -118,6 +122,101 @@ void decode(benchmark::State& st, index_t ratio) {
   st.counters["GBps"] = bench::rate(layer_bytes * 1e-9);
 }
 
+/// The Llama-3.2-1B-shaped model, built once (about 2.5 GB of bf16 weights).
+const bench::SyntheticLlama<bf16>& llama32_1b() {
+  static const bench::SyntheticLlama<bf16> m(bench::LlamaShape::llama32_1b());
+  return m;
+}
+constexpr index_t kPaperTokens = 2040, kPaperChunk = 510, kPaperRatio = 5;
+
+std::vector<std::int64_t> paper_ids(index_t vocab) {
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(kPaperTokens));
+  for (index_t i = 0; i < kPaperTokens; ++i) ids[std::size_t(i)] = (i * 7919 + 13) % vocab;
+  return ids;
+}
+
+double cache_bytes(const KvCache<bf16>& c) {
+  return 2.0 * double(c.layers() * c.kv_heads() * c.size() * c.head_dim()) * sizeof(bf16);
+}
+
+/// SAC compression of the whole context (compress = true) or its plain causal prefill.
+void paper_context(benchmark::State& st, bool compress, int threads) {
+  const auto& llama = llama32_1b();
+  const auto& c = llama.model.config;
+  host::LlamaHost<bf16, bf16> h(llama.model);
+  const auto ids = paper_ids(c.vocab);
+  const auto plan = anchor::AnchorPlan::uniform(kPaperTokens, kPaperChunk, kPaperRatio);
+  const auto roles = bench::random_buffer(std::size_t(plan.max_anchors_per_chunk() * c.hidden), 5, 0.02f);
+  anchor::Compressor<bf16> comp(c.layers, c.kv_heads, c.head_dim, c.hidden, kPaperChunk);
+  auto cache = h.make_cache(compress ? plan.anchor_count() : kPaperTokens);
+  std::vector<float> x(compress ? 0 : std::size_t(kPaperTokens * c.hidden));
+  std::vector<std::int64_t> pos(ids.size());
+  std::vector<index_t> idx(ids.size());
+  for (index_t i = 0; i < kPaperTokens; ++i) pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+  bench::with_executor(threads, [&](const auto& exec) {
+    for (auto _ : st) {
+      cache.clear();
+      if (compress) {
+        comp.compress(
+            plan, ids.data(), matrix_view<const float>(roles.data(), plan.max_anchors_per_chunk(), c.hidden),
+            anchor::ChunkMask::Full,
+            [&](const std::int64_t* p, index_t cnt, MatrixView<float> xv) { h.embed(p, cnt, xv); },
+            [&](MatrixView<float> xv, const std::int64_t* ps, const index_t* ix, const auto& mask, KvCache<bf16>& kc) {
+              h.forward(xv, ps, ix, mask, kc, exec);
+            },
+            cache);
+      } else {
+        h.embed(ids.data(), kPaperTokens, matrix_view(x.data(), kPaperTokens, c.hidden));
+        h.forward(matrix_view(x.data(), kPaperTokens, c.hidden), pos.data(), idx.data(), Causal(0), cache, exec);
+      }
+      benchmark::ClobberMemory();
+    }
+  });
+  st.counters["context_tokens_per_s"] = bench::rate(double(kPaperTokens));
+  st.counters["cache_entries"] = double(cache.size());
+  st.counters["cache_bytes"] = cache_bytes(cache);
+  st.counters["compression_ratio"] = double(kPaperTokens) / double(cache.size());
+}
+
+/// One decode step (every layer and the lm head) over the compressed or the full cache.
+void paper_decode(benchmark::State& st, bool compressed) {
+  const auto& llama = llama32_1b();
+  const auto& c = llama.model.config;
+  host::LlamaHost<bf16, bf16> h(llama.model);
+  const auto ids = paper_ids(c.vocab);
+  const auto plan = anchor::AnchorPlan::uniform(kPaperTokens, kPaperChunk, kPaperRatio);
+  auto cache = h.make_cache((compressed ? plan.anchor_count() : kPaperTokens) + 1);
+  if (compressed) {
+    const auto roles = bench::random_buffer(std::size_t(plan.max_anchors_per_chunk() * c.hidden), 5, 0.02f);
+    host::sac_compress(h, plan, ids.data(),
+                       matrix_view<const float>(roles.data(), plan.max_anchors_per_chunk(), c.hidden),
+                       anchor::ChunkMask::Full, cache);
+  } else {
+    std::vector<float> x(std::size_t(kPaperTokens * c.hidden));
+    std::vector<std::int64_t> pos(ids.size());
+    std::vector<index_t> idx(ids.size());
+    for (index_t i = 0; i < kPaperTokens; ++i) pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+    h.embed(ids.data(), kPaperTokens, matrix_view(x.data(), kPaperTokens, c.hidden));
+    h.forward(matrix_view(x.data(), kPaperTokens, c.hidden), pos.data(), idx.data(), Causal(0), cache);
+  }
+  const index_t m = cache.size();
+  std::vector<float> x(std::size_t(c.hidden)), logits(std::size_t(c.vocab));
+  const std::int64_t next = 42, position = kPaperTokens;
+  const index_t token = kPaperTokens;
+  for (auto _ : st) {
+    h.embed(&next, 1, matrix_view(x.data(), 1, c.hidden));
+    h.forward(matrix_view(x.data(), 1, c.hidden), &position, &token, Causal(m), cache);
+    h.logits(matrix_view<const float>(x.data(), 1, c.hidden), matrix_view(logits.data(), 1, c.vocab));
+    cache.truncate(m);
+    benchmark::DoNotOptimize(logits.data());
+  }
+  st.counters["tokens_per_s"] = bench::rate(1.0);
+  st.counters["cache_entries"] = double(m);
+  st.counters["cache_bytes"] = cache_bytes(cache);
+  // K/V read per step (bf16), as a bandwidth figure beside the weights the step also reads.
+  st.counters["kv_GBps"] = bench::rate(cache_bytes(cache) * 1e-9);
+}
+
 const bool registered = [] {
   auto ms = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
   const std::string c = "chunk" + std::to_string(chunk());
@@ -140,6 +239,14 @@ const bool registered = [] {
   ms(benchmark::RegisterBenchmark(("sac/decode/" + ctx + "_uncompressed").c_str(), decode, index_t(1)));
   for (index_t r : kRatios)
     ms(benchmark::RegisterBenchmark(("sac/decode/" + ctx + "_r" + std::to_string(r)).c_str(), decode, r));
+  // Seconds per iteration: Google Benchmark stops after the first one.
+  auto paper = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
+  paper(benchmark::RegisterBenchmark("sac/llama32_1b/compress_2040_r5", paper_context, true, 1));
+  paper(benchmark::RegisterBenchmark("sac/llama32_1b/compress_2040_r5_t2", paper_context, true, 2));
+  paper(benchmark::RegisterBenchmark("sac/llama32_1b/prefill_2040", paper_context, false, 1));
+  paper(benchmark::RegisterBenchmark("sac/llama32_1b/prefill_2040_t2", paper_context, false, 2));
+  ms(benchmark::RegisterBenchmark("sac/llama32_1b/decode_compressed", paper_decode, true));
+  ms(benchmark::RegisterBenchmark("sac/llama32_1b/decode_full", paper_decode, false));
   return true;
 }();
 

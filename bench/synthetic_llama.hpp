@@ -1,6 +1,7 @@
-// A Llama-architecture model with random weights and the shape of Llama-2-7B (hidden 4096, 32
-// heads of 128, intermediate 11008) but only the layers a benchmark needs; its weights are
-// owned here. CTXCOMP_BENCH_SMOKE=1 shrinks it (hidden 256, 4 heads of 64).
+// A Llama-architecture model with random weights, by default the shape of Llama-2-7B (hidden
+// 4096, 32 heads of 128, intermediate 11008) with only the layers a benchmark needs, or any
+// `LlamaShape` (e.g. Llama-3.2-1B); its weights are owned here. CTXCOMP_BENCH_SMOKE=1 shrinks
+// the default shape (hidden 256, 4 heads of 64).
 #pragma once
 #include <cstdlib>
 #include <memory>
@@ -22,40 +23,70 @@ void fill(std::vector<T>& v, std::uint32_t seed, float scale) {
   }
 }
 
+/// The sizes of a synthetic model.
+struct LlamaShape {
+  index_t hidden, heads, kv_heads, head_dim, intermediate, layers, vocab;
+  RopeConfig rope{};
+  bool tied = false;
+
+  /// Llama-2-7B's layer shape (smoke: hidden 256, 4 heads of 64) with `layers` layers.
+  static LlamaShape llama2_7b(index_t layers, index_t vocab) {
+    const bool s = smoke();
+    return {s ? 256 : 4096, s ? 4 : 32, s ? 4 : 32, s ? 64 : 128, s ? 688 : 11008, layers, vocab};
+  }
+  /// Llama-3.2-1B (the SAC paper's base model): hidden 2048, 32 heads over 8 kv heads of 64, 16
+  /// layers, intermediate 8192, vocab 128256, tied embeddings, llama3 RoPE (theta 500000, factor 32,
+  /// low 1, high 4, original 8192). Smoke: hidden 128, 4 heads over 2 of 32, 2 layers, vocab 512.
+  static LlamaShape llama32_1b() {
+    const bool s = smoke();
+    LlamaShape r{s ? 128 : 2048, s ? 4 : 32, s ? 2 : 8, s ? 32 : 64, s ? 256 : 8192, s ? 2 : 16, s ? 512 : 128256};
+    r.rope.theta = 500000.0;
+    r.rope.llama3 = {32.0, 1.0, 4.0, 8192.0};
+    r.tied = true;
+    return r;
+  }
+};
+
 template <class T = float>
 struct SyntheticLlama {
   host::LlamaModel<T> model;
   std::vector<std::vector<T>> storage;
 
-  explicit SyntheticLlama(index_t layers, index_t vocab = 1) {
-    const bool s = smoke();
+  explicit SyntheticLlama(index_t layers, index_t vocab = 1) : SyntheticLlama(LlamaShape::llama2_7b(layers, vocab)) {}
+
+  explicit SyntheticLlama(const LlamaShape& shape) {
     auto& c = model.config;
-    c.hidden = s ? 256 : 4096;
-    c.heads = c.kv_heads = s ? 4 : 32;
-    c.head_dim = s ? 64 : 128;
-    c.intermediate = s ? 688 : 11008;
-    c.layers = layers;
-    c.vocab = vocab;
-    storage.reserve(std::size_t(9 * layers + 3));
-    const index_t d = c.hidden, in = c.intermediate;
+    c.hidden = shape.hidden;
+    c.heads = shape.heads;
+    c.kv_heads = shape.kv_heads;
+    c.head_dim = shape.head_dim;
+    c.intermediate = shape.intermediate;
+    c.layers = shape.layers;
+    c.vocab = shape.vocab;
+    c.rope = shape.rope;
+    c.arch.tied_embeddings = shape.tied;
+    storage.reserve(std::size_t(9 * c.layers + 3));
+    const index_t d = c.hidden, in = c.intermediate, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim;
     auto wv = [&](index_t o, index_t i) { return WeightView<T>{add(std::size_t(o * i), 0.02f, 0.f), o, i}; };
-    for (index_t l = 0; l < layers; ++l) {
+    for (index_t l = 0; l < c.layers; ++l) {
       host::LlamaLayerWeights<T> w;
       w.input_norm = add(std::size_t(d), 0.1f, 1.f);
       w.post_attention_norm = add(std::size_t(d), 0.1f, 1.f);
-      w.q = wv(d, d), w.k = wv(d, d), w.v = wv(d, d), w.o = wv(d, d);
+      w.q = wv(qd, d), w.k = wv(kd, d), w.v = wv(kd, d), w.o = wv(d, qd);
       w.mlp = {wv(in, d), wv(in, d), wv(d, in)};
       model.layers.push_back(w);
     }
     model.final_norm = add(std::size_t(d), 0.f, 1.f);
-    model.embed = add(std::size_t(vocab * d), 1.f, 0.f);
-    model.lm_head = {add(std::size_t(vocab * d), 0.02f, 0.f), vocab, d};
+    model.embed = add(std::size_t(c.vocab * d), 1.f, 0.f);
+    model.lm_head = shape.tied ? WeightView<T>{model.embed, c.vocab, d}
+                               : WeightView<T>{add(std::size_t(c.vocab * d), 0.02f, 0.f), c.vocab, d};
   }
   /// FLOPs of one layer's forward over n new tokens whose attention sees `pairs` (query, key) pairs.
   double layer_flops(double n, double pairs) const {
     const auto& c = model.config;
-    const double d = double(c.hidden), in = double(c.intermediate);
-    return 2 * n * d * d * 4 + 3 * 2 * n * d * in + 4 * double(c.head_dim * c.heads) * pairs;
+    const double d = double(c.hidden), in = double(c.intermediate), qd = double(c.heads * c.head_dim),
+                 kd = double(c.kv_heads * c.head_dim);
+    return 2 * n * d * (2 * qd + 2 * kd) + 3 * 2 * n * d * in + 4 * qd * pairs;
   }
 
  private:

@@ -237,7 +237,7 @@ int main(int argc, char** argv) {
       ->default_val(1)->check(CLI::Range(1, 64));
 
   FoldArgs fa;
-  auto* fo = app.add_subcommand("fold", "Run a Llama checkpoint over input_ids, folding every <CL>...<CR> span into its <CR>");
+  auto* fo = app.add_subcommand("fold", "Run a Llama-family checkpoint (Llama, Mistral, Qwen2, Qwen3) over input_ids, folding every <CL>...<CR> span into its <CR>");
   fo->add_option("--model", fa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 (config.json + model.safetensors, or shards with model.safetensors.index.json)")
       ->required()->check(CLI::ExistingDirectory);
   fo->add_option("--input", fa.input, "safetensors file with tensor input_ids [n] (I64 or I32)")->required()->check(CLI::ExistingFile);
@@ -252,7 +252,7 @@ int main(int argc, char** argv) {
       ->default_val(1)->check(CLI::Range(1, 64));
 
   SacArgs sa;
-  auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a Llama checkpoint, then decode");
+  auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a Llama-family checkpoint, then decode");
   sc->add_option("--model", sa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 (config.json + model.safetensors, or shards with model.safetensors.index.json)")
       ->required()->check(CLI::ExistingDirectory);
   sc->add_option("--anchor-embeds", sa.anchor_embeds,
