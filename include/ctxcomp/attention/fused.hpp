@@ -1,7 +1,8 @@
 // Fused multi-head attention: grouped-query heads, tiles of queries x keys with an online
 // softmax (no score matrix larger than a tile), hidden tiles skipped through the structured
 // mask. Layout: q/out [heads x q_len x head_dim], k/v [kv_heads x kv_len x head_dim] in float,
-// bf16 or fp16 (converted per tile; fp32 accumulation). Semantics: attention/options.hpp.
+// bf16, fp16 or qint8 (widened in registers; fp32 accumulation); decode-like calls split the key
+// range (flash-decoding) and merge the splits by log-sum-exp. Semantics: attention/options.hpp.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -22,7 +23,9 @@ namespace detail {
 
 /// Tile geometry of one attention call. A task is (kv head, block of queries); its rows are the
 /// block's queries times the group's query heads (row = query * group + head-in-group), so all
-/// query heads that share a kv head read each K/V tile once.
+/// query heads that share a kv head read each K/V tile once. Decode-like calls (few rows per
+/// task, or fewer tasks than kMinTasks) also cut the key range into splits of split_len keys
+/// (flash-decoding); splits are fixed by the shapes, never by the thread count.
 template <class V>
 struct AttentionTiling {
   static constexpr index_t kv_tile = 64;
@@ -30,8 +33,10 @@ struct AttentionTiling {
   // Below this many rows (decode), scores are dot products against K rows read in place;
   // above, K tiles are transposed once and reused by every row (outer-product GEMM).
   static constexpr index_t few_rows = 16;
+  static constexpr index_t split_len = 512;  // keys per split, a multiple of kv_tile
+  static constexpr index_t min_tasks = 8;    // calls with fewer tasks are split too
   index_t group, q_block, rows, head_dim, dim_padded;
-  index_t q_blocks, tasks, kv_tiles;
+  index_t q_blocks, tasks, kv_tiles, splits;
 
   AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d, index_t kv_len) {
     group = heads / kv_heads;
@@ -42,41 +47,37 @@ struct AttentionTiling {
     q_blocks = (q_len + q_block - 1) / q_block;
     tasks = kv_heads * q_blocks;
     kv_tiles = (kv_len + kv_tile - 1) / kv_tile;
+    splits = kv_len > split_len && (rows < few_rows || tasks < min_tasks) ? (kv_len + split_len - 1) / split_len : 1;
   }
   /// Many-row tasks keep every transposed K tile of their kv head (reused by the next task of
-  /// the same head); few-row tasks only widen one tile at a time.
-  index_t kt_tiles() const { return rows < few_rows ? 1 : kv_tiles; }
+  /// the same head); few-row tasks read K in place.
+  index_t kt_tiles() const { return rows < few_rows ? 0 : kv_tiles; }
   std::size_t worker_bytes() const {
-    return Workspace::bytes_for<float>(rows * head_dim)          // packed, pre-scaled queries
-           + Workspace::bytes_for<float>(head_dim * kv_tile * kt_tiles())  // K tiles (transposed for many rows)
-           + Workspace::bytes_for<index_t>(kv_tiles)                // kv head each transposed tile holds
-           + Workspace::bytes_for<float>(kv_tile * dim_padded)   // V tile
-           + Workspace::bytes_for<float>(rows * kv_tile)         // scores / probabilities
-           + Workspace::bytes_for<float>(rows * dim_padded)      // output accumulator
-           + 2 * Workspace::bytes_for<float>(rows);              // running max and sum
+    return Workspace::bytes_for<float>(rows * head_dim)                  // packed, pre-scaled queries
+           + Workspace::bytes_for<float>(head_dim * kv_tile * kt_tiles())  // transposed K tiles (many rows)
+           + Workspace::bytes_for<index_t>(kv_tiles)                     // kv head each transposed tile holds
+           + Workspace::bytes_for<float>(kv_tile * dim_padded)           // V tile (padded head_dim) / K row
+           + Workspace::bytes_for<float>(2 * kv_tile)                    // K and V scales of a tile (qint8)
+           + Workspace::bytes_for<float>(rows * kv_tile)                 // scores / probabilities
+           + Workspace::bytes_for<float>(rows * dim_padded)              // output accumulator
+           + 2 * Workspace::bytes_for<float>(rows);                      // running max and sum
   }
+  /// Floats of one split's partial result: running max, sum and the unnormalised output.
+  index_t partial_floats() const { return rows * (dim_padded + 2); }
 };
-
-template <class T>
-inline void load_row(const T* src, float* dst, index_t n) noexcept {
-  kernels::convert<std::remove_const_t<T>, float>(src, dst, n);
-}
 
 }  // namespace detail
 
 /// Bytes of workspace `attention` reserves for these shapes and concurrency.
 template <class V = simd::Vec>
 std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, index_t head_dim,
-                                      index_t concurrency = 1) {
-  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim, kv_len);
-  return static_cast<std::size_t>(std::max<index_t>(1, std::min(concurrency, t.tasks))) * t.worker_bytes();
-}
+                                      index_t concurrency = 1);
 
 namespace detail {
 
 /// Per-worker tile buffers carved from the workspace.
 struct AttentionBuffers {
-  float *qp, *kt, *vp, *s, *o, *m, *l;
+  float *qp, *kt, *vp, *ks, *vs, *s, *o, *m, *l;
   index_t* kt_head;  // kt_head[tile] = kv head whose K tile `tile` is transposed in kt, or -1
 };
 
@@ -102,13 +103,27 @@ struct RowGroup {
 };
 inline constexpr index_t kMaxRowGroups = 4;
 
+/// Upper bound of the task count of any row grouping of a call tiled as T (a group's q_block is
+/// never larger than the whole call's, and each group adds at most one partial block).
+template <class V>
+index_t max_tasks(const AttentionTiling<V>& T, index_t kv_heads) {
+  return kv_heads * (T.q_blocks + kMaxRowGroups);
+}
+
 /// The fused kernel over row groups, with buffers sized for all q rows. Tasks run kv-head by
 /// kv-head across the groups, so every group's tasks of a head reuse its transposed K tiles.
+/// With T.splits > 1 each (task, split) work item covers one key range and leaves its running
+/// max, sum and unnormalised output in `partial`; a log-sum-exp merge then writes `out`.
+/// K and V of any storage type are widened in registers (qint8: scales folded into the scores
+/// and the probabilities).
 template <class V, class Q, class K, class Vt, class O, class Mask, class Exec>
 void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGroup<Mask>* groups,
                     index_t group_count, HeadsView<O> out, float qscale, const AttentionBuffers* buf,
-                    const Exec& exec) {
+                    index_t splits, float* partial, const Exec& exec) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  using KS = std::remove_const_t<K>;
+  using VS = std::remove_const_t<Vt>;
+  using OS = std::remove_const_t<O>;
   AttentionTiling<V> tilings[kMaxRowGroups] = {
       {q.heads, k.heads, 1, q.head_dim, k.tokens}, {q.heads, k.heads, 1, q.head_dim, k.tokens},
       {q.heads, k.heads, 1, q.head_dim, k.tokens}, {q.heads, k.heads, 1, q.head_dim, k.tokens}};
@@ -118,12 +133,23 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
     per_head += tilings[gi].q_blocks;
   }
   const index_t kv_len = k.tokens;
+  const index_t split_len = splits > 1 ? AttentionTiling<V>::split_len : kv_len;
+  // Every partial slot has room for the largest task (the whole call's tiling).
+  const index_t slot = AttentionTiling<V>(q.heads, k.heads, q.tokens, q.head_dim, k.tokens).partial_floats();
 
-  exec.parallel_for(k.heads * per_head, [&](index_t task, index_t worker) {
-    const AttentionBuffers& b = buf[worker];
-    const index_t kh = task / per_head;
-    index_t local = task % per_head, gi = 0;
+  // Which group and block a task is.
+  auto locate = [&](index_t task, index_t& gi, index_t& local) {
+    local = task % per_head;
+    gi = 0;
     while (local >= tilings[gi].q_blocks) local -= tilings[gi++].q_blocks;
+  };
+
+  exec.parallel_for(k.heads * per_head * splits, [&](index_t item, index_t worker) {
+    const AttentionBuffers& b = buf[worker];
+    const index_t task = item / splits, split = item % splits;
+    const index_t kh = task / per_head;
+    index_t gi, local;
+    locate(task, gi, local);
     const AttentionTiling<V> T = tilings[gi];  // local copies: no reloads after stores in the loops
     const Mask mask = groups[gi].mask;
     const index_t* rows_of = groups[gi].rows;
@@ -134,11 +160,12 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
     const index_t nq = q1 - q0, rows = nq * g;
     // The block's query rows lie within [r0, r1) (all of them when rows_of is null).
     const index_t r0 = row(q0), r1 = row(q1 - 1) + 1;
+    const index_t kb = split * split_len, ke = std::min(kv_len, kb + split_len);
 
     for (index_t qi = 0; qi < nq; ++qi)
       for (index_t hh = 0; hh < g; ++hh) {
         float* dst = b.qp + (qi * g + hh) * d;
-        load_row(q.row(kh * g + hh, row(q0 + qi)), dst, d);
+        kernels::widen<V>(q.row(kh * g + hh, row(q0 + qi)), dst, d);
         kernels::scale<V>(dst, qscale, d);
       }
     std::fill(b.o, b.o + rows * dp, 0.f);
@@ -147,38 +174,40 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
     if (dp != d)  // padding columns of V stay zero for the whole task
       for (index_t kk = 0; kk < Bk; ++kk) std::fill(b.vp + kk * dp + d, b.vp + (kk + 1) * dp, 0.f);
 
-    for (index_t k0 = 0; k0 < kv_len; k0 += Bk) {
-      const index_t k1 = std::min(kv_len, k0 + Bk), nk = k1 - k0;
+    for (index_t k0 = kb; k0 < ke; k0 += Bk) {
+      const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
       const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
 
       if (rows < T.few_rows) {
-        // Dot-product form: K rows as stored (fp32) or widened row by row.
-        const float* kr;
-        index_t ldk;
-        if constexpr (std::is_same_v<std::remove_const_t<K>, float>) {
-          kr = k.row(kh, k0);
-          ldk = k.token_stride;
-        } else {
-          for (index_t kk = 0; kk < nk; ++kk) load_row(k.row(kh, k0 + kk), b.kt + kk * d, d);
-          b.kt_head[0] = -1;  // tile 0's transposed copy (if any) is overwritten
-          kr = b.kt;
-          ldk = d;
+        // Dot-product form: K rows read in place from the cache, widened in registers; qint8
+        // scales multiply the finished dot products.
+        const float* col_scale = nullptr;
+        if constexpr (is_quantized_v<KS>) {
+          for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
+          col_scale = b.ks;
         }
-        kernels::tile_gemm_nt<V>(b.qp, d, kr, ldk, b.s, Bk, rows, nk, d);
+        kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0), k.token_stride, b.s, Bk, rows, nk, d, col_scale);
       } else {
         // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
-        // and worker: later tasks of the same head reuse it.
+        // and worker: later tasks of the same head reuse it. Rows are widened by vector loads.
         const index_t tile = k0 / Bk;
         float* kt = b.kt + tile * d * Bk;
         if (b.kt_head[tile] != kh) {
           for (index_t kk = 0; kk < nk; ++kk) {
-            const auto* src = k.row(kh, k0 + kk);
-            for (index_t i = 0; i < d; ++i) kt[i * Bk + kk] = to_float(src[i]);
+            const float* src;
+            if constexpr (std::is_same_v<KS, float>) {
+              src = k.row(kh, k0 + kk);
+            } else {
+              kernels::widen<V>(k.row(kh, k0 + kk), b.vp, d);
+              if constexpr (is_quantized_v<KS>) kernels::scale<V>(b.vp, k.scale(kh, k0 + kk), d);
+              src = b.vp;
+            }
+            for (index_t i = 0; i < d; ++i) kt[i * Bk + kk] = src[i];
           }
           if (nk < Bk)
             for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);
-          b.kt_head[tile] = kh;
+          b.kt_head[tile] = kh;  // (b.vp's row 0 served as the row buffer; its padding is untouched)
         }
         kernels::tile_gemm<false, V>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
       }
@@ -209,33 +238,88 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
         if (alpha != 1.f) kernels::scale<V>(b.o + r * dp, alpha, dp);
         b.m[r] = mnew;
       }
-
-      if constexpr (std::is_same_v<std::remove_const_t<Vt>, float>) {
-        if (dp == d) {  // V rows used in place
-          kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk);
-          continue;
-        }
+      if constexpr (is_quantized_v<VS>) {  // p * (scale * q) = (p * scale) * q
+        for (index_t kk = 0; kk < nk; ++kk) b.vs[kk] = v.scale(kh, k0 + kk);
+        for (index_t r = 0; r < rows; ++r)
+          for (index_t kk = 0; kk < nk; ++kk) b.s[r * Bk + kk] *= b.vs[kk];
       }
-      for (index_t kk = 0; kk < nk; ++kk) load_row(v.row(kh, k0 + kk), b.vp + kk * dp, d);
+
+      if (dp == d) {  // V rows used in place, widened in registers
+        kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk);
+        continue;
+      }
+      for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);
       kernels::tile_gemm<true, V>(b.s, Bk, b.vp, dp, b.o, dp, rows, dp, nk);
     }
 
+    if (splits > 1) {  // leave the partial result for the merge
+      float* p = partial + item * slot;
+      std::copy(b.m, b.m + rows, p);
+      std::copy(b.l, b.l + rows, p + rows);
+      std::copy(b.o, b.o + rows * dp, p + 2 * rows);
+      return;
+    }
     for (index_t qi = 0; qi < nq; ++qi)
       for (index_t hh = 0; hh < g; ++hh) {
         const index_t r = qi * g + hh;
         const float inv = b.l[r] > 0.f ? 1.f / b.l[r] : 0.f;  // no visible key: zeros, never NaN
         auto* dst = out.row(kh * g + hh, row(q0 + qi));
         const float* src = b.o + r * dp;
-        for (index_t i = 0; i < d; ++i) dst[i] = from_float<std::remove_const_t<O>>(src[i] * inv);
+        for (index_t i = 0; i < d; ++i) dst[i] = from_float<OS>(src[i] * inv);
       }
+  });
+  if (splits == 1) return;
+
+  // Log-sum-exp merge of the splits of every task, in split order (fixed: bit-identical for any
+  // thread count): M = max m_s, L = sum l_s 2^(m_s - M), out = sum o_s 2^(m_s - M) / L.
+  exec.parallel_for(k.heads * per_head, [&](index_t task, index_t worker) {
+    const AttentionBuffers& b = buf[worker];
+    const index_t kh = task / per_head;
+    index_t gi, local;
+    locate(task, gi, local);
+    const AttentionTiling<V>& T = tilings[gi];
+    const index_t* rows_of = groups[gi].rows;
+    const index_t q0 = local * T.q_block, q1 = std::min(groups[gi].n, q0 + T.q_block);
+    const index_t nq = q1 - q0, g = T.group, rows = nq * g, d = T.head_dim, dp = T.dim_padded;
+    for (index_t r = 0; r < rows; ++r) {
+      float mx = kNegInf;
+      for (index_t sp = 0; sp < splits; ++sp) mx = std::max(mx, partial[(task * splits + sp) * slot + r]);
+      float* acc = b.o;
+      std::fill(acc, acc + dp, 0.f);
+      float total = 0.f;
+      if (mx != kNegInf)
+        for (index_t sp = 0; sp < splits; ++sp) {
+          const float* p = partial + (task * splits + sp) * slot;
+          if (p[r] == kNegInf) continue;  // the split saw nothing for this row
+          const float w = simd::ScalarVec::exp2(p[r] - mx);
+          total += p[rows + r] * w;
+          kernels::axpy<V>(w, p + 2 * rows + r * dp, acc, dp);
+        }
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      const index_t qi = r / g, hh = r % g;
+      auto* dst = out.row(kh * g + hh, rows_of ? rows_of[q0 + qi] : q0 + qi);
+      for (index_t i = 0; i < d; ++i) dst[i] = from_float<OS>(acc[i] * inv);
+    }
   });
 }
 
 }  // namespace detail
 
+template <class V>
+std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, index_t head_dim,
+                                      index_t concurrency) {
+  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim, kv_len);
+  const index_t items = detail::max_tasks(t, kv_heads) * t.splits;
+  return static_cast<std::size_t>(std::max<index_t>(1, concurrency)) * t.worker_bytes() +
+         (t.splits > 1 ? Workspace::bytes_for<float>(items * t.partial_floats()) : 0) +
+         Workspace::bytes_for<index_t>(q_len);
+}
+
 /// out = softmax(scale * q k^T | mask) v. heads % kv_heads == 0, else ctxcomp::Error. A query row
 /// with no visible key gets zeros. On error nothing is written. Results do not depend on the
-/// executor's thread count (tasks are fixed by the shapes; each writes its own rows).
+/// executor's thread count (tasks and key splits are fixed by the shapes; each writes its own
+/// rows or partial slot, and splits are merged in a fixed order). K and V may be float, bf16,
+/// fp16 or qint8 (widened or dequantised in registers; fp32 accumulation).
 /// V selects the vector type (simd::Vec, or simd::ScalarVec for the scalar twin).
 template <class V = simd::Vec, class Q, class K, class Vt, class O, class Mask, class Exec = SerialExecutor>
 void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
@@ -246,16 +330,18 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
   // Buffers sized for all q rows fit any subset of them (a group's tiling is never larger).
   const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim, k.tokens);
   const float qscale = detail::effective_scale(opt, T.head_dim) * kLog2e;  // softmax in base 2
-  const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), T.tasks));
+  const index_t items = detail::max_tasks(T, k.heads) * T.splits;
+  // One buffer set per worker slot the executor may use (any slot may run any task).
+  const index_t workers = std::max<index_t>(1, exec.concurrency());
   CTXCOMP_CHECK(workers <= 64, "attention: executor concurrency (", workers, ") above the supported 64");
-  constexpr bool split = detail::has_row_groups<Mask>::value;
-  ws.reserve(static_cast<std::size_t>(workers) * T.worker_bytes() +
-             (split ? Workspace::bytes_for<index_t>(q.tokens) : 0));
+  ws.reserve(attention_workspace_bytes<V>(q.heads, k.heads, q.tokens, k.tokens, q.head_dim, workers));
   detail::AttentionBuffers buf[64];
   for (index_t w = 0; w < workers; ++w) {
     buf[w].qp = ws.take<float>(T.rows * T.head_dim);
     buf[w].kt = ws.take<float>(T.head_dim * T.kv_tile * T.kt_tiles());
     buf[w].vp = ws.take<float>(T.kv_tile * T.dim_padded);
+    buf[w].ks = ws.take<float>(2 * T.kv_tile);
+    buf[w].vs = buf[w].ks + T.kv_tile;
     buf[w].s = ws.take<float>(T.rows * T.kv_tile);
     buf[w].o = ws.take<float>(T.rows * T.dim_padded);
     buf[w].m = ws.take<float>(T.rows);
@@ -263,11 +349,12 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
     buf[w].kt_head = ws.take<index_t>(T.kv_tiles);
     std::fill(buf[w].kt_head, buf[w].kt_head + T.kv_tiles, index_t(-1));
   }
-  if constexpr (split) {
+  float* partial = T.splits > 1 ? ws.take<float>(items * T.partial_floats()) : nullptr;
+  index_t* rows = ws.take<index_t>(q.tokens);
+  if constexpr (detail::has_row_groups<Mask>::value) {
     using GroupMask = decltype(mask.group_mask(0));
     CTXCOMP_CHECK(mask.row_groups() <= detail::kMaxRowGroups, "attention: the mask has ", mask.row_groups(),
                   " row groups, above the supported ", detail::kMaxRowGroups);
-    index_t* rows = ws.take<index_t>(q.tokens);
     detail::RowGroup<GroupMask> groups[detail::kMaxRowGroups];
     index_t count = 0, used = 0;
     for (index_t grp = 0; grp < mask.row_groups(); ++grp) {
@@ -275,10 +362,11 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
       if (n > 0) groups[count++] = {rows + used, n, mask.group_mask(grp)};
       used += n;
     }
-    detail::attention_rows<V>(q, k, v, groups, count, out, qscale, buf, exec);
+    detail::attention_rows<V>(q, k, v, groups, count, out, qscale, buf, T.splits, partial, exec);
   } else {
+    (void)rows;
     const detail::RowGroup<Mask> all{nullptr, q.tokens, mask};
-    detail::attention_rows<V>(q, k, v, &all, 1, out, qscale, buf, exec);
+    detail::attention_rows<V>(q, k, v, &all, 1, out, qscale, buf, T.splits, partial, exec);
   }
 }
 

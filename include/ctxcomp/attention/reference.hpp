@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "../kv/rows.hpp"
 #include "masks.hpp"
 #include "options.hpp"
 
@@ -28,7 +29,7 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<V> v, const Mask& mask,
           continue;
         }
         double s = 0;
-        for (index_t t = 0; t < d; ++t) s += double(to_float(q(h, i, t))) * double(to_float(k(kh, j, t)));
+        for (index_t t = 0; t < d; ++t) s += double(to_float(q(h, i, t))) * element_value(k, kh, j, t);
         p[j] = s * scale;
         mx = std::max(mx, p[j]);
       }
@@ -38,7 +39,7 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<V> v, const Mask& mask,
         for (index_t j = 0; j < k.tokens; ++j) {
           const double e = std::exp(p[j] - mx);  // exp(-inf) = 0 for hidden keys
           sum += e;
-          for (index_t t = 0; t < d; ++t) acc[t] += e * double(to_float(v(kh, j, t)));
+          for (index_t t = 0; t < d; ++t) acc[t] += e * element_value(v, kh, j, t);
         }
       }
       for (index_t t = 0; t < d; ++t)  // a row with no visible key is zero

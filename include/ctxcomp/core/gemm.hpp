@@ -97,7 +97,7 @@ void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, ind
   }
   const index_t panels = (M + MI - 1) / MI, mpad = panels * MI, kc = detail::gemm_kc(mpad, K);
   const index_t tasks = (N + detail::kGemmTaskCols - 1) / detail::kGemmTaskCols;
-  const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), tasks));
+  const index_t workers = std::max<index_t>(1, exec.concurrency());  // any worker slot may run a task
   CTXCOMP_CHECK(workers <= 64, "gemm_nt: executor concurrency (", workers, ") above the supported 64");
   ws.reserve(gemm_nt_workspace_bytes<T, V>(M, N, K, workers));
   float* ap = ws.take<float>(mpad * K);

@@ -3,6 +3,8 @@
 // scalar twin simd::ScalarVec) with a scalar tail, so both paths come from one source.
 #pragma once
 #include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "simd.hpp"
@@ -113,6 +115,43 @@ inline void silu_mul(float* g, const float* u, index_t n) noexcept {
     V::store(g + i, V::div(x, one + V::exp(V::zero() - x)) * V::load(u + i));
   }
   for (; i < n; ++i) g[i] = g[i] / (1.f + simd::ScalarVec::exp(-g[i])) * u[i];
+}
+
+/// dst[i] = float(src[i]) for float, bf16, fp16 or qint8 (without its scale), widened in
+/// registers by V::load.
+template <class V = simd::Vec, class T>
+inline void widen(const T* src, float* dst, index_t n) noexcept {
+  constexpr int W = V::width;
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) V::store(dst + i, V::load(src + i));
+  for (; i < n; ++i) dst[i] = simd::ScalarVec::load(src + i);
+}
+
+/// Symmetric int8 quantisation of one row of n values: scale = max|x| / 127 (0 for a zero row),
+/// q[i] = x[i] / scale rounded to nearest even, so |x[i] - scale * q[i]| <= scale / 2 (up to one
+/// fp32 rounding of x[i] / scale). A row holding NaN or Inf gets a NaN scale (its attention
+/// output is NaN: propagated, as fp32 would). Returns the scale.
+inline float quantize_row(const float* x, qint8* q, index_t n) noexcept {
+  float amax = 0.f;
+  bool finite = true;
+  for (index_t i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(x[i]);
+    amax = std::max(amax, std::abs(x[i]));
+  }
+  if (!finite) {
+    for (index_t i = 0; i < n; ++i) q[i].v = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  if (amax == 0.f) {
+    for (index_t i = 0; i < n; ++i) q[i].v = 0;
+    return 0.f;
+  }
+  const float scale = amax / 127.f;
+  for (index_t i = 0; i < n; ++i) {
+    const float r = std::nearbyint(x[i] / scale);
+    q[i].v = static_cast<std::int8_t>(std::min(127.f, std::max(-127.f, r)));
+  }
+  return scale;
 }
 
 /// dst[i] = Dst(src[i]) between float, bf16, fp16 (and double), rounding to nearest even.

@@ -3,10 +3,21 @@
 // every vector kernel has a scalar reference built from the same source.
 // xsimd 8.1 spells a horizontal sum `hadd` and has no reduce_max; newer xsimd renamed these —
 // keep such calls here. Define CTXCOMP_NO_SIMD to force the scalar path.
+// xsimd 8.1 has no fp16 / bf16 / int8 batches: `load` from those storage types widens to fp32 in
+// registers with the few intrinsics below (AVX-512F: vcvtph2ps, a 16-bit shift for bf16,
+// vpmovsxbd + vcvtdq2ps for int8; AVX2 + F16C likewise at width 8); other targets widen lane by
+// lane; ScalarVec is the scalar twin.
 #pragma once
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
+
+#include "types.hpp"
+
+#if !defined(CTXCOMP_NO_SIMD) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 #if !defined(CTXCOMP_NO_SIMD)
 #include <xsimd/xsimd.hpp>
@@ -23,10 +34,21 @@ struct ScalarVec {
   static constexpr int width = 1;
   static constexpr int registers = 16;
   static type load(const float* p) noexcept { return *p; }
+  static type load(const bf16* p) noexcept { return to_float(*p); }
+  static type load(const fp16* p) noexcept { return to_float(*p); }
+  static type load(const qint8* p) noexcept { return static_cast<float>(p->v); }
   static void store(float* p, type v) noexcept { *p = v; }
   static type broadcast(float x) noexcept { return x; }
   static type zero() noexcept { return 0.f; }
-  static type fma(type a, type b, type c) noexcept { return a * b + c; }
+  /// One rounding where the target has FMA (as the vector kernels), whatever the optimisation
+  /// level (a * b + c is only contracted to an FMA at some levels); two roundings elsewhere.
+  static type fma(type a, type b, type c) noexcept {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+  }
   static type max(type a, type b) noexcept { return a > b ? a : b; }
   static type exp2(type x) noexcept { return std::exp2(x); }
   static type exp(type x) noexcept { return std::exp(x); }
@@ -55,6 +77,40 @@ struct XsimdVec {
   // AVX-512 has 32 vector registers, AVX2 and SSE 16.
   static constexpr int registers = width >= 16 ? 32 : 16;
   static type load(const float* p) noexcept { return xsimd::load_unaligned(p); }
+  /// `width` stored values widened to fp32 (exact; qint8 without its scale).
+  static type load(const fp16* p) noexcept {
+#if defined(__AVX512F__)
+    if constexpr (width == 16) return type(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#endif
+#if defined(__F16C__) && defined(__AVX__)
+    if constexpr (width == 8) return type(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+    return widen_lanes(p);
+  }
+  static type load(const bf16* p) noexcept {
+#if defined(__AVX512F__)
+    if constexpr (width == 16)
+      return type(_mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16)));
+#endif
+#if defined(__AVX2__)
+    if constexpr (width == 8)
+      return type(_mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16)));
+#endif
+    return widen_lanes(p);
+  }
+  static type load(const qint8* p) noexcept {
+#if defined(__AVX512F__)
+    if constexpr (width == 16)
+      return type(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#endif
+#if defined(__AVX2__)
+    if constexpr (width == 8)
+      return type(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#endif
+    return widen_lanes(p);
+  }
   static void store(float* p, type v) noexcept { v.store_unaligned(p); }
   static type broadcast(float x) noexcept { return type(x); }
   static type zero() noexcept { return type(0.f); }
@@ -92,6 +148,14 @@ struct XsimdVec {
     return m;
   }
   static const char* name() noexcept { return arch::name(); }
+
+ private:
+  template <class T>
+  static type widen_lanes(const T* p) noexcept {
+    alignas(64) float lanes[width];
+    for (int i = 0; i < width; ++i) lanes[i] = ScalarVec::load(p + i);
+    return xsimd::load_aligned(lanes);
+  }
 };
 #endif
 

@@ -1,6 +1,7 @@
 // Register-blocked GEMM on small row-major tiles held in cache: C[M x N] (+)= A[M x K] * B[K x N].
 // The building block of the fused attention (scores = Q * K^T with K^T packed, out += P * V).
-// N must be a multiple of the vector width (callers pad); M and K are arbitrary.
+// N must be a multiple of the vector width (callers pad); M and K are arbitrary. B may be stored
+// as float, bf16, fp16 or qint8 (without scales): it is widened in registers as it is loaded.
 #pragma once
 #include <algorithm>
 
@@ -17,8 +18,8 @@ struct TileGemmShape {
   static constexpr int NV = V::registers >= 32 ? 4 : (V::width == 1 ? 4 : 3);
 };
 
-template <class V, int MR, int NV, bool Accumulate>
-inline void tile_gemm_block(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+template <class V, int MR, int NV, bool Accumulate, class TB>
+inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
                             index_t K) noexcept {
   constexpr int W = V::width;
   typename V::type acc[MR][NV];
@@ -37,8 +38,8 @@ inline void tile_gemm_block(const float* A, index_t lda, const float* B, index_t
 }
 
 namespace detail {
-template <class V, int MR, bool Acc, int NV = TileGemmShape<V>::NV>
-inline void tile_gemm_cols(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+template <class V, int MR, bool Acc, int NV = TileGemmShape<V>::NV, class TB>
+inline void tile_gemm_cols(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
                            index_t nvec, index_t K) noexcept {
   constexpr int W = V::width;
   index_t j = 0;
@@ -47,8 +48,8 @@ inline void tile_gemm_cols(const float* A, index_t lda, const float* B, index_t 
     if (j < nvec) tile_gemm_cols<V, MR, Acc, NV - 1>(A, lda, B + j * W, ldb, C + j * W, ldc, nvec - j, K);
   }
 }
-template <class V, bool Acc, int MR = TileGemmShape<V>::MR>
-inline void tile_gemm_rows(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc,
+template <class V, bool Acc, int MR = TileGemmShape<V>::MR, class TB>
+inline void tile_gemm_rows(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
                            index_t M, index_t nvec, index_t K) noexcept {
   index_t i = 0;
   for (; i + MR <= M; i += MR) tile_gemm_cols<V, MR, Acc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K);
@@ -59,26 +60,26 @@ inline void tile_gemm_rows(const float* A, index_t lda, const float* B, index_t 
 }  // namespace detail
 
 /// C = A * B (Accumulate = false) or C += A * B. N % V::width == 0.
-template <bool Accumulate, class V = simd::Vec>
-inline void tile_gemm(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc, index_t M,
+template <bool Accumulate, class V = simd::Vec, class TB>
+inline void tile_gemm(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
                       index_t N, index_t K) noexcept {
   if (M <= 0 || N <= 0) return;
   detail::tile_gemm_rows<V, Accumulate>(A, lda, B, ldb, C, ldc, M, N / V::width, K);
 }
 
-/// C[M x N] = A[M x K] * B[N x K]^T, both operands row-major along K (dot-product form: no
-/// transposition, for few rows such as decode, where B is read once straight from a cache).
-/// Blocks of RB rows x CB columns fill one vector of W partial sums, reduced together.
-template <class V = simd::Vec>
-inline void tile_gemm_nt(const float* A, index_t lda, const float* B, index_t ldb, float* C, index_t ldc, index_t M,
-                         index_t N, index_t K) noexcept {
-  constexpr int W = V::width, CB = W >= 4 ? 4 : 1, RB = W / CB;
+namespace detail {
+/// Blocks of RB rows x CB columns of C = A * B^T fill one vector of W partial sums each, reduced
+/// together; rows / columns past the edge repeat the last one and are not stored.
+template <class V, int RB, int CB, class TB>
+inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
+                                index_t M, index_t N, index_t K, const float* col_scale) noexcept {
+  constexpr int W = V::width;
+  static_assert(RB * CB == W, "one accumulator per lane");
   const index_t kv = K / W * W;
   for (index_t i0 = 0; i0 < M; i0 += RB)
     for (index_t j0 = 0; j0 < N; j0 += CB) {
-      // Rows / columns past the edge repeat the last one and are not stored.
       const float* a[RB];
-      const float* b[CB];
+      const TB* b[CB];
       for (int r = 0; r < RB; ++r) a[r] = A + std::min<index_t>(i0 + r, M - 1) * lda;
       for (int c = 0; c < CB; ++c) b[c] = B + std::min<index_t>(j0 + c, N - 1) * ldb;
       typename V::type acc[W];
@@ -96,10 +97,24 @@ inline void tile_gemm_nt(const float* A, index_t lda, const float* B, index_t ld
       for (int r = 0; r < RB && i0 + r < M; ++r)
         for (int c = 0; c < CB && j0 + c < N; ++c) {
           float s = sums[r * CB + c];
-          for (index_t k = kv; k < K; ++k) s += a[r][k] * b[c][k];
-          C[(i0 + r) * ldc + j0 + c] = s;
+          for (index_t k = kv; k < K; ++k) s += a[r][k] * simd::ScalarVec::load(b[c] + k);
+          C[(i0 + r) * ldc + j0 + c] = col_scale ? s * col_scale[j0 + c] : s;
         }
     }
+}
+}  // namespace detail
+
+/// C[M x N] = A[M x K] * B[N x K]^T, both operands row-major along K (dot-product form: no
+/// transposition, for few rows such as decode, where B is read once straight from a cache and
+/// widened in registers). With `col_scale`, column j is multiplied by col_scale[j] (qint8 keys).
+/// One row (decode with one query head per kv head) takes W columns per block, several rows
+/// W / 4 rows x 4 columns, so no lane computes a repeated row.
+template <class V = simd::Vec, class TB>
+inline void tile_gemm_nt(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
+                         index_t N, index_t K, const float* col_scale = nullptr) noexcept {
+  constexpr int W = V::width, CB = W >= 4 ? 4 : 1;
+  if (M == 1) detail::tile_gemm_nt_blocks<V, 1, W>(A, lda, B, ldb, C, ldc, M, N, K, col_scale);
+  else detail::tile_gemm_nt_blocks<V, W / CB, CB>(A, lda, B, ldb, C, ldc, M, N, K, col_scale);
 }
 
 }  // namespace ctxcomp::kernels

@@ -14,9 +14,23 @@ using index_t = std::ptrdiff_t;
 using bf16 = Eigen::bfloat16;
 using fp16 = Eigen::half;
 
+/// Symmetric int8 KV storage: one signed byte per element; the row's fp32 scale lives beside the
+/// data (HeadsView::scales), value = scale * v. Quantised by `quantize_row` (scale = max|x| / 127,
+/// round to nearest even, |x - value| <= scale / 2). Only K/V caches use it; activations and
+/// weights stay float / bf16 / fp16.
+struct qint8 {
+  std::int8_t v = 0;
+};
+
 template <class T>
 inline constexpr bool is_storage_type_v =
     std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, fp16>;
+/// Storage types a KV cache may hold: the float types and qint8.
+template <class T>
+inline constexpr bool is_kv_type_v = is_storage_type_v<T> || std::is_same_v<T, qint8>;
+/// Whether rows of T carry a scale (qint8).
+template <class T>
+inline constexpr bool is_quantized_v = std::is_same_v<std::remove_const_t<T>, qint8>;
 
 /// Widens one stored value to fp32 (exact for bf16 and fp16).
 template <class T>
@@ -52,6 +66,7 @@ constexpr const char* type_name() noexcept {
   else if constexpr (std::is_same_v<T, bf16>) return "bf16";
   else if constexpr (std::is_same_v<T, fp16>) return "f16";
   else if constexpr (std::is_same_v<T, double>) return "f64";
+  else if constexpr (std::is_same_v<T, qint8>) return "int8";
   else return "?";
 }
 

@@ -50,18 +50,27 @@ auto matrix_view(const Eigen::PlainObjectBase<Derived>& m) {
 /// data[h * head_stride + t * token_stride + i]. Strides are in elements; head_dim is contiguous.
 /// A token-major activation [tokens x heads*head_dim] is viewed with head_stride = head_dim and
 /// token_stride = heads*head_dim; a KV cache layer with head_stride = capacity*head_dim.
+/// Quantised storage (qint8) also carries one fp32 scale per row (h, t), at
+/// scales[h * scale_head_stride + t * scale_token_stride]; other types leave `scales` null.
 template <class T>
 struct HeadsView {
+  using scale_type = std::conditional_t<std::is_const_v<T>, const float, float>;
   T* data = nullptr;
   index_t heads = 0, tokens = 0, head_dim = 0;
   index_t head_stride = 0, token_stride = 0;
+  scale_type* scales = nullptr;
+  index_t scale_head_stride = 0, scale_token_stride = 0;
 
   T* row(index_t h, index_t t) const noexcept { return data + h * head_stride + t * token_stride; }
   T& operator()(index_t h, index_t t, index_t i) const noexcept { return row(h, t)[i]; }
+  /// The scale of row (h, t) (quantised storage only).
+  scale_type& scale(index_t h, index_t t) const noexcept { return scales[h * scale_head_stride + t * scale_token_stride]; }
   bool empty() const noexcept { return heads == 0 || tokens == 0 || head_dim == 0; }
 
   /// The same memory, read-only.
-  operator HeadsView<const T>() const noexcept { return {data, heads, tokens, head_dim, head_stride, token_stride}; }
+  operator HeadsView<const T>() const noexcept {
+    return {data, heads, tokens, head_dim, head_stride, token_stride, scales, scale_head_stride, scale_token_stride};
+  }
 
   /// Contiguous [heads x tokens x head_dim].
   static HeadsView contiguous(T* data, index_t heads, index_t tokens, index_t head_dim) noexcept {
@@ -73,7 +82,8 @@ struct HeadsView {
   }
   /// Tokens [begin, begin + count).
   HeadsView slice_tokens(index_t begin, index_t count) const noexcept {
-    return {data + begin * token_stride, heads, count, head_dim, head_stride, token_stride};
+    return {data + begin * token_stride, heads,          count, head_dim, head_stride, token_stride,
+            scales ? scales + begin * scale_token_stride : nullptr, scale_head_stride, scale_token_stride};
   }
 };
 
@@ -89,6 +99,8 @@ void check_heads_view(const HeadsView<T>& v, const char* fn, const char* name) {
                 ") is smaller than head_dim (", v.head_dim, "): rows would overlap");
   CTXCOMP_CHECK(v.heads == 1 || v.head_stride >= v.head_dim, fn, ": ", name, " head_stride (", v.head_stride,
                 ") is smaller than head_dim (", v.head_dim, "): heads would overlap");
+  if constexpr (is_quantized_v<T>)
+    CTXCOMP_CHECK(v.scales != nullptr, fn, ": ", name, " is int8 storage without its per-row scales");
 }
 }  // namespace detail
 

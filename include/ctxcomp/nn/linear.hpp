@@ -72,7 +72,7 @@ void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Wor
     return;
   }
   const index_t blocks = (w.out_features + detail::kLinearBlock - 1) / detail::kLinearBlock;
-  const index_t workers = std::max<index_t>(1, std::min(exec.concurrency(), blocks));
+  const index_t workers = std::max<index_t>(1, exec.concurrency());  // any worker slot may run a block
   float* scratch[64] = {};
   CTXCOMP_CHECK(workers <= 64, "linear: executor concurrency (", workers, ") above the supported 64");
   if constexpr (!std::is_same_v<T, float>) {

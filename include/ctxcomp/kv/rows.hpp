@@ -1,0 +1,43 @@
+// Row access to K/V storage of any cache type (float, bf16, fp16, qint8) through a HeadsView:
+// write a row from fp32 (converted, or quantised with its scale), copy a row between views of
+// one type (with its scale), and read an element's exact value. What hosts, caches and the
+// compressors use so that one code path serves every storage type.
+#pragma once
+#include "../core/kernels.hpp"
+#include "../core/views.hpp"
+
+namespace ctxcomp {
+
+/// Writes row (h, t) of `dst` from fp32 `src` [head_dim]: rounded to nearest even for bf16 /
+/// fp16, quantised (scale = max|x| / 127, see kernels::quantize_row) for qint8.
+template <class T>
+void store_row(const HeadsView<T>& dst, index_t h, index_t t, const float* src) noexcept {
+  if constexpr (is_quantized_v<T>) dst.scale(h, t) = kernels::quantize_row(src, dst.row(h, t), dst.head_dim);
+  else kernels::convert(src, dst.row(h, t), dst.head_dim);
+}
+
+/// Copies row (hs, ts) of `src` to row (hd, td) of `dst` (same storage type), scale included.
+template <class T>
+void copy_row(const HeadsView<const T>& src, index_t hs, index_t ts, const HeadsView<T>& dst, index_t hd,
+              index_t td) noexcept {
+  const T* s = src.row(hs, ts);
+  std::copy(s, s + src.head_dim, dst.row(hd, td));
+  if constexpr (is_quantized_v<T>) dst.scale(hd, td) = src.scale(hs, ts);
+}
+
+/// The value element (h, t, i) stands for, in double: exact for every storage type
+/// (qint8: scale * q).
+template <class T>
+double element_value(const HeadsView<T>& v, index_t h, index_t t, index_t i) noexcept {
+  if constexpr (is_quantized_v<T>) return double(v.scale(h, t)) * double(v(h, t, i).v);
+  else return double(to_float(v(h, t, i)));
+}
+
+/// Row (h, t) widened to fp32 (qint8: dequantised, scale * q rounded to fp32).
+template <class T>
+void load_row(const HeadsView<T>& v, index_t h, index_t t, float* dst) noexcept {
+  kernels::widen(v.row(h, t), dst, v.head_dim);
+  if constexpr (is_quantized_v<T>) kernels::scale(dst, v.scale(h, t), v.head_dim);
+}
+
+}  // namespace ctxcomp
