@@ -172,8 +172,8 @@ class LlamaHost {
       auto kc = cache.keys(l).slice_tokens(first, t), vc = cache.values(l).slice_tokens(first, t);
       for (index_t hh = 0; hh < c.kv_heads; ++hh)
         for (index_t i = 0; i < t; ++i) {
-          kernels::convert(kb + i * kd + hh * hd, kc.row(hh, i), hd);
-          kernels::convert(vb + i * kd + hh * hd, vc.row(hh, i), hd);
+          store_row(kc, hh, i, kb + i * kd + hh * hd);  // converted, or quantised for qint8
+          store_row(vc, hh, i, vb + i * kd + hh * hd);
         }
       attention(HeadsView<const float>::token_major(q, t, c.heads, hd), HeadsView<const C>(cache.keys(l)),
                 HeadsView<const C>(cache.values(l)), mask, HeadsView<float>::token_major(att, t, c.heads, hd), {},

@@ -121,8 +121,7 @@ class Compressor {
       for (auto [src, dst] : {std::pair{scratch_.keys(l), out.keys(l)}, std::pair{scratch_.values(l), out.values(l)}})
         for (index_t h = 0; h < out.kv_heads(); ++h)
           for (index_t j = 0; j < count; ++j)
-            std::copy(src.row(h, rows_[std::size_t(j)]), src.row(h, rows_[std::size_t(j)]) + out.head_dim(),
-                      dst.row(h, first + j));
+            copy_row(HeadsView<const C>(src), h, rows_[std::size_t(j)], dst, h, first + j);  // scales too
   }
 
   KvCache<C> scratch_;

@@ -38,7 +38,7 @@ struct AttentionTiling {
   index_t group, q_block, rows, head_dim, dim_padded;
   index_t q_blocks, tasks, kv_tiles, splits;
 
-  AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d, index_t kv_len) {
+  AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d, index_t kv_len, bool split_keys = true) {
     group = heads / kv_heads;
     q_block = std::min(q_len, std::max<index_t>(1, target_rows / group));
     rows = q_block * group;
@@ -47,7 +47,9 @@ struct AttentionTiling {
     q_blocks = (q_len + q_block - 1) / q_block;
     tasks = kv_heads * q_blocks;
     kv_tiles = (kv_len + kv_tile - 1) / kv_tile;
-    splits = kv_len > split_len && (rows < few_rows || tasks < min_tasks) ? (kv_len + split_len - 1) / split_len : 1;
+    splits = split_keys && kv_len > split_len && (rows < few_rows || tasks < min_tasks)
+                 ? (kv_len + split_len - 1) / split_len
+                 : 1;
   }
   /// Many-row tasks keep every transposed K tile of their kv head (reused by the next task of
   /// the same head); few-row tasks read K in place.
@@ -71,7 +73,7 @@ struct AttentionTiling {
 /// Bytes of workspace `attention` reserves for these shapes and concurrency.
 template <class V = simd::Vec>
 std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, index_t head_dim,
-                                      index_t concurrency = 1);
+                                      index_t concurrency = 1, bool split_keys = true);
 
 namespace detail {
 
@@ -307,8 +309,8 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
 
 template <class V>
 std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, index_t head_dim,
-                                      index_t concurrency) {
-  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim, kv_len);
+                                      index_t concurrency, bool split_keys) {
+  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim, kv_len, split_keys);
   const index_t items = detail::max_tasks(t, kv_heads) * t.splits;
   return static_cast<std::size_t>(std::max<index_t>(1, concurrency)) * t.worker_bytes() +
          (t.splits > 1 ? Workspace::bytes_for<float>(items * t.partial_floats()) : 0) +
@@ -328,13 +330,13 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
   detail::check_attention_args(q, k, v, out, mask, opt, "attention");
   constexpr float kLog2e = 1.4426950408889634f;
   // Buffers sized for all q rows fit any subset of them (a group's tiling is never larger).
-  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim, k.tokens);
+  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim, k.tokens, opt.split_keys);
   const float qscale = detail::effective_scale(opt, T.head_dim) * kLog2e;  // softmax in base 2
   const index_t items = detail::max_tasks(T, k.heads) * T.splits;
   // One buffer set per worker slot the executor may use (any slot may run any task).
   const index_t workers = std::max<index_t>(1, exec.concurrency());
   CTXCOMP_CHECK(workers <= 64, "attention: executor concurrency (", workers, ") above the supported 64");
-  ws.reserve(attention_workspace_bytes<V>(q.heads, k.heads, q.tokens, k.tokens, q.head_dim, workers));
+  ws.reserve(attention_workspace_bytes<V>(q.heads, k.heads, q.tokens, k.tokens, q.head_dim, workers, opt.split_keys));
   detail::AttentionBuffers buf[64];
   for (index_t w = 0; w < workers; ++w) {
     buf[w].qp = ws.take<float>(T.rows * T.head_dim);

@@ -214,8 +214,10 @@ struct SentinelSpans {
     const index_t t0 = q0 + q_offset, t1 = q1 - 1 + q_offset;
     const index_t first_key = key_token(k0), last_key = key_token(k1 - 1);
     if (first_key > t1) return TileVisibility::None;
-    if (last_key >= t0) return TileVisibility::Mixed;
-    // Every key precedes every query: all visible iff the queries are ordinary and the keys public.
+    if (last_key > t0) return TileVisibility::Mixed;
+    // Every key is at or before the first query (a decode step's own key included): all visible
+    // iff the queries are ordinary and the keys public (the first query, being ordinary, is).
+    // A role scan, never a per-element visible(): a folded cache decodes with All tiles only.
     for (index_t t = t0; t <= t1; ++t)
       if (roles[t].role != SpanRole::Ordinary) return TileVisibility::Mixed;
     for (index_t k = k0; k < k1; ++k) {

@@ -12,6 +12,11 @@ namespace ctxcomp {
 
 struct AttentionOptions {
   float scale = 0.f;  // 0 means 1/sqrt(head_dim)
+  /// Split the key range of decode-like calls (few rows per task or few tasks) into fixed
+  /// 512-key splits merged by log-sum-exp, so that every core has work (flash-decoding). The
+  /// splits follow the shapes only; `false` keeps one pass over the keys (results then differ
+  /// from the split ones by fp32 reordering only).
+  bool split_keys = true;
 };
 
 namespace detail {

@@ -1,5 +1,6 @@
-// KvCache: per-layer keys and values [kv_heads x capacity x head_dim] in float, bf16 or fp16,
-// with each cached token's position id and logical token index (its place in the stream).
+// KvCache: per-layer keys and values [kv_heads x capacity x head_dim] in float, bf16, fp16 or
+// qint8 (symmetric int8 with one fp32 scale per token per kv head, kept beside the data and moved
+// with it), with each cached token's position id and logical token index (its place in the stream).
 // Appending reserves slots in every layer; eviction removes token ranges and compacts in place
 // by block moves of the kept runs (no reallocation), keeping positions. Semantics: llama.cpp's
 // KV-cache operations; the sentinel and SAC rules decide what to evict or keep.
@@ -12,6 +13,7 @@
 
 #include "../core/error.hpp"
 #include "../core/views.hpp"
+#include "rows.hpp"
 
 namespace ctxcomp {
 
@@ -22,6 +24,8 @@ struct TokenRange {
 
 template <class T>
 class KvCache {
+  static_assert(is_kv_type_v<T>, "KvCache: the storage type must be float, bf16, fp16 or qint8");
+
  public:
   KvCache() = default;
   KvCache(index_t layers, index_t kv_heads, index_t head_dim, index_t capacity)
@@ -30,8 +34,12 @@ class KvCache {
                   "), kv_heads (", kv_heads, "), head_dim (", head_dim, ") and capacity (", capacity,
                   ") must be positive");
     const std::size_t per_layer = std::size_t(kv_heads * capacity * head_dim);
-    keys_.assign(std::size_t(layers) * per_layer, T(0.f));
-    values_.assign(std::size_t(layers) * per_layer, T(0.f));
+    keys_.assign(std::size_t(layers) * per_layer, T{});
+    values_.assign(std::size_t(layers) * per_layer, T{});
+    if constexpr (is_quantized_v<T>) {
+      key_scales_.assign(std::size_t(layers * kv_heads * capacity), 0.f);
+      value_scales_.assign(std::size_t(layers * kv_heads * capacity), 0.f);
+    }
     positions_.resize(std::size_t(capacity));
     token_index_.resize(std::size_t(capacity));
   }
@@ -41,21 +49,27 @@ class KvCache {
   index_t head_dim() const noexcept { return head_dim_; }
   index_t capacity() const noexcept { return capacity_; }
   index_t size() const noexcept { return size_; }
-  /// Bytes of K and V held for the cached tokens (all layers).
-  std::size_t bytes_used() const noexcept { return std::size_t(2 * layers_ * kv_heads_ * size_ * head_dim_) * sizeof(T); }
+  /// Bytes of K and V held for the cached tokens (all layers), scales included.
+  std::size_t bytes_used() const noexcept {
+    const std::size_t rows = std::size_t(2 * layers_ * kv_heads_ * size_);
+    return rows * std::size_t(head_dim_) * sizeof(T) + (is_quantized_v<T> ? rows * sizeof(float) : 0);
+  }
 
-  /// Keys of one layer, tokens [0, size()).
-  HeadsView<T> keys(index_t layer) noexcept { return view(keys_.data(), layer, size_); }
-  HeadsView<T> values(index_t layer) noexcept { return view(values_.data(), layer, size_); }
-  HeadsView<const T> keys(index_t layer) const noexcept { return view(keys_.data(), layer, size_); }
-  HeadsView<const T> values(index_t layer) const noexcept { return view(values_.data(), layer, size_); }
+  /// Keys of one layer, tokens [0, size()) (qint8: with their scales).
+  HeadsView<T> keys(index_t layer) noexcept { return view(keys_.data(), key_scales_.data(), layer, size_); }
+  HeadsView<T> values(index_t layer) noexcept { return view(values_.data(), value_scales_.data(), layer, size_); }
+  HeadsView<const T> keys(index_t layer) const noexcept { return view(keys_.data(), key_scales_.data(), layer, size_); }
+  HeadsView<const T> values(index_t layer) const noexcept {
+    return view(values_.data(), value_scales_.data(), layer, size_);
+  }
   /// Position id and logical token index of each cached token.
   const std::int64_t* positions() const noexcept { return positions_.data(); }
   const index_t* token_index() const noexcept { return token_index_.data(); }
 
   /// Reserves `count` slots at the end in every layer for tokens with these positions and
   /// logical indices (the caller then writes their K/V, layer by layer, into
-  /// keys(l).slice_tokens(begin, count)). Returns the first new slot. On error nothing changes.
+  /// keys(l).slice_tokens(begin, count), e.g. with `store_row`, which quantises for qint8).
+  /// Returns the first new slot. On error nothing changes.
   index_t append(index_t count, const std::int64_t* positions, const index_t* token_index) {
     CTXCOMP_CHECK(count >= 0, "KvCache::append: negative count (", count, ")");
     CTXCOMP_CHECK(size_ + count <= capacity_, "KvCache::append: ", count, " tokens do not fit (", size_, " of ",
@@ -94,13 +108,21 @@ class KvCache {
       return dst + (size_ - src);
     };
     for (index_t l = 0; l < layers_; ++l)
-      for (index_t h = 0; h < kv_heads_; ++h)
+      for (index_t h = 0; h < kv_heads_; ++h) {
         for (auto* buf : {&keys_, &values_}) {
           T* base = buf->data() + (l * kv_heads_ + h) * capacity_ * head_dim_;
           for_each_kept_run([&](index_t src, index_t dst, index_t n) {
             if (src != dst) std::memmove(base + dst * head_dim_, base + src * head_dim_, std::size_t(n * head_dim_) * sizeof(T));
           });
         }
+        if constexpr (is_quantized_v<T>)
+          for (auto* sc : {&key_scales_, &value_scales_}) {
+            float* base = sc->data() + (l * kv_heads_ + h) * capacity_;
+            for_each_kept_run([&](index_t src, index_t dst, index_t n) {
+              if (src != dst) std::memmove(base + dst, base + src, std::size_t(n) * sizeof(float));
+            });
+          }
+      }
     size_ = for_each_kept_run([&](index_t src, index_t dst, index_t n) {
       std::memmove(positions_.data() + dst, positions_.data() + src, std::size_t(n) * sizeof(std::int64_t));
       std::memmove(token_index_.data() + dst, token_index_.data() + src, std::size_t(n) * sizeof(index_t));
@@ -132,14 +154,21 @@ class KvCache {
 
  private:
   // Layer `layer` of a [layers x kv_heads x capacity x head_dim] buffer, its first `tokens` slots.
-  template <class E>
-  HeadsView<E> view(E* data, index_t layer, index_t tokens) const noexcept {
-    return HeadsView<E>{data + layer * kv_heads_ * capacity_ * head_dim_, kv_heads_, tokens, head_dim_,
-                        capacity_ * head_dim_, head_dim_};
+  template <class E, class S>
+  HeadsView<E> view(E* data, S* scales, index_t layer, index_t tokens) const noexcept {
+    HeadsView<E> v{data + layer * kv_heads_ * capacity_ * head_dim_, kv_heads_, tokens, head_dim_,
+                   capacity_ * head_dim_, head_dim_};
+    if constexpr (is_quantized_v<T>) {
+      v.scales = scales + layer * kv_heads_ * capacity_;
+      v.scale_head_stride = capacity_;
+      v.scale_token_stride = 1;
+    }
+    return v;
   }
 
   index_t layers_ = 0, kv_heads_ = 0, head_dim_ = 0, capacity_ = 0, size_ = 0;
   std::vector<T> keys_, values_;
+  std::vector<float> key_scales_, value_scales_;  // qint8: [layers x kv_heads x capacity]
   std::vector<std::int64_t> positions_;
   std::vector<index_t> token_index_;
 };
