@@ -1,6 +1,12 @@
 // Attention core: fused tiled kernel vs a naive Eigen attention that materialises the score
 // matrix (Q K^T, mask, softmax, P V), head_dim 128, 32 query heads over 8 kv heads.
 // GFLOPS counts useful work: 4 * head_dim flops per visible (query, key) pair, over all heads.
+// Caches as engines keep them: attention/fused/<case>_<kv> over fp16, bf16 and int8 (qint8) K/V
+// for decode_4096 (32/8 heads), decode_mha_4096 (32/32, Llama-2-7B), decode_kv1_4096 (32/1) and
+// causal_2048, beside memread/baseline/<case>_<kv>: one vector pass summing the same K/V bytes
+// (a decode step only reads), so GBps / memread GBps is the share of the memory speed reached.
+// Both cycle through 128 MB of layer copies, so the bytes come from memory, not from L3.
+#include <cmath>
 #include <cstring>
 
 #include "bench_common.hpp"
@@ -108,6 +114,131 @@ void memcpy_baseline(benchmark::State& st, index_t kv_len, int threads) {
   st.counters["GBps"] = bench::rate(double(n) * sizeof(float) * 1e-9);
 }
 
+// ---- typed caches ----------------------------------------------------------------------------
+struct TypedCase {
+  const char* name;
+  index_t kv_heads, q_len, kv_len;
+};
+const TypedCase kTypedCases[] = {{"decode_4096", 8, 1, 4096},
+                                 {"decode_mha_4096", 32, 1, 4096},
+                                 {"decode_kv1_4096", 1, 1, 4096},
+                                 {"causal_2048", 8, 2048, 2048}};
+
+/// Decode benchmarks cycle through this many bytes of K/V (whole copies of a layer's cache), so
+/// each step reads its layer from memory as a real decode over 32 layers does, not from a
+/// last-level cache that happens to hold one small layer.
+constexpr double kDecodeFootprint = 128e6;
+index_t layer_copies(const TypedCase& c, double layer_bytes) {
+  return c.q_len == 1 ? std::max<index_t>(1, index_t(std::ceil(kDecodeFootprint / layer_bytes))) : 1;
+}
+
+/// K/V of a case in storage type T (qint8: quantised per row, scales beside), `copies` layers.
+template <class T>
+struct TypedKv {
+  index_t heads, tokens, copies;
+  std::vector<T> k, v;
+  std::vector<float> ks, vs;
+  explicit TypedKv(const TypedCase& c)
+      : heads(c.kv_heads), tokens(c.kv_len), copies(layer_copies(c, bytes_of(c))),
+        k(std::size_t(copies * c.kv_heads * c.kv_len * kDim)), v(k.size()), ks(std::size_t(copies * c.kv_heads * c.kv_len)),
+        vs(ks.size()) {
+    const std::size_t layer = std::size_t(heads * tokens * kDim), rows = std::size_t(heads * tokens);
+    const auto kf = bench::random_buffer(layer, 2), vf = bench::random_buffer(layer, 3);
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t t = 0; t < tokens; ++t) {
+        store_row(view(0, k.data(), ks.data()), h, t, kf.data() + (h * tokens + t) * kDim);
+        store_row(view(0, v.data(), vs.data()), h, t, vf.data() + (h * tokens + t) * kDim);
+      }
+    for (index_t l = 1; l < copies; ++l) {
+      std::copy(k.begin(), k.begin() + std::ptrdiff_t(layer), k.begin() + std::ptrdiff_t(l * layer));
+      std::copy(v.begin(), v.begin() + std::ptrdiff_t(layer), v.begin() + std::ptrdiff_t(l * layer));
+      std::copy(ks.begin(), ks.begin() + std::ptrdiff_t(rows), ks.begin() + std::ptrdiff_t(l * rows));
+      std::copy(vs.begin(), vs.begin() + std::ptrdiff_t(rows), vs.begin() + std::ptrdiff_t(l * rows));
+    }
+  }
+  /// Layer copy `l` of the buffer x (scales sc).
+  template <class E, class S>
+  HeadsView<E> view(index_t l, E* x, S* sc) const {
+    auto r = HeadsView<E>::contiguous(x + l * heads * tokens * kDim, heads, tokens, kDim);
+    if constexpr (is_quantized_v<T>) r.scales = sc + l * heads * tokens, r.scale_head_stride = tokens, r.scale_token_stride = 1;
+    return r;
+  }
+  /// Bytes a pass over one layer's K and V reads (scales included).
+  static double bytes_of(const TypedCase& c) {
+    const double rows = 2.0 * double(c.kv_heads * c.kv_len);
+    return rows * double(kDim) * sizeof(T) + (is_quantized_v<T> ? rows * sizeof(float) : 0.0);
+  }
+};
+
+template <class T>
+void fused_typed(benchmark::State& st, TypedCase c, int threads) {
+  const TypedKv<T> kv(c);
+  const auto q = bench::random_buffer(std::size_t(kHeads * c.q_len * kDim), 1);
+  std::vector<float> out(q.size());
+  Workspace ws;
+  const Causal mask(c.kv_len - c.q_len);
+  index_t layer = 0;
+  bench::with_executor(threads, [&](const auto& exec) {
+    for (auto _ : st) {
+      attention(HeadsView<const float>::contiguous(q.data(), kHeads, c.q_len, kDim),
+                kv.view(layer, kv.k.data(), kv.ks.data()), kv.view(layer, kv.v.data(), kv.vs.data()), mask,
+                HeadsView<float>::contiguous(out.data(), kHeads, c.q_len, kDim), {}, ws, exec);
+      layer = (layer + 1) % kv.copies;
+      benchmark::DoNotOptimize(out.data());
+    }
+  });
+  const double pairs = double(count_visible(mask, c.q_len, c.kv_len));
+  st.counters["GFLOPS"] = bench::rate(pairs * 4.0 * kDim * kHeads * 1e-9);
+  if (c.q_len == 1) st.counters["GBps"] = bench::rate(TypedKv<T>::bytes_of(c) * 1e-9);
+}
+
+/// Reads `bytes` once per iteration with vector loads (as floats) and sums them, cycling through
+/// `copies` such blocks like the decode benchmark it stands beside: the read-bandwidth reference.
+void memread(benchmark::State& st, double bytes, index_t copies, int threads) {
+  using V = simd::Vec;
+  const std::size_t n = std::size_t(bytes / sizeof(float)) / 64 * 64;
+  const std::vector<float> src = bench::random_buffer(n * std::size_t(copies), 4);
+  const index_t chunks = 64;
+  const std::size_t per = n / chunks;
+  float sums[64] = {};
+  index_t layer = 0;
+  bench::with_executor(threads, [&](const auto& exec) {
+    for (auto _ : st) {
+      exec.parallel_for(chunks, [&](index_t i, index_t) {
+        const float* p = src.data() + std::size_t(layer) * n + i * per;
+        typename V::type a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+        std::size_t j = 0;
+        for (; j + 4 * V::width <= per; j += 4 * V::width) {
+          a0 = a0 + V::load(p + j), a1 = a1 + V::load(p + j + V::width);
+          a2 = a2 + V::load(p + j + 2 * V::width), a3 = a3 + V::load(p + j + 3 * V::width);
+        }
+        float s = V::reduce_add((a0 + a1) + (a2 + a3));
+        for (; j < per; ++j) s += p[j];
+        sums[i] = s;
+      });
+      layer = (layer + 1) % copies;
+      benchmark::DoNotOptimize(sums);
+    }
+  });
+  st.counters["GBps"] = bench::rate(double(n) * sizeof(float) * 1e-9);
+}
+
+template <class T>
+void register_typed(const char* kv_name) {
+  for (const TypedCase& c : kTypedCases) {
+    const std::string base = std::string(c.name) + "_" + kv_name;
+    for (int t : {1, 2}) {
+      const std::string ts = t == 1 ? "" : "_t2";
+      benchmark::RegisterBenchmark(("attention/fused/" + base + ts).c_str(), fused_typed<T>, c, t)
+          ->UseRealTime()->Unit(benchmark::kMillisecond);
+      if (c.q_len == 1)
+        benchmark::RegisterBenchmark(("memread/baseline/" + base + ts).c_str(), memread, TypedKv<T>::bytes_of(c),
+                                     layer_copies(c, TypedKv<T>::bytes_of(c)), t)
+            ->UseRealTime()->Unit(benchmark::kMillisecond);
+    }
+  }
+}
+
 const bool registered = [] {
   for (const Case& c : kCases) {
     const std::string name = c.name;
@@ -117,6 +248,9 @@ const bool registered = [] {
   }
   benchmark::RegisterBenchmark("memcpy/baseline/decode_4096", memcpy_baseline, index_t(4096), 1)->UseRealTime()->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("memcpy/baseline/decode_4096_t2", memcpy_baseline, index_t(4096), 2)->UseRealTime()->Unit(benchmark::kMillisecond);
+  register_typed<fp16>("fp16");
+  register_typed<bf16>("bf16");
+  register_typed<qint8>("int8");
   return true;
 }();
 

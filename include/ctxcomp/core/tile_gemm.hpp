@@ -64,6 +64,9 @@ template <bool Accumulate, class V = simd::Vec, class TB>
 inline void tile_gemm(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
                       index_t N, index_t K) noexcept {
   if (M <= 0 || N <= 0) return;
+  // One row (decode): up to 8 vectors of columns per block, so a B row (e.g. a V row of 128
+  // dims) is read whole and 8 independent FMA chains hide the FMA latency.
+  if (M == 1 && V::registers >= 32) return detail::tile_gemm_cols<V, 1, Accumulate, 8>(A, lda, B, ldb, C, ldc, N / V::width, K);
   detail::tile_gemm_rows<V, Accumulate>(A, lda, B, ldb, C, ldc, M, N / V::width, K);
 }
 
@@ -84,12 +87,35 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
       for (int c = 0; c < CB; ++c) b[c] = B + std::min<index_t>(j0 + c, N - 1) * ldb;
       typename V::type acc[W];
       for (int x = 0; x < W; ++x) acc[x] = V::zero();
-      for (index_t k = 0; k < kv; k += W) {
-        typename V::type vb[CB];
-        for (int c = 0; c < CB; ++c) vb[c] = V::load(b[c] + k);
-        for (int r = 0; r < RB; ++r) {
-          const auto va = V::load(a[r] + k);
-          for (int c = 0; c < CB; ++c) acc[r * CB + c] = V::fma(va, vb[c], acc[r * CB + c]);
+      if constexpr (RB == 1) {
+        // One row: each B row is read whole before the next (one sequential stream through the
+        // tile; the row chains are independent, so out-of-order execution overlaps them).
+        for (int c = 0; c < CB; ++c) {
+          const TB* pb = b[c];
+          auto x0 = V::zero(), x1 = V::zero();
+          index_t k = 0;
+          for (; k + 2 * W <= kv; k += 2 * W) {
+            x0 = V::fma(V::load(a[0] + k), V::load(pb + k), x0);
+            x1 = V::fma(V::load(a[0] + k + W), V::load(pb + k + W), x1);
+          }
+          if (k < kv) x0 = V::fma(V::load(a[0] + k), V::load(pb + k), x0);
+          acc[c] = x0 + x1;
+        }
+      } else {
+        // B rows two at a time, each read whole (two sequential streams); each A vector loaded
+        // feeds two FMAs, each B vector RB.
+        static_assert(CB % 2 == 0, "pairs of B rows");
+        for (int c = 0; c < CB; c += 2) {
+          const TB* p0 = b[c];
+          const TB* p1 = b[c + 1];
+          for (index_t k = 0; k < kv; k += W) {
+            const auto b0 = V::load(p0 + k), b1 = V::load(p1 + k);
+            for (int r = 0; r < RB; ++r) {
+              const auto va = V::load(a[r] + k);
+              acc[r * CB + c] = V::fma(va, b0, acc[r * CB + c]);
+              acc[r * CB + c + 1] = V::fma(va, b1, acc[r * CB + c + 1]);
+            }
+          }
         }
       }
       alignas(64) float sums[W];
