@@ -242,6 +242,32 @@ TEST_CASE("checkpoint families load what their configs say", "[checkpoints]") {
   CHECK(la == lb);
 }
 
+TEST_CASE("MistralForCausalLM without a sliding window is the Llama block", "[checkpoints]") {
+  // The fixture Llama saved as a Mistral config: the same logits; a sliding window is refused.
+  const auto d = scratch_copy(test::fixtures_dir() + "/models/llama", "as_mistral");
+  auto j = read_json_file(d + "/config.json");
+  j["architectures"] = {"MistralForCausalLM"};
+  j["model_type"] = "mistral";
+  j["sliding_window"] = nullptr;
+  write_json_file(d + "/config.json", j);
+  const auto llama = host::LlamaModel<float>::load(test::fixtures_dir() + "/models/llama");
+  const auto mistral = host::LlamaModel<float>::load(d);
+  CHECK(mistral.config.arch.name == "MistralForCausalLM");
+  auto st = io::SafeTensors::open(test::fixtures_dir() + "/sentinel/sentinel_one_span.safetensors");
+  const auto ids = st.read<std::int64_t>("input_ids");
+  std::vector<float> la, lb;
+  for (const auto* m : {&llama, &mistral}) {
+    host::LlamaHost<float> h(*m);
+    auto cache = h.make_cache(index_t(ids.size()));
+    fold::SpanTracker spans(126, 127, 128);
+    (m == &llama ? la : lb) = host::run_with_folding(h, ids.data(), index_t(ids.size()), spans, cache, host::FoldSchedule::EverySpan);
+  }
+  CHECK(la == lb);
+  j["sliding_window"] = 4096;
+  write_json_file(d + "/config.json", j);
+  CHECK_THAT(load_error(d), Contains("MistralForCausalLM with a sliding window (sliding_window 4096) is not supported"));
+}
+
 TEST_CASE("ctxcomp fold and sac run on every checkpoints fixture", "[cli][checkpoints][fixtures]") {
   for (const char* c : kCheckpointCases) {
     INFO(c);
