@@ -20,7 +20,9 @@ void linear_ctxcomp(benchmark::State& st, Shape s, int threads) {
   bench::fill(w, 2, 0.02f);
   std::vector<float> y(std::size_t(s.M * s.N));
   Workspace ws;
+  bench::LoopClock clock;
   bench::with_executor(threads, [&](const auto& exec) {
+    clock.start();
     for (auto _ : st) {
       linear(matrix_view<const float>(x.data(), s.M, s.K), WeightView<T>{w.data(), s.N, s.K},
              matrix_view(y.data(), s.M, s.N), ws, exec);
@@ -29,7 +31,7 @@ void linear_ctxcomp(benchmark::State& st, Shape s, int threads) {
   });
   const double f = 2.0 * double(s.M) * double(s.N) * double(s.K);
   st.counters["GFLOPS"] = bench::rate(f * 1e-9);
-  st.counters["peak_fraction"] = bench::peak_fraction(f, threads);
+  st.counters["peak_fraction"] = bench::peak_fraction(f, threads, st, clock);
 }
 
 /// Baseline: Eigen's GEMM on the same operands, split as the library's linear layer was before
@@ -42,8 +44,10 @@ void linear_eigen(benchmark::State& st, Shape s, int threads) {
   auto xv = matrix_view<const float>(x.data(), s.M, s.K);
   auto wv = matrix_view<const float>(w.data(), s.N, s.K);
   auto yv = matrix_view(y.data(), s.M, s.N);
+  bench::LoopClock clock;
   bench::with_executor(threads, [&](const auto& exec) {
     const index_t blocks = (s.N + 127) / 128;
+    clock.start();
     for (auto _ : st) {
       exec.parallel_for(blocks, [&](index_t b, index_t) {
         const index_t o0 = b * 128, n = std::min<index_t>(128, s.N - o0);
@@ -54,7 +58,7 @@ void linear_eigen(benchmark::State& st, Shape s, int threads) {
   });
   const double f = 2.0 * double(s.M) * double(s.N) * double(s.K);
   st.counters["GFLOPS"] = bench::rate(f * 1e-9);
-  st.counters["peak_fraction"] = bench::peak_fraction(f, threads);
+  st.counters["peak_fraction"] = bench::peak_fraction(f, threads, st, clock);
 }
 
 /// The FMA peak itself on `threads` cores (one fma_chains run per core), beside the per-core

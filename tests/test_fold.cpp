@@ -8,24 +8,16 @@
 
 #include "catch.hpp"
 #include "common.hpp"
-#include "fold_driver.hpp"
+#include "fixture_checks.hpp"
 
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
+using test::layer_kv;
 
 namespace {
 const char* kCases[] = {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"};
 std::string llama_dir() { return test::fixtures_dir() + "/models/llama"; }
 
-template <class C>
-std::vector<float> layer_kv(const KvCache<C>& cache, index_t l, bool values) {
-  auto v = values ? cache.values(l) : cache.keys(l);
-  std::vector<float> out;
-  for (index_t h = 0; h < v.heads; ++h)
-    for (index_t t = 0; t < v.tokens; ++t)
-      for (index_t i = 0; i < v.head_dim; ++i) out.push_back(to_float(v(h, t, i)));
-  return out;
-}
 }  // namespace
 
 TEST_CASE("KvCache eviction compacts in place like a naive copy", "[kv]") {
@@ -139,24 +131,7 @@ TEST_CASE("every sentinel fixture through the host with folding", "[fold][fixtur
   for (const char* c : kCases)
     for (auto schedule : {host::FoldSchedule::EverySpan, host::FoldSchedule::AtEnd}) {
       INFO(c << (schedule == host::FoldSchedule::EverySpan ? ": fold after every span" : ": fold at the end"));
-      auto st = io::SafeTensors::open(test::fixtures_dir() + "/sentinel/" + c + ".safetensors");
-      const auto ids = st.read<std::int64_t>("input_ids");
-      host::LlamaHost<float> h(model);
-      auto cache = h.make_cache(64);
-      fold::SpanTracker spans(std::stoll(st.meta("cl_id")), std::stoll(st.meta("cr_id")), model.config.vocab);
-      const auto logits = host::run_with_folding(h, ids.data(), index_t(ids.size()), spans, cache, schedule);
-      const auto expect = st.read<double>("logits");
-      const double err = test::relative_error(logits.data(), expect.data(), logits.size());
-      CHECK(err <= 1e-5);
-      const auto kept = st.read<std::int64_t>("kept_index");
-      REQUIRE(cache.size() == index_t(kept.size()));
-      for (std::size_t s = 0; s < kept.size(); ++s) CHECK(cache.token_index()[s] == kept[s]);
-      for (index_t l = 0; l < model.config.layers; ++l) {
-        const auto k = layer_kv(cache, l, false), v = layer_kv(cache, l, true);
-        const auto ek = st.read<double>("layer" + std::to_string(l) + "_k"), ev = st.read<double>("layer" + std::to_string(l) + "_v");
-        CHECK(test::relative_error(k.data(), ek.data(), k.size()) <= 1e-5);
-        CHECK(test::relative_error(v.data(), ev.data(), v.size()) <= 1e-5);
-      }
+      const double err = test::check_fold_case(model, test::fixtures_dir() + "/sentinel/" + c + ".safetensors", schedule);
       if (schedule == host::FoldSchedule::EverySpan) WARN(c << ": logits relative error vs float64 " << err);
     }
 }

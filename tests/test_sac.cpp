@@ -12,24 +12,20 @@
 #include "catch.hpp"
 #include "cli_runner.hpp"
 #include "common.hpp"
+#include "fixture_checks.hpp"
 #include "sac_driver.hpp"
 
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
+using test::layer_kv;
+
 namespace {
 const char* kCases[] = {"sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"};
 std::string llama_dir() { return test::fixtures_dir() + "/models/llama"; }
 std::string case_path(const char* c) { return test::fixtures_dir() + "/sac/" + c + ".safetensors"; }
 
-std::vector<float> layer_kv(const KvCache<float>& cache, index_t l, bool values) {
-  auto v = values ? cache.values(l) : cache.keys(l);
-  std::vector<float> out;
-  for (index_t h = 0; h < v.heads; ++h)
-    for (index_t t = 0; t < v.tokens; ++t) out.insert(out.end(), v.row(h, t), v.row(h, t) + v.head_dim);
-  return out;
-}
 
 /// The official anchor loop, transcribed literally (1-based positions, Python's range and //).
 std::vector<std::int64_t> official_anchor_positions(std::int64_t n, std::int64_t chunk, std::int64_t r) {

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Prints each ctxcomp benchmark beside its in-binary baseline from one Google Benchmark JSON run.
+
+Usage: ctxcomp_bench --benchmark_out=run.json --benchmark_out_format=json ...
+       python3 bench/ratios.py run.json
+
+For every benchmark that has a baseline in the same run it prints one line: the ratio, what it
+divides, and both figures. With repetitions, medians are used (aggregates "median"; otherwise the
+single run). It only prints: no thresholds, no exit status from timings (CI runs it on a smoke
+run whose shapes are shrunk).
+"""
+import json
+import re
+import sys
+
+# (regex on the benchmark name, function of the match giving the baseline name, metric, meaning)
+# metric "time": baseline time / time (a speed-up); otherwise counter value / baseline value.
+RULES = [
+    (r"^attention/fused/(cross_128x640|causal_\d+|decode_4096)(_t2)?$",
+     lambda m: f"attention/naive/{m[1]}", "time", "fused vs naive Eigen attention (speed-up)"),
+    (r"^attention/fused/(decode\w*_4096)_(fp16|bf16|int8)(_t2)?$",
+     lambda m: f"memread/baseline/{m[1]}_{m[2]}{m[3] or ''}", "GBps", "decode read bandwidth vs memread"),
+    (r"^attention/fused/(causal_2048)_(fp16|bf16|int8)(_t2)?$",
+     lambda m: f"attention/fused/{m[1]}{m[3] or ''}", "GFLOPS", "typed-cache prefill vs fp32"),
+    (r"^attention/fused/(decode\w*_4096)_int8(_t2)?$",
+     lambda m: f"attention/fused/{m[1]}_fp16{m[2] or ''}", "time", "int8 vs fp16 decode (speed-up)"),
+    (r"^attention/decode_folded/(.*)$",
+     lambda m: f"attention/decode_unfolded/{m[1]}", "time", "folded vs unfolded decode (speed-up)"),
+    (r"^kv/evict/(.*)$", lambda m: f"memcpy/baseline_same_runs/evict_{m[1]}", "GBps",
+     "eviction vs memcpy of the same runs"),
+    (r"^gemm/ctxcomp_(fp32|bf16)/(.*)$", lambda m: f"gemm/eigen_fp32/{m[2]}", "time",
+     "ctxcomp GEMM vs Eigen (speed-up)"),
+    (r"^icformer/(fp32|bf16)/chunk512(_t2)?$",
+     lambda m: f"icformer/llama7b_layer_baseline/n640{m[2] or ''}", "time",
+     "IC-Former chunk vs one Llama-7B layer over the same context (speed-up)"),
+    (r"^sac/compress_layer/(chunk\d+)/((?:full|anchor)_r\d+)(_t2)?$",
+     lambda m: f"sac/compress_layer/{m[1]}/causal_prefill{m[3] or ''}", "time",
+     "SAC layer compression vs causal prefill (speed-up)"),
+    (r"^sac/llama32_1b/compress_2040_r5(_t2)?$",
+     lambda m: f"sac/llama32_1b/prefill_2040{m[1] or ''}", "time", "SAC compression vs plain prefill (speed-up)"),
+    (r"^sac/llama32_1b/decode_compressed$", lambda m: "sac/llama32_1b/decode_full", "time",
+     "decode over the SAC cache vs the full cache (speed-up)"),
+    (r"^sac/decode/(ctx\d+)_r(\d+)$", lambda m: f"sac/decode/{m[1]}_uncompressed", "time",
+     "decode attention over anchors vs the full cache (speed-up)"),
+]
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    runs = {}
+    has_median = any(b.get("aggregate_name") == "median" for b in data["benchmarks"])
+    for b in data["benchmarks"]:
+        if has_median and b.get("aggregate_name") != "median":
+            continue
+        if not has_median and b.get("run_type") == "aggregate":
+            continue
+        name = b.get("run_name", b["name"])
+        name = re.sub(r"(/real_time|/iterations:\d+)+$", "", name)
+        runs[name] = b
+    return runs
+
+
+def value(b, metric):
+    if metric == "time":
+        return b["real_time"]
+    v = b.get(metric)
+    return float(v) if v is not None else None
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    runs = load(sys.argv[1])
+    printed = 0
+    for name in sorted(runs):
+        for pattern, base_of, metric, meaning in RULES:
+            m = re.match(pattern, name)
+            if not m:
+                continue
+            base = base_of(m)
+            if base not in runs:
+                continue
+            a, b = value(runs[name], metric), value(runs[base], metric)
+            if a is None or b is None or a == 0 or b == 0:
+                continue
+            ratio = b / a if metric == "time" else a / b
+            unit = runs[name].get("time_unit", "") if metric == "time" else metric
+            print(f"{ratio:7.3f}  {name}  /  {base}  [{meaning}; {a:.4g} vs {b:.4g} {unit}]")
+            printed += 1
+    print(f"{printed} ratios from {len(runs)} benchmarks")
+
+
+if __name__ == "__main__":
+    main()
