@@ -20,8 +20,11 @@ class AnchorPlan {
  public:
   AnchorPlan() = default;
 
+  /// Context tokens.
   index_t tokens() const noexcept { return tokens_; }
+  /// Tokens per chunk.
   index_t chunk_size() const noexcept { return chunk_size_; }
+  /// Number of chunks.
   index_t chunks() const noexcept { return tokens_ == 0 ? 0 : (tokens_ + chunk_size_ - 1) / chunk_size_; }
   /// Token range [begin, end) of chunk c.
   TokenRange chunk(index_t c) const noexcept {
@@ -29,6 +32,7 @@ class AnchorPlan {
   }
   /// Every anchor's token index (0-based, increasing), all chunks in order.
   const std::vector<index_t>& anchors() const noexcept { return anchors_; }
+  /// Anchors over all chunks.
   index_t anchor_count() const noexcept { return index_t(anchors_.size()); }
   /// Anchors of chunk c: anchors()[chunk_anchors(c).begin, chunk_anchors(c).end).
   TokenRange chunk_anchors(index_t c) const noexcept { return {first_[std::size_t(c)], first_[std::size_t(c) + 1]}; }

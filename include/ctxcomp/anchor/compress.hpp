@@ -30,6 +30,7 @@ enum class ChunkMask {
 template <class C>
 class Compressor {
  public:
+  /// A compressor for a host of these cache shapes, chunks of up to `chunk_size` tokens.
   Compressor(index_t layers, index_t kv_heads, index_t head_dim, index_t hidden, index_t chunk_size)
       : scratch_(layers, kv_heads, head_dim, chunk_size), hidden_(hidden) {
     CTXCOMP_CHECK(hidden > 0, "anchor::Compressor: hidden size (", hidden, ") must be positive");
@@ -38,6 +39,7 @@ class Compressor {
     for (auto* v : {&idx_, &idx_kept_, &rows_}) v->resize(std::size_t(chunk_size));
   }
 
+  /// Longest chunk the scratch cache holds.
   index_t chunk_capacity() const noexcept { return scratch_.capacity(); }
 
   /// Compresses context `ids` [plan.tokens()] into `out`, appending the anchors of every chunk in

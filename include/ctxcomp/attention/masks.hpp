@@ -24,9 +24,12 @@ enum class TileVisibility : std::uint8_t { None, Mixed, All };
 
 /// Every key visible to every query (cross-attention to a whole context).
 struct Full {
+  /// The mask concept (see the top of this file): tile and element visibility, and the call check.
+  ///@{
   TileVisibility tile(index_t, index_t, index_t, index_t) const noexcept { return TileVisibility::All; }
   bool visible(index_t, index_t) const noexcept { return true; }
   void check(index_t, index_t, const char*) const {}
+  ///@}
 };
 
 /// Every token of a chunk sees every token of the chunk: SAC's official `full` mask when the
@@ -36,9 +39,12 @@ struct FullBidirectional : Full {};
 /// Query q sits at key position q + q_offset and sees keys k <= q + q_offset. q_offset is the
 /// number of cached keys before the first query (0 for a plain prefill).
 struct Causal {
-  index_t q_offset = 0;
+  index_t q_offset = 0;  ///< cached keys before the first query
   Causal() = default;
+  /// Queries start at key position `offset`.
   explicit Causal(index_t offset) : q_offset(offset) {}
+  /// The mask concept (see the top of this file): tile and element visibility, and the call check.
+  ///@{
   TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
     if (k1 - 1 <= q0 + q_offset) return TileVisibility::All;
     if (k0 > q1 - 1 + q_offset) return TileVisibility::None;
@@ -48,22 +54,27 @@ struct Causal {
   void check(index_t, index_t, const char* fn) const {
     CTXCOMP_CHECK(q_offset >= 0, fn, ": Causal q_offset (", q_offset, ") is negative");
   }
+  ///@}
 };
 
 /// IC-Former's cross mask: keys are [context (context_len) ; queries' own tokens]; every query
 /// sees the whole context, and among the trailing tokens sees them causally (digest i sees
 /// digests 0..i), as the official ICFormerModel builds it. Equal to Causal(context_len).
 struct CrossWithCausalTail : Causal {
+  /// Keys are `context_len` context rows followed by the queries' own rows.
   explicit CrossWithCausalTail(index_t context_len) : Causal(context_len) {}
+  /// Context rows before the queries' own keys.
   index_t context_len() const noexcept { return q_offset; }
 };
 
 /// Block-diagonal: query q (at key position q + q_offset) sees keys of its own chunk of
 /// `chunk` positions; with `causal`, only those at or before itself.
 struct ChunkDiagonal {
-  index_t chunk = 1;
-  bool causal = false;
-  index_t q_offset = 0;
+  index_t chunk = 1;      ///< positions per chunk
+  bool causal = false;    ///< causal inside a chunk
+  index_t q_offset = 0;   ///< key position of the first query
+  /// The mask concept (see the top of this file): tile and element visibility, and the call check.
+  ///@{
   TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
     const index_t p0 = q0 + q_offset, p1 = q1 - 1 + q_offset;
     const index_t cq0 = p0 / chunk, cq1 = p1 / chunk, ck0 = k0 / chunk, ck1 = (k1 - 1) / chunk;
@@ -80,17 +91,21 @@ struct ChunkDiagonal {
     CTXCOMP_CHECK(chunk > 0, fn, ": ChunkDiagonal chunk (", chunk, ") must be positive");
     CTXCOMP_CHECK(q_offset >= 0, fn, ": ChunkDiagonal q_offset (", q_offset, ") is negative");
   }
+  ///@}
 };
 
 /// SAC's anchor mask: anchor rows see every key of the call (the whole chunk), all other rows
 /// are causal. `anchors` are sorted, distinct key positions (query q is at q + q_offset); the
 /// array is the caller's and must outlive the mask.
 struct AnchorBidirectional {
-  const index_t* anchors = nullptr;
-  index_t anchor_count = 0;
-  index_t q_offset = 0;
+  const index_t* anchors = nullptr;  ///< sorted, distinct anchor key positions (the caller's array)
+  index_t anchor_count = 0;          ///< number of anchors
+  index_t q_offset = 0;              ///< key position of the first query
 
+  /// Whether key position p is an anchor.
   bool is_anchor(index_t p) const noexcept { return std::binary_search(anchors, anchors + anchor_count, p); }
+  /// The mask concept (see the top of this file): tile and element visibility, and the call check.
+  ///@{
   TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
     const index_t p0 = q0 + q_offset, p1 = q1 - 1 + q_offset;
     if (k1 - 1 <= p0) return TileVisibility::All;
@@ -101,11 +116,14 @@ struct AnchorBidirectional {
     return TileVisibility::Mixed;
   }
   bool visible(index_t q, index_t k) const noexcept { return k <= q + q_offset || is_anchor(q + q_offset); }
+  ///@}
 
   // Row groups for the fused kernel: group 0 the causal (non-anchor) rows, group 1 the anchor
   // rows, which see everything; so a tile is computed only for rows that see part of it and the
   // cost follows the visible pairs rather than the square.
+  /// Two row groups: 0 = causal rows, 1 = anchor rows.
   index_t row_groups() const noexcept { return 2; }
+  /// Writes the query rows of group g (increasing) to `rows`; returns how many.
   index_t group_rows(index_t g, index_t q_len, index_t* rows) const noexcept {
     index_t n = 0;
     const index_t* a = std::lower_bound(anchors, anchors + anchor_count, q_offset);
@@ -119,16 +137,21 @@ struct AnchorBidirectional {
   }
   /// The mask of one row group: every key (anchors) or causal (the others).
   struct Group {
-    bool all = false;
-    index_t q_offset = 0;
+    bool all = false;      ///< every key visible (anchor rows)
+    index_t q_offset = 0;  ///< key position of the first query
+    /// The mask concept (see the top of this file): tile and element visibility, and the call check.
+  ///@{
     TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
       return all ? TileVisibility::All : Causal(q_offset).tile(q0, q1, k0, k1);
     }
     bool visible(index_t q, index_t k) const noexcept { return all || k <= q + q_offset; }
     void check(index_t, index_t, const char*) const {}
+    ///@}
   };
+  /// The mask of row group g.
   Group group_mask(index_t g) const noexcept { return Group{g == 1, q_offset}; }
 
+  /// Checks the anchors are sorted and distinct.
   void check(index_t, index_t, const char* fn) const {
     CTXCOMP_CHECK(anchor_count >= 0 && (anchor_count == 0 || anchors != nullptr), fn,
                   ": AnchorBidirectional has ", anchor_count, " anchors but no array");
@@ -140,15 +163,16 @@ struct AnchorBidirectional {
 
 /// Role of a token under the sentinel-token scheme.
 enum class SpanRole : std::uint8_t { Ordinary, Open /* <CL> */, Inner, Close /* <CR> */ };
+/// A token's role and span under the sentinel-token scheme.
 struct TokenRole {
-  SpanRole role = SpanRole::Ordinary;
-  std::int32_t span = -1;  // span number for Open / Inner / Close, -1 for Ordinary
+  SpanRole role = SpanRole::Ordinary;  ///< ordinary, `<CL>`, inside a span, or `<CR>`
+  std::int32_t span = -1;              ///< span number for Open / Inner / Close, -1 for Ordinary
 };
 
 /// Whether logical token `q` sees logical token `k` under the official sentinel rules
 /// (shared/fixtures/sentinel/README): ordinary tokens see earlier ordinary tokens and every
-/// earlier <CR>; span tokens see the same plus the earlier tokens of their own span, but not
-/// their <CL>; <CL> sees only itself; <CR> sees its own <CL>, its span and itself.
+/// earlier `<CR>`; span tokens see the same plus the earlier tokens of their own span, but not
+/// their `<CL>`; `<CL>` sees only itself; `<CR>` sees its own `<CL>`, its span and itself.
 inline bool sentinel_visible(const TokenRole& rq, const TokenRole& rk, index_t q, index_t k) noexcept {
   if (k > q) return false;
   if (k == q) return true;
@@ -164,9 +188,10 @@ inline bool sentinel_visible(const TokenRole& rq, const TokenRole& rk, index_t q
 /// Role assignment one token at a time, carrying an open span across calls (a stream):
 /// `cl` opens a span, `cr` closes it. Errors name the token's index `at` and the caller `fn`.
 struct SentinelRoleState {
-  bool open = false;
-  std::int32_t span = 0;  // number of the open span, or of the next one (= spans closed so far)
+  bool open = false;      ///< a span is open
+  std::int32_t span = 0;  ///< number of the open span, or of the next one (= spans closed so far)
 
+  /// The role of the next token `id` (stream index `at`); errors name `fn`.
   template <class Id>
   TokenRole next(Id id, Id cl, Id cr, index_t at, const char* fn) {
     if (id == cl) {
@@ -185,7 +210,7 @@ struct SentinelRoleState {
 };
 
 /// Assigns sentinel roles to a token sequence: `cl` opens a span, `cr` closes it. Errors name
-/// the offending index: a <CR> with no open span, a <CL> inside an open span (nested spans are
+/// the offending index: a `<CR>` with no open span, a `<CL>` inside an open span (nested spans are
 /// not part of the scheme). A span still open at the end is allowed (text still streaming).
 template <class Id>
 std::vector<TokenRole> sentinel_roles(const Id* ids, index_t n, Id cl, Id cr, std::int32_t first_span = 0) {
@@ -200,12 +225,15 @@ std::vector<TokenRole> sentinel_roles(const Id* ids, index_t n, Id cl, Id cr, st
 /// cache's kept tokens after folding), or k itself when key_index is null. Arrays are the
 /// caller's and must outlive the mask. O(n) memory, never n x n.
 struct SentinelSpans {
-  const TokenRole* roles = nullptr;
-  index_t role_count = 0;
-  index_t q_offset = 0;
-  const index_t* key_index = nullptr;
+  const TokenRole* roles = nullptr;    ///< role of every stream token so far
+  index_t role_count = 0;              ///< number of roles
+  index_t q_offset = 0;                ///< stream index of the first query
+  const index_t* key_index = nullptr;  ///< stream index of each key (the cache's token_index), or null
 
+  /// Stream index of key k.
   index_t key_token(index_t k) const noexcept { return key_index ? key_index[k] : k; }
+  /// The mask concept (see the top of this file): tile and element visibility, and the call check.
+  ///@{
   bool visible(index_t q, index_t k) const noexcept {
     const index_t tq = q + q_offset, tk = key_token(k);
     return sentinel_visible(roles[tq], roles[tk], tq, tk);
@@ -243,14 +271,20 @@ struct SentinelSpans {
                     key_index[k - 1], " then ", key_index[k], ")");
     }
   }
+  ///@}
 };
 
 /// Adapter for a host's explicit mask: element (q, k) at data[q * ld + k], nonzero = visible.
 /// The host owns the memory; tiles are scanned so uniform tiles are still skipped.
 template <class T = std::uint8_t>
 struct DenseMask {
-  const T* data = nullptr;
+  const T* data = nullptr;  ///< element (q, k) at data[q * ld + k], nonzero = visible
+  /// Rows, columns and row stride of the mask array.
+  ///@{
   index_t rows = 0, cols = 0, ld = 0;
+  ///@}
+  /// The mask concept (see the top of this file): tile and element visibility, and the call check.
+  ///@{
   bool visible(index_t q, index_t k) const noexcept { return data[q * ld + k] != T(0); }
   TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
     bool any = false, all = true;
@@ -267,6 +301,7 @@ struct DenseMask {
     CTXCOMP_CHECK(rows >= q_len && cols >= kv_len && ld >= cols, fn, ": DenseMask is ", rows, " x ", cols, " (ld ",
                   ld, ") but the call is ", q_len, " x ", kv_len);
   }
+  ///@}
 };
 
 /// Number of visible (query, key) pairs of a q_len x kv_len call (useful work for counters).

@@ -10,8 +10,9 @@
 
 namespace ctxcomp {
 
+/// Options of `attention` and `reference::attention`.
 struct AttentionOptions {
-  float scale = 0.f;  // 0 means 1/sqrt(head_dim)
+  float scale = 0.f;  ///< softmax scale; 0 means 1/sqrt(head_dim)
   /// Split the key range of decode-like calls (few rows per task or few tasks) into fixed
   /// 512-key splits merged by log-sum-exp, so that every core has work (flash-decoding). The
   /// splits follow the shapes only; `false` keeps one pass over the keys (results then differ

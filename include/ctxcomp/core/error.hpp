@@ -13,6 +13,7 @@ namespace ctxcomp {
 /// The one exception type ctxcomp throws. Derived from std::runtime_error.
 class Error : public std::runtime_error {
  public:
+  /// An error with this message.
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 

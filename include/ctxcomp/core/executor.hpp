@@ -20,7 +20,9 @@ namespace ctxcomp {
 /// 0 <= worker < concurrency() and no two concurrent calls sharing a worker slot.
 /// It returns when all tasks are done. Kernels size per-worker scratch by concurrency().
 struct SerialExecutor {
+  /// One worker.
   index_t concurrency() const noexcept { return 1; }
+  /// Runs the tasks in order on the calling thread.
   template <class F>
   void parallel_for(index_t n, F&& f) const {
     for (index_t i = 0; i < n; ++i) f(i, index_t{0});
@@ -50,11 +52,13 @@ struct OpenMPExecutor {
 /// when all are done. Exceptions must not escape `task` (ctxcomp checks inputs before it
 /// starts parallel work).
 struct HostExecutor {
-  using Task = std::function<void(index_t task, index_t worker)>;
-  index_t workers = 1;
-  std::function<void(index_t n, const Task& task)> run;
+  using Task = std::function<void(index_t task, index_t worker)>;  ///< one task: (task index, worker slot)
+  index_t workers = 1;                                             ///< worker slots of the pool
+  std::function<void(index_t n, const Task& task)> run;            ///< the pool's parallel loop
 
+  /// The pool's worker slots.
   index_t concurrency() const noexcept { return workers; }
+  /// Runs the tasks through `run` (serially when no pool is set).
   template <class F>
   void parallel_for(index_t n, F&& f) const {
     if (!run) {

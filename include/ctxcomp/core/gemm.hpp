@@ -28,9 +28,12 @@ namespace ctxcomp::kernels {
 /// weight rows of accumulators (AVX-512: 4 x 6 of 32 registers; AVX2/SSE: 2 x 6 of 16).
 template <class V>
 struct GemmNtShape {
+  /// Register tile: MV vectors of token rows (MI = MV * width rows) by NJ output features.
+  ///@{
   static constexpr int MV = V::width == 1 ? 4 : (V::registers >= 32 ? 4 : 2);
   static constexpr int NJ = V::width == 1 ? 4 : 6;
   static constexpr int MI = MV * V::width;  // token rows per packed panel
+  ///@}
 };
 
 namespace detail {

@@ -30,6 +30,11 @@ namespace ctxcomp::simd {
 
 /// Scalar twin of the vector type: width 1, plain float arithmetic.
 struct ScalarVec {
+  /// The vector interface every kernel is written against (XsimdVec has the same members):
+  /// the register type, its width in floats and the register count, loads (widening bf16 /
+  /// fp16 / qint8), store, broadcast, zero, fma, max, exp2, exp, div, horizontal sum and max,
+  /// and the instruction set's name.
+  ///@{
   using type = float;
   static constexpr int width = 1;
   static constexpr int registers = 16;
@@ -58,6 +63,7 @@ struct ScalarVec {
   static void reduce_add_lanes(const type* accs, float* out) noexcept { out[0] = accs[0]; }
   static float reduce_max(type v) noexcept { return v; }
   static const char* name() noexcept { return "scalar"; }
+  ///@}
 };
 
 #if defined(CTXCOMP_HAS_XSIMD)

@@ -14,8 +14,8 @@ namespace ctxcomp::kernels {
 /// of the register file (AVX-512: 6 x 4 of 32 registers; AVX2/SSE: 4 x 3 of 16; scalar: 4 x 4).
 template <class V>
 struct TileGemmShape {
-  static constexpr int MR = V::registers >= 32 ? 6 : 4;
-  static constexpr int NV = V::registers >= 32 ? 4 : (V::width == 1 ? 4 : 3);
+  static constexpr int MR = V::registers >= 32 ? 6 : 4;  ///< rows of C per block
+  static constexpr int NV = V::registers >= 32 ? 4 : (V::width == 1 ? 4 : 3);  ///< vectors of columns per block
 };
 
 template <class V, int MR, int NV, bool Accumulate, class TB>

@@ -19,7 +19,7 @@ using fp16 = Eigen::half;
 /// round to nearest even, |x - value| <= scale / 2). Only K/V caches use it; activations and
 /// weights stay float / bf16 / fp16.
 struct qint8 {
-  std::int8_t v = 0;
+  std::int8_t v = 0;  ///< the quantised value (times the row's scale)
 };
 
 template <class T>

@@ -54,17 +54,29 @@ auto matrix_view(const Eigen::PlainObjectBase<Derived>& m) {
 /// scales[h * scale_head_stride + t * scale_token_stride]; other types leave `scales` null.
 template <class T>
 struct HeadsView {
-  using scale_type = std::conditional_t<std::is_const_v<T>, const float, float>;
-  T* data = nullptr;
+  using scale_type = std::conditional_t<std::is_const_v<T>, const float, float>;  ///< float, const with T
+  T* data = nullptr;  ///< element (0, 0, 0)
+  /// Extents: heads, tokens, head_dim.
+  ///@{
   index_t heads = 0, tokens = 0, head_dim = 0;
+  ///@}
+  /// Strides in elements between heads and between tokens.
+  ///@{
   index_t head_stride = 0, token_stride = 0;
-  scale_type* scales = nullptr;
+  ///@}
+  scale_type* scales = nullptr;  ///< per-row scales of quantised storage, else null
+  /// Strides in floats of `scales` between heads and between tokens.
+  ///@{
   index_t scale_head_stride = 0, scale_token_stride = 0;
+  ///@}
 
+  /// Row (h, t): head_dim contiguous elements.
   T* row(index_t h, index_t t) const noexcept { return data + h * head_stride + t * token_stride; }
+  /// Element (h, t, i).
   T& operator()(index_t h, index_t t, index_t i) const noexcept { return row(h, t)[i]; }
   /// The scale of row (h, t) (quantised storage only).
   scale_type& scale(index_t h, index_t t) const noexcept { return scales[h * scale_head_stride + t * scale_token_stride]; }
+  /// Whether the view has no element.
   bool empty() const noexcept { return heads == 0 || tokens == 0 || head_dim == 0; }
 
   /// The same memory, read-only.

@@ -12,15 +12,16 @@
 
 namespace ctxcomp {
 
+/// Scratch memory a kernel reserves and carves; reused across calls (see the top of this file).
 class Workspace {
  public:
-  static constexpr std::size_t alignment = 64;
+  static constexpr std::size_t alignment = 64;  ///< bytes every carved array is aligned to
 
   Workspace() = default;
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
-  Workspace(Workspace&&) noexcept = default;
-  Workspace& operator=(Workspace&&) noexcept = default;
+  Workspace(Workspace&&) noexcept = default;             ///< moves the buffer
+  Workspace& operator=(Workspace&&) noexcept = default;  ///< moves the buffer
 
   /// Bytes needed for an array of n T, including alignment padding.
   template <class T>
@@ -52,6 +53,7 @@ class Workspace {
     return p;
   }
 
+  /// Bytes reserved.
   std::size_t capacity() const noexcept { return capacity_; }
   /// How many times the workspace has allocated (for tests of the no-allocation promise).
   std::size_t allocations() const noexcept { return allocations_; }

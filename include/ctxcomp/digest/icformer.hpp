@@ -15,17 +15,23 @@
 
 namespace ctxcomp::digest {
 
+/// The encoder's sizes and settings (an official IC-Former config.json).
 struct IcformerConfig {
-  index_t hidden = 0;             // hidden_size (= context_hidden_size: digests live in the LLM's embedding space)
+  index_t hidden = 0;  ///< hidden_size (= context_hidden_size: digests live in the LLM's embedding space)
+  /// Query heads, key/value heads and the head size.
+  ///@{
   index_t heads = 0, kv_heads = 0, head_dim = 0;
-  index_t intermediate = 0;
-  index_t layers = 0;
-  index_t cross_attention_frequency = 1;  // layer i is cross-attention iff i % frequency == 0
-  index_t num_digests = 0;                // num_query_tokens
-  float rms_eps = 1e-6f;
-  RopeConfig rope{};
+  ///@}
+  index_t intermediate = 0;               ///< SwiGLU width
+  index_t layers = 0;                     ///< encoder layers
+  index_t cross_attention_frequency = 1;  ///< layer i is cross-attention iff i % frequency == 0
+  index_t num_digests = 0;                ///< num_query_tokens
+  float rms_eps = 1e-6f;                  ///< RMSNorm epsilon
+  RopeConfig rope{};                      ///< rotary embedding settings
 
+  /// Whether layer `layer` cross-attends to the context.
   bool is_cross(index_t layer) const noexcept { return layer % cross_attention_frequency == 0; }
+  /// Checks the sizes (positive, heads a multiple of kv_heads).
   void validate() const {
     CTXCOMP_CHECK(hidden > 0 && heads > 0 && kv_heads > 0 && head_dim > 0 && intermediate > 0 && layers > 0,
                   "IcformerConfig: sizes must be positive (hidden ", hidden, ", heads ", heads, ", kv_heads ", kv_heads,
@@ -42,23 +48,31 @@ struct IcformerConfig {
 /// input_layernorm and no context_norm.
 template <class T>
 struct IcformerLayerWeights {
-  const T* query_norm = nullptr;
-  const T* context_norm = nullptr;
-  const T* post_attention_norm = nullptr;
+  const T* query_norm = nullptr;           ///< [hidden] cross_input_layernorm or input_layernorm
+  const T* context_norm = nullptr;         ///< [hidden] context_layernorm (cross-attention layers)
+  const T* post_attention_norm = nullptr;  ///< [hidden]
+  /// Attention projections (PyTorch layout).
+  ///@{
   WeightView<T> q, k, v, o;
-  SwiGLUWeights<T> mlp;
+  ///@}
+  SwiGLUWeights<T> mlp;  ///< the MLP
 };
 
+/// All of an encoder's weights (views).
 template <class T>
 struct IcformerWeights {
-  std::vector<IcformerLayerWeights<T>> layers;
-  const T* final_norm = nullptr;
+  std::vector<IcformerLayerWeights<T>> layers;  ///< one per layer
+  const T* final_norm = nullptr;                ///< [hidden] encoder.norm
 };
 
 /// Number of chunks and chunk size of the official chunking: chunk_num = ceil(n / max_len),
 /// chunk_size = ceil(n / chunk_num); chunk i is [i*size, min((i+1)*size, n)).
 struct Chunking {
+  /// Number of chunks and tokens per chunk (the last may be shorter).
+  ///@{
   index_t count = 0, size = 0;
+  ///@}
+  /// The chunking of n tokens with chunks of at most max_chunk_len.
   static Chunking of(index_t n, index_t max_chunk_len) {
     CTXCOMP_CHECK(n > 0, "icformer: empty context");
     CTXCOMP_CHECK(max_chunk_len > 0, "icformer: max_chunk_len (", max_chunk_len, ") must be positive");
@@ -67,7 +81,9 @@ struct Chunking {
     c.size = (n + c.count - 1) / c.count;
     return c;
   }
+  /// First token of chunk i.
   index_t begin(index_t i) const noexcept { return i * size; }
+  /// Tokens of chunk i of an n-token context.
   index_t length(index_t i, index_t n) const noexcept { return std::min(size, n - i * size); }
 };
 
@@ -76,6 +92,7 @@ struct Chunking {
 template <class T>
 class IcformerEncoder {
  public:
+  /// An encoder over these weights (checked against the config).
   IcformerEncoder(const IcformerConfig& cfg, IcformerWeights<T> weights)
       : cfg_(cfg), w_(std::move(weights)), rope_(cfg.rope, cfg.head_dim) {
     cfg_.validate();
@@ -100,6 +117,7 @@ class IcformerEncoder {
     }
   }
 
+  /// The configuration.
   const IcformerConfig& config() const noexcept { return cfg_; }
 
   /// One layer, in place on the digests' hidden states [k x hidden]. Cross-attention layers

@@ -12,6 +12,7 @@
 
 namespace ctxcomp::fold {
 
+/// Roles, position ids and masks of a sentinel-token stream (see the top of this file).
 class SpanTracker {
  public:
   /// `vocab` > 0 makes ids outside [0, vocab) an error.
@@ -22,8 +23,8 @@ class SpanTracker {
   }
 
   /// Appends tokens, writing their position ids (ordinary tokens count 0, 1, 2, ...; a sentinel
-  /// repeats the position of the token before it, 0 at the start). Errors (a <CR> with no open
-  /// span, a <CL> inside a span, an id outside the vocabulary) name the stream index; on error
+  /// repeats the position of the token before it, 0 at the start). Errors (a `<CR>` with no open
+  /// span, a `<CL>` inside a span, an id outside the vocabulary) name the stream index; on error
   /// nothing is appended.
   void push(const std::int64_t* ids, index_t count, std::int64_t* positions_out) {
     SentinelRoleState state = state_;
@@ -47,10 +48,13 @@ class SpanTracker {
     ordinary_ = ordinary;
   }
 
+  /// Tokens pushed so far.
   index_t size() const noexcept { return index_t(roles_.size()); }
+  /// The role of every token pushed so far.
   const std::vector<TokenRole>& roles() const noexcept { return roles_; }
-  /// Number of closed spans so far; a span is open between its <CL> and <CR>.
+  /// Number of closed spans so far; a span is open between its `<CL>` and `<CR>`.
   std::int32_t closed_spans() const noexcept { return state_.span; }
+  /// Whether a span is open (its `<CR>` has not arrived).
   bool span_open() const noexcept { return state_.open; }
 
   /// Mask for new tokens starting at stream index `first` against the cache's slots (whose
@@ -60,7 +64,7 @@ class SpanTracker {
     return SentinelSpans{roles_.data(), size(), first, cache.token_index()};
   }
 
-  /// Whether stream token t may be evicted: a <CL> or inner token of a closed span.
+  /// Whether stream token t may be evicted: a `<CL>` or inner token of a closed span.
   bool evictable(index_t t) const noexcept {
     const TokenRole& r = roles_[std::size_t(t)];
     return (r.role == SpanRole::Open || r.role == SpanRole::Inner) && r.span < state_.span;
@@ -73,8 +77,8 @@ class SpanTracker {
   std::int64_t ordinary_ = 0;
 };
 
-/// Evicts from every layer the cached <CL> and inner tokens of every closed span, keeping each
-/// <CR>. Returns how many slots were freed. Folding after each <CR> or in one batch later
+/// Evicts from every layer the cached `<CL>` and inner tokens of every closed span, keeping each
+/// `<CR>`. Returns how many slots were freed. Folding after each `<CR>` or in one batch later
 /// evicts the same tokens.
 template <class C>
 index_t fold(KvCache<C>& cache, const SpanTracker& spans) {

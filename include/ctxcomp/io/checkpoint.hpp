@@ -105,9 +105,12 @@ inline RopeConfig rope_from_config(const nlohmann::json& j, const std::string& f
 /// The sizes every Llama-style transformer config.json gives (head_dim defaults to
 /// hidden / heads, kv heads to heads, rms_norm_eps to 1e-6), with the RoPE settings.
 struct TransformerDims {
+  /// hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size, num_hidden_layers.
+  ///@{
   index_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, intermediate = 0, layers = 0;
-  float rms_eps = 1e-6f;
-  RopeConfig rope{};
+  ///@}
+  float rms_eps = 1e-6f;  ///< rms_norm_eps
+  RopeConfig rope{};      ///< the RoPE rule
 };
 inline TransformerDims transformer_dims(const nlohmann::json& j, const std::string& file) {
   TransformerDims t;
@@ -171,12 +174,12 @@ inline std::size_t config_architecture(const nlohmann::json& j, const std::strin
 /// rotate_half RoPE). Settings that would change the computation in a way the host does not
 /// implement (sliding windows, another activation, non-full attention layers) are errors.
 struct DecoderArch {
-  std::string name;          // e.g. "Qwen3ForCausalLM"
-  bool qkv_bias = false;     // q/k/v projections carry a bias
-  bool o_bias = false;       // o_proj carries a bias
-  bool mlp_bias = false;     // gate/up/down carry a bias
-  bool qk_norm = false;      // RMSNorm over each head of q and k (weight [head_dim]) before RoPE
-  bool tied_embeddings = false;  // the output layer is the embedding matrix
+  std::string name;              ///< e.g. "Qwen3ForCausalLM"
+  bool qkv_bias = false;         ///< q/k/v projections carry a bias
+  bool o_bias = false;           ///< o_proj carries a bias
+  bool mlp_bias = false;         ///< gate/up/down carry a bias
+  bool qk_norm = false;          ///< RMSNorm over each head of q and k (weight [head_dim]) before RoPE
+  bool tied_embeddings = false;  ///< the output layer is the embedding matrix
 };
 
 inline DecoderArch decoder_arch(const nlohmann::json& j, const std::string& file) {
@@ -237,9 +240,10 @@ inline bool harmless_extra_tensor(const std::string& name) {
 /// and the tensor.
 class CheckpointFiles {
  public:
-  static constexpr const char* kSingle = "model.safetensors";
-  static constexpr const char* kIndex = "model.safetensors.index.json";
+  static constexpr const char* kSingle = "model.safetensors";           ///< an unsharded checkpoint
+  static constexpr const char* kIndex = "model.safetensors.index.json";  ///< the shard index
 
+  /// Opens (maps) the checkpoint files of `dir`, checking the index against the shards.
   static CheckpointFiles open(const std::string& dir) {
     namespace fs = std::filesystem;
     CheckpointFiles c;
@@ -257,7 +261,9 @@ class CheckpointFiles {
     return c;
   }
 
+  /// The checkpoint directory.
   const std::string& dir() const noexcept { return dir_; }
+  /// The opened files (one, or the shards in index order).
   const std::vector<SafeTensors>& files() const noexcept { return files_; }
   /// The file that holds tensor `name`, or nullptr.
   const SafeTensors* file_of(const std::string& name) const {
@@ -332,7 +338,8 @@ class TensorStore {
   }
   /// A checkpoint directory: `model.safetensors` or the shards of `model.safetensors.index.json`.
   static TensorStore open_dir(const std::string& dir) { return TensorStore(CheckpointFiles::open(dir)); }
-  TensorStore(TensorStore&&) noexcept = default;  // deque and map nodes do not move: pointers stay valid
+  /// Moves the store (deque and map nodes do not move: pointers stay valid).
+  TensorStore(TensorStore&&) noexcept = default;
   TensorStore(const TensorStore&) = delete;
   TensorStore& operator=(const TensorStore&) = delete;
 
@@ -360,7 +367,9 @@ class TensorStore {
     if (!bias.empty()) w.bias = load(bias, {out_features});
     return w;
   }
+  /// Whether the checkpoint holds `name`.
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
+  /// Whether `name` was loaded.
   bool consumed(const std::string& name) const { return tensors_.count(name) != 0; }
   /// Where the tensors come from (a file or a directory), for messages.
   const std::string& origin() const noexcept { return origin_; }

@@ -12,9 +12,11 @@
 
 namespace ctxcomp::io {
 
+/// An official IC-Former checkpoint: its config and owned weights of type T.
 template <class T = float>
 class IcformerCheckpoint {
  public:
+  /// Loads `dir` (config.json and the safetensors), strictly: unused tensors are errors.
   static IcformerCheckpoint load(const std::string& dir) {
     IcformerCheckpoint c;
     const std::string cfg_path = dir + "/config.json";
@@ -67,9 +69,11 @@ class IcformerCheckpoint {
     return c;
   }
 
+  /// The encoder configuration.
   const digest::IcformerConfig& config() const noexcept { return config_; }
   /// Views into this checkpoint's storage: keep the checkpoint alive while they are used.
   const digest::IcformerWeights<T>& weights() const noexcept { return weights_; }
+  /// An encoder over this checkpoint's weights (keep the checkpoint alive while it is used).
   digest::IcformerEncoder<T> encoder() const { return digest::IcformerEncoder<T>(config_, weights_); }
 
  private:

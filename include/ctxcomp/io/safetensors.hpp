@@ -58,11 +58,16 @@ constexpr DType dtype_of() noexcept {
   }
 }
 
+/// One tensor of a safetensors header.
 struct TensorInfo {
-  std::string name;
-  DType dtype = DType::F32;
-  std::vector<std::int64_t> shape;
-  std::size_t begin = 0, end = 0;  // byte range within the data section
+  std::string name;                 ///< tensor name
+  DType dtype = DType::F32;         ///< stored element type
+  std::vector<std::int64_t> shape;  ///< dimensions
+  /// Byte range within the data section.
+  ///@{
+  std::size_t begin = 0, end = 0;
+  ///@}
+  /// Number of elements.
   std::int64_t numel() const noexcept {
     std::int64_t n = 1;
     for (auto d : shape) n *= d;
@@ -74,8 +79,10 @@ struct TensorInfo {
 /// through `raw` (bytes as stored). The file stays mapped (or loaded) while the object lives.
 class SafeTensors {
  public:
+  /// Memory-map the file, or read it into memory.
   enum class Mode { Map, Read };
 
+  /// Opens and parses `path`; every offset, size and dtype is checked.
   static SafeTensors open(const std::string& path, Mode mode = Mode::Map) {
     SafeTensors st;
     st.path_ = path;
@@ -124,15 +131,21 @@ class SafeTensors {
     return st;
   }
 
+  /// The file's path (or the name given to from_bytes).
   const std::string& path() const noexcept { return path_; }
+  /// Every tensor, in header order.
   const std::vector<TensorInfo>& tensors() const noexcept { return tensors_; }
+  /// The __metadata__ strings.
   const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
+  /// Whether a tensor `name` exists.
   bool contains(const std::string& name) const { return find(name) != nullptr; }
+  /// The tensor `name`, or nullptr.
   const TensorInfo* find(const std::string& name) const {
     for (const auto& t : tensors_)
       if (t.name == name) return &t;
     return nullptr;
   }
+  /// The tensor `name`, or an error naming it.
   const TensorInfo& info(const std::string& name) const {
     const TensorInfo* t = find(name);
     if (!t) fail("safetensors '", path_, "': no tensor named '", name, "'");
@@ -165,6 +178,7 @@ class SafeTensors {
     return read<T>(name);
   }
 
+  /// Converts tensor `t` into out[numel] of type T.
   template <class T>
   void convert_into(const TensorInfo& t, T* out) const {
     const std::uint8_t* p = raw(t);
@@ -200,6 +214,7 @@ class SafeTensors {
     }
   }
 
+  /// "[a, b, c]", for messages.
   static std::string shape_str(const std::vector<std::int64_t>& s) {
     std::string r = "[";
     for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
@@ -288,11 +303,12 @@ class SafeTensors {
 
 /// A tensor to write: its name, shape and data (of the dtype named by T).
 struct TensorOut {
-  std::string name;
-  DType dtype;
-  std::vector<std::int64_t> shape;
-  const void* data;
+  std::string name;                 ///< tensor name
+  DType dtype;                      ///< element type of `data`
+  std::vector<std::int64_t> shape;  ///< dimensions
+  const void* data;                 ///< the elements (the caller's)
 
+  /// A tensor of elements of type T.
   template <class T>
   static TensorOut of(std::string name, std::vector<std::int64_t> shape, const T* data) {
     return {std::move(name), dtype_of<T>(), std::move(shape), data};

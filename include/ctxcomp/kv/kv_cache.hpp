@@ -19,15 +19,18 @@ namespace ctxcomp {
 
 /// A half-open range of cache slots [begin, end).
 struct TokenRange {
-  index_t begin = 0, end = 0;
+  index_t begin = 0;  ///< first slot
+  index_t end = 0;    ///< one past the last slot
 };
 
+/// An owning per-layer K/V cache (see the top of this file).
 template <class T>
 class KvCache {
   static_assert(is_kv_type_v<T>, "KvCache: the storage type must be float, bf16, fp16 or qint8");
 
  public:
   KvCache() = default;
+  /// A cache of `capacity` slots per layer.
   KvCache(index_t layers, index_t kv_heads, index_t head_dim, index_t capacity)
       : layers_(layers), kv_heads_(kv_heads), head_dim_(head_dim), capacity_(capacity) {
     CTXCOMP_CHECK(layers > 0 && kv_heads > 0 && head_dim > 0 && capacity > 0, "KvCache: layers (", layers,
@@ -44,27 +47,34 @@ class KvCache {
     token_index_.resize(std::size_t(capacity));
   }
 
+  /// Shape: layers, kv heads, head size, slots per layer, and the slots in use.
+  ///@{
   index_t layers() const noexcept { return layers_; }
   index_t kv_heads() const noexcept { return kv_heads_; }
   index_t head_dim() const noexcept { return head_dim_; }
   index_t capacity() const noexcept { return capacity_; }
   index_t size() const noexcept { return size_; }
+  ///@}
   /// Bytes of K and V held for the cached tokens (all layers), scales included.
   std::size_t bytes_used() const noexcept {
     const std::size_t rows = std::size_t(2 * layers_ * kv_heads_ * size_);
     return rows * std::size_t(head_dim_) * sizeof(T) + (is_quantized_v<T> ? rows * sizeof(float) : 0);
   }
 
-  /// Keys of one layer, tokens [0, size()) (qint8: with their scales).
+  /// Keys or values of one layer, tokens [0, size()) (qint8: with their scales).
+  ///@{
   HeadsView<T> keys(index_t layer) noexcept { return view(keys_.data(), key_scales_.data(), layer, size_); }
   HeadsView<T> values(index_t layer) noexcept { return view(values_.data(), value_scales_.data(), layer, size_); }
   HeadsView<const T> keys(index_t layer) const noexcept { return view(keys_.data(), key_scales_.data(), layer, size_); }
   HeadsView<const T> values(index_t layer) const noexcept {
     return view(values_.data(), value_scales_.data(), layer, size_);
   }
+  ///@}
   /// Position id and logical token index of each cached token.
+  ///@{
   const std::int64_t* positions() const noexcept { return positions_.data(); }
   const index_t* token_index() const noexcept { return token_index_.data(); }
+  ///@}
 
   /// Reserves `count` slots at the end in every layer for tokens with these positions and
   /// logical indices (the caller then writes their K/V, layer by layer, into

@@ -18,9 +18,13 @@ namespace ctxcomp {
 /// optional bias [out_features] of the same type (nullptr: none), as a PyTorch nn.Linear holds them.
 template <class T>
 struct WeightView {
-  const T* data = nullptr;
+  const T* data = nullptr;  ///< [out_features x in_features], row-major
+  /// Output and input features.
+  ///@{
   index_t out_features = 0, in_features = 0;
-  const T* bias = nullptr;
+  ///@}
+  const T* bias = nullptr;  ///< [out_features], or null
+  /// The weights of output feature o.
   const T* row(index_t o) const noexcept { return data + o * in_features; }
 };
 

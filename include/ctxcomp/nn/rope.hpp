@@ -24,19 +24,21 @@ enum class RopeStyle { RotateHalf, Interleaved };
 ///   inv_freq' = (1 - smooth) * inv_freq / factor + smooth * inv_freq.
 /// `factor` <= 0 (the default) means no Llama 3 scaling.
 struct Llama3Scaling {
-  double factor = 0.0;
-  double low_freq_factor = 1.0;
-  double high_freq_factor = 4.0;
-  double original_max_position_embeddings = 8192.0;
+  double factor = 0.0;                              ///< scale of the low frequencies (<= 0: off)
+  double low_freq_factor = 1.0;                     ///< low_freq_factor
+  double high_freq_factor = 4.0;                    ///< high_freq_factor
+  double original_max_position_embeddings = 8192.0; ///< the pre-training context
+  /// Whether the rule applies.
   bool enabled() const noexcept { return factor > 0.0; }
 };
 
+/// Rotary embedding settings (a config's rope_theta / rope_scaling).
 struct RopeConfig {
-  double theta = 10000.0;
-  double linear_scaling = 1.0;  // positions are divided by this factor (rope_scaling type "linear")
-  RopeStyle style = RopeStyle::RotateHalf;
-  index_t rotary_dim = 0;       // 0 = the whole head_dim
-  Llama3Scaling llama3{};       // rope_type "llama3" (disabled by default)
+  double theta = 10000.0;                   ///< rope_theta
+  double linear_scaling = 1.0;              ///< positions are divided by this factor (rope_scaling type "linear")
+  RopeStyle style = RopeStyle::RotateHalf;  ///< which dimensions pair up
+  index_t rotary_dim = 0;                   ///< rotated dimensions; 0 = the whole head_dim
+  Llama3Scaling llama3{};                   ///< rope_type "llama3" (disabled by default)
 };
 
 /// The rotary frequencies inv_freq[i] = 1 / theta^(2i / rotary_dim), i < rotary_dim / 2, in fp32
@@ -71,6 +73,7 @@ inline std::vector<float> rope_inv_freq(const RopeConfig& cfg, index_t rotary_di
 /// allocation), so a host keeps one per model and steady-state calls never allocate.
 class Rope {
  public:
+  /// A table for `cfg` and heads of `head_dim` (settings checked).
   Rope(const RopeConfig& cfg, index_t head_dim) : cfg_(cfg), head_dim_(head_dim) {
     rot_ = cfg.rotary_dim > 0 ? cfg.rotary_dim : head_dim;
     CTXCOMP_CHECK(head_dim > 0 && rot_ <= head_dim && rot_ % 2 == 0, "Rope: rotary_dim (", rot_,
@@ -92,8 +95,11 @@ class Rope {
     inv_freq_ = rope_inv_freq(cfg, rot_);
   }
 
+  /// The settings.
   const RopeConfig& config() const noexcept { return cfg_; }
+  /// The head size.
   index_t head_dim() const noexcept { return head_dim_; }
+  /// Positions the cos/sin table covers.
   index_t size() const noexcept { return size_; }
   /// The rotary frequencies in use (rotary_dim / 2 of them).
   const std::vector<float>& inv_freq() const noexcept { return inv_freq_; }

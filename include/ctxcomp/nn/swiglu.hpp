@@ -6,9 +6,13 @@
 
 namespace ctxcomp {
 
+/// The MLP's three projections (PyTorch layout).
 template <class T>
 struct SwiGLUWeights {
+  /// gate_proj and up_proj [inter x hidden], down_proj [hidden x inter].
+  ///@{
   WeightView<T> gate, up, down;
+  ///@}
 };
 
 /// Workspace bytes `swiglu` needs (two [tokens x inter] buffers plus the linear layers').
