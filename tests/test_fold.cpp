@@ -123,6 +123,11 @@ TEST_CASE("span tracker positions and errors", "[fold]") {
   std::vector<std::int64_t> oov{5, 300};
   CHECK_THROWS_WITH(spans.push(oov.data(), 2, p.data()), Contains("token id 300 at index 1 is outside the vocabulary"));
   CHECK(spans.size() == 0);  // nothing appended by failed pushes
+  std::vector<std::int64_t> untouched(8, -7);
+  std::vector<std::int64_t> late_error{5, 6, 7, 127};  // valid tokens, then a <CR> that closes nothing
+  CHECK_THROWS_WITH(spans.push(late_error.data(), 4, untouched.data()), Contains("<CR> at index 3"));
+  CHECK(untouched == std::vector<std::int64_t>(8, -7));  // positions are written only after validation
+  CHECK(spans.size() == 0);
   CHECK_THROWS_WITH(fold::SpanTracker(3, 3), Contains("both 3"));
 }
 

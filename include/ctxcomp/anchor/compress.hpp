@@ -79,7 +79,7 @@ class Compressor {
     const index_t out_size = out.size();
     const auto& anchors = plan.anchors();
     index_t c = 0;
-    try {
+    auto run_chunks = [&] {  // advances c: on error it names the failing chunk
       for (; c < plan.chunks(); ++c) {
         const auto [s, e] = plan.chunk(c);
         const auto [a0, a1] = plan.chunk_anchors(c);
@@ -100,6 +100,10 @@ class Compressor {
                       " tokens in the chunk's cache, expected ", t);
         keep_anchors(count, out, token_base);
       }
+    };
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+    try {
+      run_chunks();
     } catch (const Error& err) {  // the host's message, with the chunk it came from
       out.truncate(out_size);
       fail(fn, ": chunk ", c, " (tokens [", plan.chunk(c).begin, ", ", plan.chunk(c).end, ")): ", err.what());
@@ -107,6 +111,11 @@ class Compressor {
       out.truncate(out_size);
       throw;
     }
+#else
+    // Without exceptions an error inside the host's callbacks goes straight to the error
+    // handler (which does not return); everything ctxcomp checks is checked above.
+    run_chunks();
+#endif
     return out.size() - out_size;
   }
 

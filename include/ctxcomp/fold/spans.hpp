@@ -27,25 +27,23 @@ class SpanTracker {
   /// span, a `<CL>` inside a span, an id outside the vocabulary) name the stream index; on error
   /// nothing is appended.
   void push(const std::int64_t* ids, index_t count, std::int64_t* positions_out) {
-    SentinelRoleState state = state_;
-    std::int64_t ordinary = ordinary_;
+    // Validate the whole input on a copy of the state first, then commit: no rollback is needed,
+    // so this also holds when built with -fno-exceptions (positions_out is untouched on error).
     const std::size_t first = roles_.size();
-    try {
-      for (index_t i = 0; i < count; ++i) {
-        const index_t at = index_t(first) + i;
-        const std::int64_t id = ids[i];
-        CTXCOMP_CHECK(vocab_ < 0 || (id >= 0 && id < vocab_), "fold: token id ", id, " at index ", at,
-                      " is outside the vocabulary [0, ", vocab_, ")");
-        roles_.push_back(state.next(id, cl_, cr_, at, "fold"));
-        const bool sentinel = id == cl_ || id == cr_;
-        positions_out[i] = sentinel ? std::max<std::int64_t>(ordinary - 1, 0) : ordinary++;
-      }
-    } catch (...) {
-      roles_.resize(first);
-      throw;
+    SentinelRoleState check = state_;
+    for (index_t i = 0; i < count; ++i) {
+      const std::int64_t id = ids[i];
+      CTXCOMP_CHECK(vocab_ < 0 || (id >= 0 && id < vocab_), "fold: token id ", id, " at index ", index_t(first) + i,
+                    " is outside the vocabulary [0, ", vocab_, ")");
+      check.next(id, cl_, cr_, index_t(first) + i, "fold");
     }
-    state_ = state;
-    ordinary_ = ordinary;
+    roles_.reserve(first + std::size_t(count));
+    for (index_t i = 0; i < count; ++i) {
+      const std::int64_t id = ids[i];
+      roles_.push_back(state_.next(id, cl_, cr_, index_t(first) + i, "fold"));
+      const bool sentinel = id == cl_ || id == cr_;
+      positions_out[i] = sentinel ? std::max<std::int64_t>(ordinary_ - 1, 0) : ordinary_++;
+    }
   }
 
   /// Tokens pushed so far.

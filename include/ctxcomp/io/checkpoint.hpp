@@ -22,11 +22,10 @@ namespace ctxcomp::io {
 inline nlohmann::json read_json(const std::string& path) {
   std::ifstream f(path);
   if (!f) fail("cannot open '", path, "'");
-  try {
-    return nlohmann::json::parse(f);
-  } catch (const nlohmann::json::exception& e) {
-    fail("'", path, "' is not valid JSON (", e.what(), ")");
-  }
+  // Parsed without exceptions (so this also builds with -fno-exceptions); errors are ours.
+  auto j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) fail("'", path, "' is not valid JSON");
+  return j;
 }
 
 /// A required integer / number from a config, with the file named in errors.
