@@ -120,7 +120,19 @@ struct XsimdVec {
   static void store(float* p, type v) noexcept { v.store_unaligned(p); }
   static type broadcast(float x) noexcept { return type(x); }
   static type zero() noexcept { return type(0.f); }
-  static type fma(type a, type b, type c) noexcept { return xsimd::fma(a, b, c); }
+  /// a * b + c with one rounding. xsimd 8.1 has no AVX-512 fma kernel: its generic `a * b + c`
+  /// became an FMA only where the compiler contracts (GCC at -O2, not at -O1), so results
+  /// depended on the optimisation level; the FMA instructions are named here instead.
+  static type fma(type a, type b, type c) noexcept {
+#if defined(__AVX512F__)
+    if constexpr (width == 16) return type(_mm512_fmadd_ps(a, b, c));
+#endif
+#if defined(__FMA__)
+    if constexpr (width == 8) return type(_mm256_fmadd_ps(a, b, c));
+    if constexpr (width == 4) return type(_mm_fmadd_ps(a, b, c));
+#endif
+    return xsimd::fma(a, b, c);
+  }
   static type max(type a, type b) noexcept { return xsimd::max(a, b); }
   static type exp2(type x) noexcept { return xsimd::exp2(x); }
   static type exp(type x) noexcept { return xsimd::exp(x); }
