@@ -352,8 +352,8 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
     std::fill(buf[w].kt_head, buf[w].kt_head + T.kv_tiles, index_t(-1));
   }
   float* partial = T.splits > 1 ? ws.take<float>(items * T.partial_floats()) : nullptr;
-  index_t* rows = ws.take<index_t>(q.tokens);
   if constexpr (detail::has_row_groups<Mask>::value) {
+    index_t* rows = ws.take<index_t>(q.tokens);
     using GroupMask = decltype(mask.group_mask(0));
     CTXCOMP_CHECK(mask.row_groups() <= detail::kMaxRowGroups, "attention: the mask has ", mask.row_groups(),
                   " row groups, above the supported ", detail::kMaxRowGroups);
@@ -366,7 +366,6 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
     }
     detail::attention_rows<V>(q, k, v, groups, count, out, qscale, buf, T.splits, partial, exec);
   } else {
-    (void)rows;
     const detail::RowGroup<Mask> all{nullptr, q.tokens, mask};
     detail::attention_rows<V>(q, k, v, &all, 1, out, qscale, buf, T.splits, partial, exec);
   }

@@ -184,23 +184,6 @@ using Vec = std::conditional_t<detail::has_arch, XsimdVec<detail::arch>, ScalarV
 using Vec = ScalarVec;
 #endif
 
-/// Asks the memory system to bring the cache line at `p` towards L1 (a hint: never faults, so
-/// addresses past the end of an array are harmless).
-inline void prefetch(const void* p) noexcept {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 3);
-#else
-  (void)p;
-#endif
-}
-
-/// Prefetches `rows` rows of `bytes` bytes each, `stride` bytes apart, one call per cache line.
-inline void prefetch_rows(const void* first, index_t rows, index_t stride, index_t bytes) noexcept {
-  const char* p = static_cast<const char*>(first);
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t b = 0; b < bytes; b += 64) prefetch(p + r * stride + b);
-}
-
 /// Name of the instruction set the default kernels were compiled for ("avx512bw", "scalar", ...).
 inline const char* active_isa() noexcept { return Vec::name(); }
 

@@ -333,7 +333,7 @@ class TensorStore {
   /// One safetensors file.
   explicit TensorStore(const std::string& path) : origin_(path) {
     files_.push_back(SafeTensors::open(path));
-    for (const auto& t : files_.back().tensors()) where_[t.name] = {&files_.back(), &t};
+    index_files();
   }
   /// A checkpoint directory: `model.safetensors` or the shards of `model.safetensors.index.json`.
   static TensorStore open_dir(const std::string& dir) { return TensorStore(CheckpointFiles::open(dir)); }
@@ -391,6 +391,9 @@ class TensorStore {
  private:
   explicit TensorStore(const CheckpointFiles& files)
       : origin_(files.dir()), files_(files.files().begin(), files.files().end()) {
+    index_files();
+  }
+  void index_files() {
     for (const auto& f : files_)
       for (const auto& t : f.tensors()) where_[t.name] = {&f, &t};
   }

@@ -33,11 +33,4 @@ double element_value(const HeadsView<T>& v, index_t h, index_t t, index_t i) noe
   else return double(to_float(v(h, t, i)));
 }
 
-/// Row (h, t) widened to fp32 (qint8: dequantised, scale * q rounded to fp32).
-template <class T>
-void load_row(const HeadsView<T>& v, index_t h, index_t t, float* dst) noexcept {
-  kernels::widen(v.row(h, t), dst, v.head_dim);
-  if constexpr (is_quantized_v<T>) kernels::scale(dst, v.scale(h, t), v.head_dim);
-}
-
 }  // namespace ctxcomp
