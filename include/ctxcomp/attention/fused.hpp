@@ -17,6 +17,9 @@
 #include "masks.hpp"
 #include "options.hpp"
 
+#ifndef CTXCOMP_PREFETCH_TILES
+#define CTXCOMP_PREFETCH_TILES 64
+#endif
 namespace ctxcomp {
 
 namespace detail {
@@ -123,6 +126,7 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
                     index_t group_count, HeadsView<O> out, float qscale, const AttentionBuffers* buf,
                     index_t splits, float* partial, const Exec& exec) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  constexpr index_t kPrefetchTiles = CTXCOMP_PREFETCH_TILES;
   using KS = std::remove_const_t<K>;
   using VS = std::remove_const_t<Vt>;
   using OS = std::remove_const_t<O>;
@@ -180,16 +184,18 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
       const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
+      // Decode streams K and V from memory: each row read asks for the row kPrefetchTiles
+      // tiles on (within this kv head), so the lines arrive while this tile is computed.
+      const index_t pf = rows > 1 && k0 + kPrefetchTiles + Bk <= kv_len ? kPrefetchTiles : 0;
 
       if (rows < T.few_rows) {
         // Dot-product form: K rows read in place from the cache, widened in registers; qint8
         // scales multiply the finished dot products.
-        const float* col_scale = nullptr;
+        kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0), k.token_stride, b.s, Bk, rows, nk, d, pf);
         if constexpr (is_quantized_v<KS>) {
           for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
-          col_scale = b.ks;
+          for (index_t r = 0; r < rows; ++r) kernels::mul<V>(b.s + r * Bk, b.ks, nk);
         }
-        kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0), k.token_stride, b.s, Bk, rows, nk, d, col_scale);
       } else {
         // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
         // and worker: later tasks of the same head reuse it. Rows are widened by vector loads.
@@ -247,7 +253,8 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       }
 
       if (dp == d) {  // V rows used in place, widened in registers
-        kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk);
+        kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk,
+                                    rows < T.few_rows ? pf : 0);
         continue;
       }
       for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);

@@ -48,6 +48,15 @@ inline void scale(float* x, float alpha, index_t n) noexcept {
   for (; i < n; ++i) x[i] *= alpha;
 }
 
+/// x[i] *= y[i].
+template <class V = simd::Vec>
+inline void mul(float* x, const float* y, index_t n) noexcept {
+  constexpr int W = V::width;
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) V::store(x + i, V::load(x + i) * V::load(y + i));
+  for (; i < n; ++i) x[i] *= y[i];
+}
+
 /// max_i x[i]; -inf for n == 0.
 template <class V = simd::Vec>
 inline float row_max(const float* x, index_t n) noexcept {

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 
 #include "types.hpp"
@@ -59,8 +60,8 @@ struct ScalarVec {
   static type exp(type x) noexcept { return std::exp(x); }
   static type div(type a, type b) noexcept { return a / b; }
   static float reduce_add(type v) noexcept { return v; }
-  /// out[i] = horizontal sum of accs[i] for i < width.
-  static void reduce_add_lanes(const type* accs, float* out) noexcept { out[0] = accs[0]; }
+  /// Lane i of the result = horizontal sum of accs[i], for i < width.
+  static type reduce_add_lanes(const type* accs) noexcept { return accs[0]; }
   static float reduce_max(type v) noexcept { return v; }
   static const char* name() noexcept { return "scalar"; }
   ///@}
@@ -140,11 +141,23 @@ struct XsimdVec {
   static float reduce_add(type v) noexcept { return xsimd::hadd(v); }  // xsimd >= 9: reduce_add
   /// xsimd 8.1's AVX-512 haddp returns its sums in a permuted lane order (lanes 2,3 <-> 4,5 and
   /// 10,11 <-> 12,13); the order is measured once and undone, so a fixed xsimd works unchanged.
-  static void reduce_add_lanes(const type* accs, float* out) noexcept {
-    alignas(64) float sums[width];
-    xsimd::haddp(accs).store_aligned(sums);
+  static type reduce_add_lanes(const type* accs) noexcept {
+    const type sums = xsimd::haddp(accs);
+#if defined(__AVX512F__)
+    if constexpr (width == 16) {
+      static const __m512i order = [] {
+        alignas(64) std::int32_t idx[16];
+        for (int i = 0; i < 16; ++i) idx[i] = haddp_lane_of_row()[std::size_t(i)];
+        return _mm512_load_si512(idx);
+      }();
+      return type(_mm512_permutexvar_ps(order, sums));
+    }
+#endif
+    alignas(64) float lanes[width], out[width];
+    sums.store_aligned(lanes);
     const auto& lane = haddp_lane_of_row();
-    for (int i = 0; i < width; ++i) out[i] = sums[lane[i]];
+    for (int i = 0; i < width; ++i) out[i] = lanes[lane[std::size_t(i)]];
+    return xsimd::load_aligned(out);
   }
   static const std::array<int, width>& haddp_lane_of_row() noexcept {
     static const std::array<int, width> lane = [] {
@@ -183,6 +196,24 @@ using Vec = std::conditional_t<detail::has_arch, XsimdVec<detail::arch>, ScalarV
 #else
 using Vec = ScalarVec;
 #endif
+
+/// Asks for the cache line holding `p` (a hint: `p` need not be valid; nothing is read
+/// architecturally).
+inline void prefetch(const void* p) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
+/// Asks for the cache lines of the `Bytes` bytes from `p` (unrolled: no loop in the caller).
+template <int Bytes>
+inline void prefetch_bytes(const void* p) noexcept {
+  const char* c = static_cast<const char*>(p);
+#pragma GCC unroll 16
+  for (int b = 0; b < Bytes; b += 64) prefetch(c + b);
+}
 
 /// Name of the instruction set the default kernels were compiled for ("avx512bw", "scalar", ...).
 inline const char* active_isa() noexcept { return Vec::name(); }

@@ -18,15 +18,16 @@ struct TileGemmShape {
   static constexpr int NV = V::registers >= 32 ? 4 : (V::width == 1 ? 4 : 3);  ///< vectors of columns per block
 };
 
-template <class V, int MR, int NV, bool Accumulate, class TB>
+template <class V, int MR, int NV, bool Accumulate, bool Prefetch = false, class TB>
 inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
-                            index_t K) noexcept {
+                            index_t K, index_t pf = 0) noexcept {
   constexpr int W = V::width;
   typename V::type acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = Accumulate ? V::load(C + i * ldc + j * W) : V::zero();
   for (index_t kk = 0; kk < K; ++kk) {
     typename V::type b[NV];
+    if constexpr (Prefetch) simd::prefetch_bytes<NV * W * int(sizeof(TB))>(B + (kk + pf) * ldb);
     for (int j = 0; j < NV; ++j) b[j] = V::load(B + kk * ldb + j * W);
     for (int i = 0; i < MR; ++i) {
       const auto a = V::broadcast(A[i * lda + kk]);
@@ -38,36 +39,49 @@ inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ld
 }
 
 namespace detail {
-template <class V, int MR, bool Acc, int NV = TileGemmShape<V>::NV, class TB>
+template <class V, int MR, bool Acc, bool PF, int NV = TileGemmShape<V>::NV, class TB>
 inline void tile_gemm_cols(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
-                           index_t nvec, index_t K) noexcept {
+                           index_t nvec, index_t K, index_t pf) noexcept {
   constexpr int W = V::width;
   index_t j = 0;
-  for (; j + NV <= nvec; j += NV) tile_gemm_block<V, MR, NV, Acc>(A, lda, B + j * W, ldb, C + j * W, ldc, K);
+  for (; j + NV <= nvec; j += NV) tile_gemm_block<V, MR, NV, Acc, PF>(A, lda, B + j * W, ldb, C + j * W, ldc, K, pf);
   if constexpr (NV > 1) {
-    if (j < nvec) tile_gemm_cols<V, MR, Acc, NV - 1>(A, lda, B + j * W, ldb, C + j * W, ldc, nvec - j, K);
+    if (j < nvec) tile_gemm_cols<V, MR, Acc, PF, NV - 1>(A, lda, B + j * W, ldb, C + j * W, ldc, nvec - j, K, pf);
   }
 }
-template <class V, bool Acc, int MR = TileGemmShape<V>::MR, class TB>
+template <class V, bool Acc, bool PF, int MR = TileGemmShape<V>::MR, class TB>
 inline void tile_gemm_rows(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
-                           index_t M, index_t nvec, index_t K) noexcept {
+                           index_t M, index_t nvec, index_t K, index_t pf) noexcept {
   index_t i = 0;
-  for (; i + MR <= M; i += MR) tile_gemm_cols<V, MR, Acc>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K);
+  if (M >= MR) {  // the first block of rows asks for the B rows ahead; the others find B in cache
+    tile_gemm_cols<V, MR, Acc, PF>(A, lda, B, ldb, C, ldc, nvec, K, pf);
+    for (i = MR; i + MR <= M; i += MR)
+      tile_gemm_cols<V, MR, Acc, false>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K, 0);
+  }
   if constexpr (MR > 1) {
-    if (i < M) tile_gemm_rows<V, Acc, MR - 1>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, M - i, nvec, K);
+    if (i < M) {
+      if (i == 0) tile_gemm_rows<V, Acc, PF, MR - 1>(A, lda, B, ldb, C, ldc, M, nvec, K, pf);
+      else tile_gemm_rows<V, Acc, false, MR - 1>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, M - i, nvec, K, 0);
+    }
   }
 }
 }  // namespace detail
 
-/// C = A * B (Accumulate = false) or C += A * B. N % V::width == 0.
+/// C = A * B (Accumulate = false) or C += A * B. N % V::width == 0. With `prefetch_rows` > 0,
+/// each B row read also asks for the row that many rows further on (a hint for B streamed from
+/// memory, e.g. a V cache; the addresses need not be valid).
 template <bool Accumulate, class V = simd::Vec, class TB>
 inline void tile_gemm(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
-                      index_t N, index_t K) noexcept {
+                      index_t N, index_t K, index_t prefetch_rows = 0) noexcept {
   if (M <= 0 || N <= 0) return;
   // One row (decode): up to 8 vectors of columns per block, so a B row (e.g. a V row of 128
   // dims) is read whole and 8 independent FMA chains hide the FMA latency.
-  if (M == 1 && V::registers >= 32) return detail::tile_gemm_cols<V, 1, Accumulate, 8>(A, lda, B, ldb, C, ldc, N / V::width, K);
-  detail::tile_gemm_rows<V, Accumulate>(A, lda, B, ldb, C, ldc, M, N / V::width, K);
+  if (M == 1 && V::registers >= 32) {
+    if (prefetch_rows) return detail::tile_gemm_cols<V, 1, Accumulate, true, 8>(A, lda, B, ldb, C, ldc, N / V::width, K, prefetch_rows);
+    return detail::tile_gemm_cols<V, 1, Accumulate, false, 8>(A, lda, B, ldb, C, ldc, N / V::width, K, 0);
+  }
+  if (prefetch_rows) return detail::tile_gemm_rows<V, Accumulate, true>(A, lda, B, ldb, C, ldc, M, N / V::width, K, prefetch_rows);
+  detail::tile_gemm_rows<V, Accumulate, false>(A, lda, B, ldb, C, ldc, M, N / V::width, K, 0);
 }
 
 namespace detail {
@@ -75,7 +89,7 @@ namespace detail {
 /// together; rows / columns past the edge repeat the last one and are not stored.
 template <class V, int RB, int CB, class TB>
 inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
-                                index_t M, index_t N, index_t K, const float* col_scale) noexcept {
+                                index_t M, index_t N, index_t K, index_t pf) noexcept {
   constexpr int W = V::width;
   static_assert(RB * CB == W, "one accumulator per lane");
   const index_t kv = K / W * W;
@@ -102,29 +116,46 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
           acc[c] = x0 + x1;
         }
       } else {
-        // B rows two at a time, each read whole (two sequential streams); each A vector loaded
-        // feeds two FMAs, each B vector RB.
-        static_assert(CB % 2 == 0, "pairs of B rows");
-        for (int c = 0; c < CB; c += 2) {
-          const TB* p0 = b[c];
-          const TB* p1 = b[c + 1];
-          for (index_t k = 0; k < kv; k += W) {
-            const auto b0 = V::load(p0 + k), b1 = V::load(p1 + k);
-            for (int r = 0; r < RB; ++r) {
-              const auto va = V::load(a[r] + k);
-              acc[r * CB + c] = V::fma(va, b0, acc[r * CB + c]);
-              acc[r * CB + c + 1] = V::fma(va, b1, acc[r * CB + c + 1]);
-            }
+        // All CB rows of B at once: per step CB widened B loads and RB A loads feed RB * CB
+        // FMAs into RB * CB accumulators, which stay in registers (loops fully unrolled).
+        constexpr index_t line = 64 / index_t(sizeof(TB));  // elements of B per cache line
+        const index_t pfk = i0 == 0 ? pf * ldb : 0;  // the first rows' pass asks for B rows pf on
+        for (index_t k = 0; k < kv; k += W) {
+          if (pfk && k % line == 0)
+#pragma GCC unroll 16
+            for (int c = 0; c < CB; ++c) simd::prefetch(b[c] + pfk + k);
+          typename V::type bv[CB];
+#pragma GCC unroll 16
+          for (int c = 0; c < CB; ++c) bv[c] = V::load(b[c] + k);
+#pragma GCC unroll 16
+          for (int r = 0; r < RB; ++r) {
+            const auto va = V::load(a[r] + k);
+#pragma GCC unroll 16
+            for (int c = 0; c < CB; ++c) acc[r * CB + c] = V::fma(va, bv[c], acc[r * CB + c]);
           }
         }
       }
+      const auto red = V::reduce_add_lanes(acc);
+      if (i0 + RB <= M && j0 + CB <= N && kv == K) {  // a whole block: lanes go straight to C
+        if constexpr (RB == 1) {
+          V::store(C + i0 * ldc + j0, red);
+        } else {
+          alignas(64) float sums[W];
+          V::store(sums, red);
+#pragma GCC unroll 16
+          for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 16
+            for (int c = 0; c < CB; ++c) C[(i0 + r) * ldc + j0 + c] = sums[r * CB + c];
+        }
+        continue;
+      }
       alignas(64) float sums[W];
-      V::reduce_add_lanes(acc, sums);
+      V::store(sums, red);
       for (int r = 0; r < RB && i0 + r < M; ++r)
         for (int c = 0; c < CB && j0 + c < N; ++c) {
           float s = sums[r * CB + c];
           for (index_t k = kv; k < K; ++k) s += a[r][k] * simd::ScalarVec::load(b[c] + k);
-          C[(i0 + r) * ldc + j0 + c] = col_scale ? s * col_scale[j0 + c] : s;
+          C[(i0 + r) * ldc + j0 + c] = s;
         }
     }
 }
@@ -132,15 +163,16 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
 
 /// C[M x N] = A[M x K] * B[N x K]^T, both operands row-major along K (dot-product form: no
 /// transposition, for few rows such as decode, where B is read once straight from a cache and
-/// widened in registers). With `col_scale`, column j is multiplied by col_scale[j] (qint8 keys).
+/// widened in registers). With `prefetch_rows` > 0, the rows that many rows past each B row
+/// read are asked for (a hint for B streamed from memory; the addresses need not be valid).
 /// One row (decode with one query head per kv head) takes W columns per block, several rows
 /// W / 4 rows x 4 columns, so no lane computes a repeated row.
 template <class V = simd::Vec, class TB>
 inline void tile_gemm_nt(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
-                         index_t N, index_t K, const float* col_scale = nullptr) noexcept {
+                         index_t N, index_t K, index_t prefetch_rows = 0) noexcept {
   constexpr int W = V::width, CB = W >= 4 ? 4 : 1;
-  if (M == 1) detail::tile_gemm_nt_blocks<V, 1, W>(A, lda, B, ldb, C, ldc, M, N, K, col_scale);
-  else detail::tile_gemm_nt_blocks<V, W / CB, CB>(A, lda, B, ldb, C, ldc, M, N, K, col_scale);
+  if (M == 1) detail::tile_gemm_nt_blocks<V, 1, W>(A, lda, B, ldb, C, ldc, M, N, K, prefetch_rows);
+  else detail::tile_gemm_nt_blocks<V, W / CB, CB>(A, lda, B, ldb, C, ldc, M, N, K, prefetch_rows);
 }
 
 }  // namespace ctxcomp::kernels
