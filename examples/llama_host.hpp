@@ -142,11 +142,10 @@ class LlamaHost {
       CTXCOMP_CHECK(positions[i] >= 0, "LlamaHost::forward: negative position id at ", i);
     // The mask may read the new slots' token indices: append the metadata, check, undo on error.
     const index_t first = cache.append(t, positions, token_index);
-    try {
+    {
+      RollbackScope undo([&cache, first] { cache.truncate(first); });
       mask.check(t, cache.size(), "LlamaHost::forward");
-    } catch (...) {
-      cache.truncate(first);
-      throw;
+      undo.dismiss();
     }
 
     const index_t hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, d = c.hidden;

@@ -4,6 +4,7 @@
 
 #include "catch.hpp"
 #include "common.hpp"
+#include "threads.hpp"
 
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;
@@ -167,10 +168,8 @@ TEST_CASE("results are bit-identical for any thread count", "[attention][threads
   Workspace ws;
   auto out = [&](std::vector<float>& o) { return HeadsView<float>::contiguous(o.data(), 8, 300, 128); };
   attention(p.qv(), p.kv(), p.vv(), Causal(0), out(one), {}, ws, SerialExecutor{});
-#if defined(_OPENMP)
-  attention(p.qv(), p.kv(), p.vv(), Causal(0), out(two), {}, ws, OpenMPExecutor(2));
+  attention(p.qv(), p.kv(), p.vv(), Causal(0), out(two), {}, ws, test::two_threads());
   CHECK(std::memcmp(one.data(), two.data(), one.size() * sizeof(float)) == 0);
-#endif
   // A host pool that runs tasks in reverse order on three "workers".
   HostExecutor exec{3, [](index_t n, const HostExecutor::Task& f) {
                       for (index_t i = n - 1; i >= 0; --i) f(i, i % 3);

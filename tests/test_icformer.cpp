@@ -9,6 +9,7 @@
 
 #include "catch.hpp"
 #include "common.hpp"
+#include "threads.hpp"
 
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
@@ -51,7 +52,7 @@ TEST_CASE("IC-Former reproduces the official fixtures layer by layer", "[icforme
   }
 }
 
-TEST_CASE("IC-Former chunked compression reproduces the official fixture", "[icformer][fixtures]") {
+TEST_CASE("IC-Former chunked compression reproduces the official fixture", "[icformer][fixtures][threads]") {
   auto ckpt = io::IcformerCheckpoint<float>::load(case_dir("icformer_chunked") + "/model");
   auto st = io::SafeTensors::open(case_dir("icformer_chunked") + "/case.safetensors");
   const auto& cfg = ckpt.config();
@@ -73,11 +74,9 @@ TEST_CASE("IC-Former chunked compression reproduces the official fixture", "[icf
   CHECK(err <= 1e-5);
   WARN("icformer_chunked: relative error vs float64 " << err);
   CHECK(seen == std::vector<index_t>{1, 2, 3, 4});
-#if defined(_OPENMP)
   enc.compress_chunked(matrix_view<const float>(ctx.data(), n, cfg.hidden), matrix_view<const float>(dig.data(), k, cfg.hidden),
-                       max_len, matrix_view(out2.data(), ch.count * k, cfg.hidden), OpenMPExecutor(2));
+                       max_len, matrix_view(out2.data(), ch.count * k, cfg.hidden), test::two_threads());
   CHECK(std::memcmp(out.data(), out2.data(), out.size() * sizeof(float)) == 0);
-#endif
   using Catch::Matchers::Contains;
   std::vector<float> wrong(std::size_t(3 * k * cfg.hidden), 7.f);
   CHECK_THROWS_WITH(enc.compress_chunked(matrix_view<const float>(ctx.data(), n, cfg.hidden),
@@ -161,7 +160,7 @@ TEST_CASE("IC-Former checkpoint loader names what is wrong", "[icformer][io][err
     std::ofstream f(tmp / "config.json");
     f << R"({"model_type": "icformer", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3, "intermediate_size": 160, "num_hidden_layers": 3})";
   }
-  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("heads (4) is not a multiple of kv_heads (3)"));
+  CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("num_attention_heads (4) is not a multiple of num_key_value_heads (3)"));
   {
     std::ofstream f(tmp / "config.json");
     f << R"({"architectures": ["ICFormerModel"], "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 160, "num_hidden_layers": 3, "rope_scaling": {"type": "yarn", "factor": 4}})";

@@ -5,6 +5,7 @@
 
 #include "catch.hpp"
 #include "common.hpp"
+#include "threads.hpp"
 
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;
@@ -107,7 +108,7 @@ TEST_CASE("tile GEMM matches a double GEMM on ragged shapes", "[kernels]") {
         }
 }
 
-TEST_CASE("packed linear GEMM matches a double GEMM and its scalar FMA chain", "[kernels][gemm]") {
+TEST_CASE("packed linear GEMM matches a double GEMM and its scalar FMA chain", "[kernels][gemm][threads]") {
   // Ragged shapes around the panel width (MI rows), the register tile (NJ columns), the task
   // width (96 columns) and the k-blocking; strided operands; fp32 and bf16 weights.
   using S = kernels::GemmNtShape<simd::Vec>;
@@ -146,11 +147,9 @@ TEST_CASE("packed linear GEMM matches a double GEMM and its scalar FMA chain", "
         kernels::gemm_nt<bf16>(A.data(), lda, Bb.data(), ldb, Cb.data(), ldc, M, N, K, ws);
         kernels::gemm_nt<float>(A.data(), lda, Bw.data(), ldb, Cw.data(), ldc, M, N, K, ws);
         REQUIRE(std::memcmp(Cb.data(), Cw.data(), Cb.size() * sizeof(float)) == 0);
-#if defined(_OPENMP)
         std::vector<float> C2(C.size(), -7.f);
-        kernels::gemm_nt<float>(A.data(), lda, B.data(), ldb, C2.data(), ldc, M, N, K, ws, OpenMPExecutor(2));
+        kernels::gemm_nt<float>(A.data(), lda, B.data(), ldb, C2.data(), ldc, M, N, K, ws, test::two_threads());
         REQUIRE(std::memcmp(C.data(), C2.data(), C.size() * sizeof(float)) == 0);
-#endif
       }
   // Steady state: the same shape again takes no new memory.
   const index_t M = 70, N = 300, K = 500;
@@ -164,7 +163,7 @@ TEST_CASE("packed linear GEMM matches a double GEMM and its scalar FMA chain", "
   CHECK(w2.capacity() == kernels::gemm_nt_workspace_bytes<float>(M, N, K, 1));
 }
 
-TEST_CASE("RMSNorm, linear and SwiGLU match double references", "[nn]") {
+TEST_CASE("RMSNorm, linear and SwiGLU match double references", "[nn][threads]") {
   const index_t T = 19, H = 72, I = 150;
   auto x = random_vector(std::size_t(T * H), 7, -2.f, 2.f), w = random_vector(std::size_t(H), 8, 0.5f, 1.5f);
   std::vector<float> y(std::size_t(T * H));
@@ -197,10 +196,8 @@ TEST_CASE("RMSNorm, linear and SwiGLU match double references", "[nn]") {
   Workspace ws, lws;
   swiglu(matrix_view<const float>(x.data(), T, H), mlp, matrix_view(out.data(), T, H), ws, lws);
   CHECK(relative_error(out.data(), ref.data(), out.size()) <= 1e-5);
-#if defined(_OPENMP)
-  swiglu(matrix_view<const float>(x.data(), T, H), mlp, matrix_view(out_t2.data(), T, H), ws, lws, OpenMPExecutor(2));
+  swiglu(matrix_view<const float>(x.data(), T, H), mlp, matrix_view(out_t2.data(), T, H), ws, lws, test::two_threads());
   CHECK(std::memcmp(out.data(), out_t2.data(), out.size() * sizeof(float)) == 0);
-#endif
 
   // bf16 weights give exactly the fp32 result of the bf16-rounded weights.
   std::vector<bf16> wgb(wg.size()), wub(wu.size()), wdb(wd.size());

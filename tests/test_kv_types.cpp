@@ -9,6 +9,7 @@
 
 #include "catch.hpp"
 #include "common.hpp"
+#include "threads.hpp"
 #include "fold_driver.hpp"
 #include "sac_driver.hpp"
 
@@ -57,11 +58,7 @@ void check_type(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, 
   Workspace ws;
   attention(qv, s.kv(), s.vv(), mask, ov(got), {}, ws);
   attention<simd::ScalarVec>(qv, s.kv(), s.vv(), mask, ov(scalar), {}, ws);
-#if defined(_OPENMP)
-  attention(qv, s.kv(), s.vv(), mask, ov(got2), {}, ws, OpenMPExecutor(2));
-#else
-  attention(qv, s.kv(), s.vv(), mask, ov(got2), {}, ws);
-#endif
+  attention(qv, s.kv(), s.vv(), mask, ov(got2), {}, ws, test::two_threads());
   INFO(type_name<T>() << ": heads " << heads << "/" << kv_heads << " q " << q_len << " kv " << kv_len << " d " << d);
   CHECK(relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
   CHECK(relative_error(scalar.data(), expect.data(), got.size()) <= 1e-5);
@@ -70,7 +67,7 @@ void check_type(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, 
 
 }  // namespace
 
-TEST_CASE("attention over fp16, bf16 and qint8 caches matches the double reference", "[attention][kv_types]") {
+TEST_CASE("attention over fp16, bf16 and qint8 caches matches the double reference", "[attention][kv_types][threads]") {
   unsigned seed = 100;
   for (index_t d : {64, 80, 96, 128, 256})
     for (index_t kv_len : {1, 63, 130, 1000, 1537}) {

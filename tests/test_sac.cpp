@@ -12,6 +12,7 @@
 #include "catch.hpp"
 #include "cli_runner.hpp"
 #include "common.hpp"
+#include "threads.hpp"
 #include "fixture_checks.hpp"
 #include "sac_driver.hpp"
 
@@ -186,18 +187,14 @@ TEST_CASE("sac compresses with its own weights and decodes with the host's", "[s
   }
 }
 
-TEST_CASE("sac results do not depend on the thread count", "[sac]") {
+TEST_CASE("sac results do not depend on the thread count", "[sac][threads]") {
   const auto model = host::LlamaModel<float>::load(llama_dir());
   Fixture f("sac_anchor_bidir_multichunk");
   const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
   host::LlamaHost<float> a(model), b(model);
   auto ca = a.make_cache(32), cb = b.make_cache(32);
   host::sac_compress(a, plan, f.ids.data(), f.role_view(), f.mask, ca);
-#if defined(_OPENMP)
-  host::sac_compress(b, plan, f.ids.data(), f.role_view(), f.mask, cb, OpenMPExecutor(2));
-#else
-  host::sac_compress(b, plan, f.ids.data(), f.role_view(), f.mask, cb);
-#endif
+  host::sac_compress(b, plan, f.ids.data(), f.role_view(), f.mask, cb, test::two_threads());
   for (index_t l = 0; l < 2; ++l) {
     CHECK(layer_kv(ca, l, false) == layer_kv(cb, l, false));
     CHECK(layer_kv(ca, l, true) == layer_kv(cb, l, true));

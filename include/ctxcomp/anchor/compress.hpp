@@ -101,21 +101,19 @@ class Compressor {
         keep_anchors(count, out, token_base);
       }
     };
+    // An error inside the host's callbacks leaves `out` as it was (RollbackScope: unwinding
+    // with exceptions, before the error handler without).
+    RollbackScope undo([&out, out_size] { out.truncate(out_size); });
 #if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
     try {
       run_chunks();
     } catch (const Error& err) {  // the host's message, with the chunk it came from
-      out.truncate(out_size);
       fail(fn, ": chunk ", c, " (tokens [", plan.chunk(c).begin, ", ", plan.chunk(c).end, ")): ", err.what());
-    } catch (...) {
-      out.truncate(out_size);
-      throw;
     }
 #else
-    // Without exceptions an error inside the host's callbacks goes straight to the error
-    // handler (which does not return); everything ctxcomp checks is checked above.
     run_chunks();
 #endif
+    undo.dismiss();
     return out.size() - out_size;
   }
 

@@ -4,9 +4,11 @@
 #pragma once
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace ctxcomp {
 
@@ -47,11 +49,71 @@ std::string concat(const Parts&... parts) {
 }
 }  // namespace detail
 
-/// Reports an error: throws ctxcomp::Error, or calls the handler under -fno-exceptions.
+namespace detail {
+/// The innermost active RollbackScope of this thread (a linked list through `prev`).
+struct RollbackNode {
+  void (*undo)(void*) = nullptr;
+  void* self = nullptr;
+  RollbackNode* prev = nullptr;
+};
+inline RollbackNode*& rollback_top() noexcept {
+  static thread_local RollbackNode* top = nullptr;
+  return top;
+}
+}  // namespace detail
+
+/// Undoes a partial change if an error is reported before dismiss(): a call that must modify
+/// its outputs before a check it cannot do earlier (e.g. a mask that reads the cache's new
+/// slots) wraps that stretch in a scope. With exceptions the undo runs while the error unwinds
+/// through the scope; with -fno-exceptions ctxcomp::raise runs every active scope's undo,
+/// innermost first, before calling the error handler. Either way the handler or the catcher
+/// sees the outputs as they were before the call.
+template <class F>
+class RollbackScope {
+ public:
+  /// Registers `undo` (called at most once).
+  explicit RollbackScope(F undo) : undo_(std::move(undo)), node_{&call, this, detail::rollback_top()} {
+    detail::rollback_top() = &node_;
+  }
+  RollbackScope(const RollbackScope&) = delete;
+  RollbackScope& operator=(const RollbackScope&) = delete;
+  /// Runs the undo if an exception is leaving the scope.
+  ~RollbackScope() {
+    unlink();
+#if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
+    if (armed_ && std::uncaught_exceptions() > uncaught_) undo_();
+#endif
+  }
+  /// The change is complete: nothing to undo.
+  void dismiss() noexcept {
+    armed_ = false;
+    unlink();
+  }
+
+ private:
+  static void call(void* self) {
+    auto* s = static_cast<RollbackScope*>(self);
+    if (s->armed_) s->armed_ = false, s->undo_();
+  }
+  void unlink() noexcept {
+    if (detail::rollback_top() == &node_) detail::rollback_top() = node_.prev;
+  }
+  F undo_;
+  detail::RollbackNode node_;
+  bool armed_ = true;
+  int uncaught_ = std::uncaught_exceptions();
+};
+
+/// Reports an error: throws ctxcomp::Error, or (under -fno-exceptions) runs the active
+/// RollbackScope undos and calls the handler.
 [[noreturn]] inline void raise(const std::string& message) {
 #if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
   throw Error(message);
 #else
+  while (detail::RollbackNode* n = detail::rollback_top()) {
+    detail::rollback_top() = n->prev;
+    n->undo(n->self);
+  }
   detail::error_handler_slot()(message.c_str());
   std::abort();
 #endif

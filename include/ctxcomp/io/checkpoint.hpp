@@ -8,7 +8,9 @@
 #include <functional>
 #include <set>
 #include <deque>
+#include <limits>
 #include <map>
+#include <utility>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -63,7 +65,10 @@ inline RopeConfig rope_from_config(const nlohmann::json& j, const std::string& f
       scaling = &j["rope_scaling"];
     }
   }
-  if (!(r.theta > 0) || !std::isfinite(r.theta)) fail(file, ": rope_theta (", r.theta, ") must be positive");
+  // The frequencies are evaluated in fp32 (as transformers does): theta must be a finite fp32
+  // value above 1, or they collapse to 0 / inf (found by fuzz_config: rope_theta 1e57).
+  if (!(r.theta > 1) || !(r.theta <= double(std::numeric_limits<float>::max())))
+    fail(file, ": rope_theta (", r.theta, ") must be above 1 and finite in fp32");
   if (!scaling) return r;
   std::string type = "default";
   for (const char* key : {"rope_type", "type"})
@@ -127,6 +132,15 @@ inline TransformerDims transformer_dims(const nlohmann::json& j, const std::stri
   t.intermediate = config_int(j, "intermediate_size", file);
   t.layers = config_int(j, "num_hidden_layers", file);
   t.rms_eps = static_cast<float>(config_number(j, "rms_norm_eps", file, 1e-6));
+  for (const auto& [key, value] : {std::pair<const char*, index_t>{"hidden_size", t.hidden},
+                                   {"num_attention_heads", t.heads}, {"num_key_value_heads", t.kv_heads},
+                                   {"head_dim", t.head_dim}, {"intermediate_size", t.intermediate},
+                                   {"num_hidden_layers", t.layers}})
+    if (value <= 0) fail(file, ": ", key, " (", value, ") must be positive");
+  if (t.heads % t.kv_heads != 0)
+    fail(file, ": num_attention_heads (", t.heads, ") is not a multiple of num_key_value_heads (", t.kv_heads, ")");
+  if (!(t.rms_eps >= 0.f) || !std::isfinite(t.rms_eps))
+    fail(file, ": rms_norm_eps (", t.rms_eps, ") must be finite and not negative");
   t.rope = rope_from_config(j, file);
   return t;
 }

@@ -16,18 +16,16 @@ namespace ctxcomp::io {
 template <class T = float>
 class IcformerCheckpoint {
  public:
-  /// Loads `dir` (config.json and the safetensors), strictly: unused tensors are errors.
-  static IcformerCheckpoint load(const std::string& dir) {
-    IcformerCheckpoint c;
-    const std::string cfg_path = dir + "/config.json";
-    const auto j = read_json(cfg_path);
+  /// The encoder configuration a config.json holds (`file` names it in errors): architecture
+  /// ICFormerModel / icformer, no attention bias, silu, one width for context and digests.
+  static digest::IcformerConfig config_from_json(const nlohmann::json& j, const std::string& cfg_path) {
     config_architecture(j, cfg_path, {{"ICFormerModel", "icformer"}});
     if (config_bool_or(j, "attention_bias", cfg_path, false))
       fail(cfg_path, ": attention_bias true is not supported by the IC-Former encoder (the official model has none)");
     if (j.contains("hidden_act") && !j["hidden_act"].is_null() &&
         (!j["hidden_act"].is_string() || j["hidden_act"].get<std::string>() != "silu"))
       fail(cfg_path, ": hidden_act ", j["hidden_act"].dump(), " is not supported (the SwiGLU MLP uses silu)");
-    auto& cfg = c.config_;
+    digest::IcformerConfig cfg;
     const TransformerDims t = transformer_dims(j, cfg_path);
     cfg.hidden = t.hidden, cfg.heads = t.heads, cfg.kv_heads = t.kv_heads, cfg.head_dim = t.head_dim;
     cfg.intermediate = t.intermediate, cfg.layers = t.layers, cfg.rms_eps = t.rms_eps, cfg.rope = t.rope;
@@ -38,6 +36,15 @@ class IcformerCheckpoint {
     cfg.cross_attention_frequency = config_int_or(j, "cross_attention_frequency", cfg_path, 1);
     cfg.num_digests = config_int_or(j, "num_query_tokens", cfg_path, 0);
     cfg.validate();
+    return cfg;
+  }
+
+  /// Loads `dir` (config.json and the safetensors), strictly: unused tensors are errors.
+  static IcformerCheckpoint load(const std::string& dir) {
+    IcformerCheckpoint c;
+    const std::string cfg_path = dir + "/config.json";
+    c.config_ = config_from_json(read_json(cfg_path), cfg_path);
+    const auto& cfg = c.config_;
 
     c.store_ = std::make_unique<TensorStore<T>>(TensorStore<T>::open_dir(dir));
     auto& st = *c.store_;

@@ -82,6 +82,8 @@ class KvCache {
   /// Returns the first new slot. On error nothing changes.
   index_t append(index_t count, const std::int64_t* positions, const index_t* token_index) {
     CTXCOMP_CHECK(count >= 0, "KvCache::append: negative count (", count, ")");
+    CTXCOMP_CHECK(count == 0 || (positions != nullptr && token_index != nullptr),
+                  "KvCache::append: positions and token_index must point to ", count, " values (one is null)");
     CTXCOMP_CHECK(size_ + count <= capacity_, "KvCache::append: ", count, " tokens do not fit (", size_, " of ",
                   capacity_, " slots used)");
     for (index_t i = 0; i < count; ++i) {
