@@ -4,6 +4,8 @@
 // layer of a Llama-2-7B-shaped model over n + 128 tokens (ICAE-style).
 // CTXCOMP_BENCH_SMOKE=1 shrinks every shape (CI runs them to keep them runnable).
 #include <cstdlib>
+#include <fstream>
+#include <string>
 
 #include "synthetic_llama.hpp"
 
@@ -110,6 +112,16 @@ void chunk(benchmark::State& st, int threads) {
   st.counters["tokens_per_s"] = bench::rate(double(n));
 }
 
+/// Peak resident set of this process in MB since the last reset_peak_rss() (Linux: VmHWM, reset
+/// through /proc/self/clear_refs); 0 where unavailable.
+double peak_rss_mb() {
+  std::ifstream f("/proc/self/status");
+  for (std::string line; std::getline(f, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;  // kB
+  return 0;
+}
+void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
 void context_length(benchmark::State& st, index_t n, int threads) {
   auto& m = model<float>();
   const index_t k = m.cfg.num_digests, d = m.cfg.hidden, max_len = chunk_len();
@@ -123,12 +135,20 @@ void context_length(benchmark::State& st, index_t n, int threads) {
     // its encoder; otherwise the single-chunk case alone would carry the first call's page faults.
     enc.compress(matrix_view<const float>(ctx.data(), max_len, d), matrix_view<const float>(dig.data(), k, d),
                  matrix_view(out.data(), k, d), exec);
+    reset_peak_rss();
     for (auto _ : st) {
       enc.compress_chunked(matrix_view<const float>(ctx.data(), n, d), matrix_view<const float>(dig.data(), k, d), max_len,
                            matrix_view(out.data(), ch.count * k, d), exec);
       benchmark::DoNotOptimize(out.data());
     }
   });
+  // Memory: the peak resident set while compressing, and what it holds beyond the weights, the
+  // context and the digests out (all linear in n or fixed); the rest is the encoder's per-chunk
+  // workspace, which must not grow with n.
+  const double peak = peak_rss_mb();
+  const double held = double(m.weight_bytes() + (ctx.size() + dig.size() + out.size()) * sizeof(float)) / (1 << 20);
+  st.counters["peak_rss_MB"] = peak;
+  st.counters["rss_beyond_data_MB"] = peak - held;
   st.counters["tokens_per_s"] = bench::rate(double(n));
   st.counters["us_per_token"] = benchmark::Counter(double(n) * 1e-6, benchmark::Counter::kIsIterationInvariantRate |
                                                                         benchmark::Counter::kInvert);
@@ -176,7 +196,7 @@ const bool registered = [] {
   ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512_t2", chunk<float>, 2));
   ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512", chunk<bf16>, 1));
   ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512_t2", chunk<bf16>, 2));
-  for (index_t n : {512, 2048, 8192, 32768})
+  for (index_t n : {512, 2048, 8192, 32768, 131072})
     ms(benchmark::RegisterBenchmark(("icformer/fp32/n" + std::to_string(n) + "_t2").c_str(), context_length,
                                     smoke() ? n / 8 : n, 2));
   ms(benchmark::RegisterBenchmark("icformer/llama7b_layer_baseline/n640", llama_layer_baseline, 1));

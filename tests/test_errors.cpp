@@ -61,6 +61,8 @@ TEST_CASE("errors table: attention shapes", "[errors]") {
   attention_error(4, 2, 3, 3, 8, 16, 4, "head_dim");                        // mismatched head_dim
   attention_error(4, 2, 3, 3, 8, 8, 2, "out is [2 x 3 x 8] but q is [4 x 3 x 8]");  // output heads differ
   attention_error(4, 2, 5, 3, 8, 8, 4, "Causal q_offset (-2) is negative");  // more queries than keys
+  attention_error(4, 2, 0, 3, 8, 8, 4, "q is empty");                       // an empty query
+  attention_error(4, 2, 3, 3, 8, 16, 4, "k head_dim (16) differs from q head_dim (8)");
 }
 
 TEST_CASE("errors table: KV cache", "[errors][kv]") {
@@ -71,7 +73,8 @@ TEST_CASE("errors table: KV cache", "[errors][kv]") {
   std::vector<index_t> idx = {3};
   CHECK_THROWS_WITH(f.cache.append(11, pos.data(), idx.data()), Contains("do not fit"));
   CHECK_THROWS_WITH(f.cache.append(1, pos.data(), idx.data()), Contains("token indices must increase"));
-  CHECK_THROWS_WITH(f.cache.append(1, pos.data(), nullptr), Contains("one is null"));  // was a null dereference
+  const index_t* volatile no_idx = nullptr;  // opaque: GCC would warn about the unreachable copy
+  CHECK_THROWS_WITH(f.cache.append(1, pos.data(), no_idx), Contains("one is null"));  // was a null dereference
   CHECK_THROWS_WITH(f.cache.evict({{2, 4}, {3, 5}}), Contains("overlaps"));             // overlapping spans
   CHECK_THROWS_WITH(f.cache.evict({{4, 9}}), Contains("is out of [0, 6)"));              // out of range
   CHECK_THROWS_WITH(f.cache.evict({{4, 2}}), Contains("KvCache::evict"));                // reversed
@@ -158,4 +161,51 @@ TEST_CASE("errors table: a safetensors file truncated at every offset", "[errors
     CHECK_THROWS_AS(io::SafeTensors::from_bytes(std::vector<std::uint8_t>(bytes.begin(), bytes.begin() + std::ptrdiff_t(n))),
                     Error);
   }
+}
+
+TEST_CASE("errors table: tensors of the wrong dtype or shape", "[errors][safetensors]") {
+  const auto st = io::SafeTensors::open(test::fixtures_dir() + "/sac/sac_basic.safetensors");
+  CHECK_THROWS_WITH(st.read<std::int64_t>("role_tokens"), Contains("role_tokens"));       // F32 read as integers
+  CHECK_THROWS_WITH(st.read<float>("role_tokens", {16, 32}), Contains("[16, 64]"));      // wrong shape
+  CHECK_THROWS_WITH(st.read<float>("no_such_tensor"), Contains("no tensor named 'no_such_tensor'"));
+}
+
+TEST_CASE("errors table: RoPE, linear, RMSNorm", "[errors][nn]") {
+  Rope rope(RopeConfig{}, 8);
+  std::vector<float> x(2 * 3 * 8, 0.5f);
+  const auto saved = x;
+  const auto xv = HeadsView<float>::contiguous(x.data(), 2, 3, 8);
+  const std::int64_t past[] = {0, 1, std::int64_t(Rope::kMaxPosition)}, negative[] = {0, -1, 2};
+  CHECK_THROWS_WITH(rope.apply(xv, past), Contains("position ids must be in [0, 4194304)"));
+  CHECK_THROWS_WITH(rope.apply(xv, negative), Contains("token 1 has -1"));
+  CHECK_THROWS_WITH(rope.apply(HeadsView<float>::contiguous(x.data(), 2, 6, 4), negative), Contains("head_dim 4"));
+  CHECK(x == saved);
+  RopeConfig odd;
+  odd.rotary_dim = 5;
+  CHECK_THROWS_WITH(Rope(odd, 8), Contains("must be even"));
+
+  std::vector<float> w(6 * 8, 0.1f), y(3 * 6, 7.f);
+  Workspace ws;
+  const WeightView<float> wv{w.data(), 6, 8};
+  CHECK_THROWS_WITH(linear(matrix_view<const float>(x.data(), 3, 7), wv, matrix_view(y.data(), 3, 6), ws),
+                    Contains("x has 7 features"));
+  CHECK_THROWS_WITH(linear(matrix_view<const float>(x.data(), 3, 8), wv, matrix_view(y.data(), 2, 6), ws),
+                    Contains("linear: y is 2 x 6"));
+  CHECK(y == std::vector<float>(y.size(), 7.f));
+  CHECK_THROWS_WITH(rmsnorm(matrix_view<const float>(x.data(), 3, 8), w.data(), 7, 1e-6f, matrix_view(y.data(), 3, 6)),
+                    Contains("rmsnorm: weight has 7"));
+  CHECK_THROWS_WITH(rmsnorm(matrix_view<const float>(x.data(), 3, 8), w.data(), 8, -1.f, matrix_view(y.data(), 3, 8)),
+                    Contains("eps (-1) must be finite"));
+  CHECK(y == std::vector<float>(y.size(), 7.f));
+}
+
+TEST_CASE("errors table: IC-Former chunking", "[errors][icformer]") {
+  CHECK_THROWS_WITH(digest::Chunking::of(0, 512), Contains("empty context"));
+  CHECK_THROWS_WITH(digest::Chunking::of(100, 0), Contains("max_chunk_len (0) must be positive"));
+  const auto one = digest::Chunking::of(1, 512);  // a 1-token context is one chunk of one token
+  CHECK(one.count == 1);
+  CHECK(one.size == 1);
+  digest::IcformerConfig bad;
+  bad.hidden = 32, bad.heads = 4, bad.kv_heads = 3, bad.head_dim = 8, bad.intermediate = 64, bad.layers = 1;
+  CHECK_THROWS_WITH(bad.validate(), Contains("heads (4) is not a multiple of kv_heads (3)"));
 }

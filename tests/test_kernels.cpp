@@ -251,5 +251,5 @@ TEST_CASE("RoPE rotate_half and interleaved match the double formula", "[nn]") {
   Rope rope(RopeConfig{}, 8);
   std::vector<float> z(8);
   std::int64_t bad = -1;
-  CHECK_THROWS_WITH(rope.apply(HeadsView<float>::contiguous(z.data(), 1, 1, 8), &bad), Catch::Matchers::Contains("position ids must be >= 0"));
+  CHECK_THROWS_WITH(rope.apply(HeadsView<float>::contiguous(z.data(), 1, 1, 8), &bad), Catch::Matchers::Contains("position ids must be in [0, 4194304) (token 0 has -1)"));
 }

@@ -73,6 +73,10 @@ inline std::vector<float> rope_inv_freq(const RopeConfig& cfg, index_t rotary_di
 /// allocation), so a host keeps one per model and steady-state calls never allocate.
 class Rope {
  public:
+  /// Positions are below this bound (2^22 = 4,194,304 tokens): the cos/sin table grows to the
+  /// largest position seen, so a corrupt position id must be an error, not a huge allocation.
+  static constexpr index_t kMaxPosition = index_t(1) << 22;
+
   /// A table for `cfg` and heads of `head_dim` (settings checked).
   Rope(const RopeConfig& cfg, index_t head_dim) : cfg_(cfg), head_dim_(head_dim) {
     rot_ = cfg.rotary_dim > 0 ? cfg.rotary_dim : head_dim;
@@ -104,11 +108,12 @@ class Rope {
   /// The rotary frequencies in use (rotary_dim / 2 of them).
   const std::vector<float>& inv_freq() const noexcept { return inv_freq_; }
 
-  /// Makes the table cover positions [0, n).
+  /// Makes the table cover positions [0, n), n <= kMaxPosition.
   void reserve_positions(index_t n) {
     if (n <= size_) return;
+    CTXCOMP_CHECK(n <= kMaxPosition, "Rope::reserve_positions: ", n, " positions exceed the RoPE range (", kMaxPosition, ")");
     const index_t half = rot_ / 2;
-    index_t cap = std::max<index_t>(n, 2 * size_);
+    index_t cap = std::min(kMaxPosition, std::max<index_t>(n, 2 * size_));
     cos_.resize(static_cast<std::size_t>(cap * half));
     sin_.resize(static_cast<std::size_t>(cap * half));
     for (index_t p = size_; p < cap; ++p)
@@ -130,8 +135,8 @@ class Rope {
     CTXCOMP_CHECK(positions != nullptr, "Rope::apply: no positions");
     index_t max_pos = -1;
     for (index_t t = 0; t < x.tokens; ++t) {
-      CTXCOMP_CHECK(positions[t] >= 0, "Rope::apply: position ids must be >= 0 (token ", t, " has ",
-                    static_cast<long long>(positions[t]), ")");
+      CTXCOMP_CHECK(positions[t] >= 0 && positions[t] < P(kMaxPosition), "Rope::apply: position ids must be in [0, ",
+                    kMaxPosition, ") (token ", t, " has ", static_cast<long long>(positions[t]), ")");
       max_pos = std::max<index_t>(max_pos, static_cast<index_t>(positions[t]));
     }
     reserve_positions(max_pos + 1);
