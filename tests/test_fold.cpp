@@ -9,6 +9,7 @@
 #include "catch.hpp"
 #include "common.hpp"
 #include "fixture_checks.hpp"
+#include "threads.hpp"
 
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
@@ -202,4 +203,22 @@ TEST_CASE("folding errors leave the cache unchanged", "[fold][errors]") {
   fold::SpanTracker s2(126, 127, 128);
   CHECK_THROWS_WITH(host::run_with_folding(h, good.data(), 6, s2, small, host::FoldSchedule::AtEnd), Contains("do not fit"));
   CHECK(small.size() == 0);
+}
+
+TEST_CASE("folding while streaming is bit-identical on 1 and 2 threads", "[fold][threads]") {
+  const auto model = host::LlamaModel<float>::load(llama_dir());
+  auto st = io::SafeTensors::open(test::fixtures_dir() + "/sentinel/sentinel_three_spans.safetensors");
+  const auto ids = st.read<std::int64_t>("input_ids");
+  host::LlamaHost<float> a(model), b(model);
+  auto ca = a.make_cache(64), cb = b.make_cache(64);
+  fold::SpanTracker sa(126, 127, 128), sb(126, 127, 128);
+  const auto la = host::run_with_folding(a, ids.data(), index_t(ids.size()), sa, ca, host::FoldSchedule::EverySpan);
+  const auto lb = host::run_with_folding(b, ids.data(), index_t(ids.size()), sb, cb, host::FoldSchedule::EverySpan,
+                                         test::two_threads());
+  CHECK(la == lb);
+  REQUIRE(ca.size() == cb.size());
+  for (index_t l = 0; l < ca.layers(); ++l) {
+    CHECK(layer_kv(ca, l, false) == layer_kv(cb, l, false));
+    CHECK(layer_kv(ca, l, true) == layer_kv(cb, l, true));
+  }
 }
