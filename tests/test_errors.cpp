@@ -67,12 +67,12 @@ TEST_CASE("errors table: attention shapes", "[errors]") {
 
 TEST_CASE("errors table: KV cache", "[errors][kv]") {
   FilledCache f;
-  const auto before = f.cache;
   const auto saved = f.snapshot();
   std::vector<std::int64_t> pos(20, 9);
-  std::vector<index_t> idx = {3};
+  std::vector<index_t> idx(20), stale(20, 3);  // increasing after the cache's 5; all 3 (not increasing)
+  for (index_t i = 0; i < 20; ++i) idx[std::size_t(i)] = 10 + i;
   CHECK_THROWS_WITH(f.cache.append(11, pos.data(), idx.data()), Contains("do not fit"));
-  CHECK_THROWS_WITH(f.cache.append(1, pos.data(), idx.data()), Contains("token indices must increase"));
+  CHECK_THROWS_WITH(f.cache.append(1, pos.data(), stale.data()), Contains("token indices must increase"));
   const index_t* volatile no_idx = nullptr;  // opaque: GCC would warn about the unreachable copy
   CHECK_THROWS_WITH(f.cache.append(1, pos.data(), no_idx), Contains("one is null"));  // was a null dereference
   CHECK_THROWS_WITH(f.cache.evict({{2, 4}, {3, 5}}), Contains("overlaps"));             // overlapping spans

@@ -235,7 +235,10 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       for (index_t r = 0; r < rows; ++r) {
         float* s = b.s + r * Bk;
         const float mt = kernels::row_max<V>(s, Bk);
-        if (mt == kNegInf) {  // nothing visible in this tile for this row
+        // Nothing visible in this tile for this row, unless the maximum is -inf because a NaN
+        // score swallowed the visible ones (max(NaN, -inf) is -inf on some paths): a NaN goes on
+        // and propagates as documented.
+        if (mt == kNegInf && std::none_of(s, s + Bk, [](float x) { return x != x; })) {
           std::fill(s, s + Bk, 0.f);
           continue;
         }
