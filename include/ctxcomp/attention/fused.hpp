@@ -17,9 +17,6 @@
 #include "masks.hpp"
 #include "options.hpp"
 
-#ifndef CTXCOMP_PREFETCH_TILES
-#define CTXCOMP_PREFETCH_TILES 64
-#endif
 namespace ctxcomp {
 
 namespace detail {
@@ -38,6 +35,9 @@ struct AttentionTiling {
   static constexpr index_t few_rows = 16;
   static constexpr index_t split_len = 512;  // keys per split, a multiple of kv_tile
   static constexpr index_t min_tasks = 8;    // calls with fewer tasks are split too
+  // Decode with several rows per task asks for the K/V rows this far ahead (one tile): on a
+  // one-row task (MHA decode) the hints cost more than they save.
+  static constexpr index_t prefetch_rows = kv_tile;
   index_t group, q_block, rows, head_dim, dim_padded;
   index_t q_blocks, tasks, kv_tiles, splits;
 
@@ -126,7 +126,6 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
                     index_t group_count, HeadsView<O> out, float qscale, const AttentionBuffers* buf,
                     index_t splits, float* partial, const Exec& exec) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  constexpr index_t kPrefetchTiles = CTXCOMP_PREFETCH_TILES;
   using KS = std::remove_const_t<K>;
   using VS = std::remove_const_t<Vt>;
   using OS = std::remove_const_t<O>;
@@ -184,9 +183,10 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
       const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
-      // Decode streams K and V from memory: each row read asks for the row kPrefetchTiles
-      // tiles on (within this kv head), so the lines arrive while this tile is computed.
-      const index_t pf = rows > 1 && k0 + kPrefetchTiles + Bk <= kv_len ? kPrefetchTiles : 0;
+      // Few-row decode streams K and V from memory: each row read asks for the row one tile on
+      // (within this kv head), so its lines arrive while this tile is computed.
+      const index_t pf =
+          rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
 
       if (rows < T.few_rows) {
         // Dot-product form: K rows read in place from the cache, widened in registers; qint8
@@ -256,8 +256,7 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       }
 
       if (dp == d) {  // V rows used in place, widened in registers
-        kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk,
-                                    rows < T.few_rows ? pf : 0);
+        kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk, pf);
         continue;
       }
       for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);
