@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 
+#include "bf16dot.hpp"
 #include "simd.hpp"
 #include "types.hpp"
 
@@ -173,6 +174,77 @@ inline void tile_gemm_nt(const float* A, index_t lda, const TB* B, index_t ldb, 
   constexpr int W = V::width, CB = W >= 4 ? 4 : 1;
   if (M == 1) detail::tile_gemm_nt_blocks<V, 1, W>(A, lda, B, ldb, C, ldc, M, N, K, prefetch_rows);
   else detail::tile_gemm_nt_blocks<V, W / CB, CB>(A, lda, B, ldb, C, ldc, M, N, K, prefetch_rows);
+}
+
+// ---- bf16 compute (core/bf16dot.hpp): C (+)= A * B over bf16 pairs, fp32 accumulation ----
+// A: row i holds K2 pairs along k at A + i * lda (bf16 elements); B: pair-row p holds N pairs
+// (element (k, j) at B[(k / 2) * ldb + 2 * j + k % 2]), the layout vdpbf16ps reads; C fp32.
+// Each C element is one chain over p = 0..K2-1 of Bf16Dot::dot, whatever the vector width, so
+// every target and the scalar twin give the same bits.
+
+namespace detail {
+template <class V, int MR, int NV, bool Accumulate>
+inline void tile_gemm_bf16_block(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc,
+                                 index_t K2) noexcept {
+  using D = simd::Bf16Dot<V>;
+  constexpr int W = V::width;
+  typename V::type acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = Accumulate ? V::load(C + i * ldc + j * W) : V::zero();
+  for (index_t p = 0; p < K2; ++p) {
+    typename D::pairs b[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) b[j] = D::load(B + p * ldb + 2 * j * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const auto a = D::broadcast(A + i * lda + 2 * p);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] = D::dot(acc[i][j], a, b[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) V::store(C + i * ldc + j * W, acc[i][j]);
+}
+
+template <class V, int MR, bool Acc, int NV = TileGemmShape<V>::NV>
+inline void tile_gemm_bf16_cols(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc,
+                                index_t nvec, index_t K2) noexcept {
+  constexpr int W = V::width;
+  index_t j = 0;
+  for (; j + NV <= nvec; j += NV) tile_gemm_bf16_block<V, MR, NV, Acc>(A, lda, B + 2 * j * W, ldb, C + j * W, ldc, K2);
+  if constexpr (NV > 1) {
+    if (j < nvec) tile_gemm_bf16_cols<V, MR, Acc, NV - 1>(A, lda, B + 2 * j * W, ldb, C + j * W, ldc, nvec - j, K2);
+  }
+}
+}  // namespace detail
+
+/// C[M x N] = A * B (Accumulate = false) or C += A * B over K2 bf16 pairs (layouts above).
+/// N % V::width == 0.
+template <bool Accumulate, class V = simd::Vec>
+inline void tile_gemm_bf16(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc, index_t M,
+                           index_t N, index_t K2) noexcept {
+  constexpr int MR = TileGemmShape<V>::MR;
+  const index_t nvec = N / V::width;
+  index_t i = 0;
+  for (; i + MR <= M; i += MR) detail::tile_gemm_bf16_cols<V, MR, Accumulate>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K2);
+  for (; i < M; ++i) detail::tile_gemm_bf16_cols<V, 1, Accumulate>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K2);
+}
+
+/// Scalar definition of tile_gemm_bf16 (simd::dot_bf16_pair per element, p in order): the
+/// vector kernels reproduce it bit for bit.
+template <bool Accumulate>
+inline void tile_gemm_bf16_reference(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc,
+                                     index_t M, index_t N, index_t K2) noexcept {
+  for (index_t i = 0; i < M; ++i)
+    for (index_t j = 0; j < N; ++j) {
+      float acc = Accumulate ? C[i * ldc + j] : 0.f;
+      for (index_t p = 0; p < K2; ++p) {
+        const bf16* a = A + i * lda + 2 * p;
+        const bf16* b = B + p * ldb + 2 * j;
+        acc = simd::dot_bf16_pair(acc, a[0], a[1], b[0], b[1]);
+      }
+      C[i * ldc + j] = acc;
+    }
 }
 
 }  // namespace ctxcomp::kernels
