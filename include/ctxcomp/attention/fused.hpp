@@ -40,8 +40,13 @@ struct AttentionTiling {
   static constexpr index_t prefetch_rows = kv_tile;
   index_t group, q_block, rows, head_dim, dim_padded;
   index_t q_blocks, tasks, kv_tiles, splits;
+  bool bf16 = false;  // Compute::bf16: K and V tiles packed as bf16 pairs, every row count
+  index_t dim_even = 0;  // head_dim rounded up to whole pairs (bf16 compute)
 
-  AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d, index_t kv_len, bool split_keys = true) {
+  AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d, index_t kv_len, bool split_keys = true,
+                  Compute compute = Compute::fp32) {
+    bf16 = compute == Compute::bf16;
+    dim_even = (d + 1) / 2 * 2;
     group = heads / kv_heads;
     q_block = std::min(q_len, std::max<index_t>(1, target_rows / group));
     rows = q_block * group;
@@ -56,9 +61,16 @@ struct AttentionTiling {
   }
   /// Many-row tasks keep every transposed K tile of their kv head (reused by the next task of
   /// the same head); few-row tasks read K in place.
-  index_t kt_tiles() const { return rows < few_rows ? 0 : kv_tiles; }
+  index_t kt_tiles() const { return rows < few_rows || bf16 ? 0 : kv_tiles; }
+  /// bf16 compute: every K and V tile of a kv head is packed once per worker and reused.
+  index_t packed_tiles() const { return bf16 ? kv_tiles : 0; }
   std::size_t worker_bytes() const {
-    return Workspace::bytes_for<float>(rows * head_dim)                  // packed, pre-scaled queries
+    return (bf16 ? Workspace::bytes_for<ctxcomp::bf16>(rows * dim_even)         // bf16 queries
+                       + Workspace::bytes_for<ctxcomp::bf16>(packed_tiles() * kv_tile * (dim_even + dim_padded))
+                       + Workspace::bytes_for<ctxcomp::bf16>(rows * kv_tile)  // bf16 probabilities
+                       + Workspace::bytes_for<ctxcomp::bf16>(dim_padded + dim_even)  // one rounded row
+                 : 0) +
+           Workspace::bytes_for<float>(rows * head_dim)                  // packed, pre-scaled queries
            + Workspace::bytes_for<float>(head_dim * kv_tile * kt_tiles())  // transposed K tiles (many rows)
            + Workspace::bytes_for<index_t>(kv_tiles)                     // kv head each transposed tile holds
            + Workspace::bytes_for<float>(kv_tile * dim_padded)           // V tile (padded head_dim) / K row
@@ -76,7 +88,8 @@ struct AttentionTiling {
 /// Bytes of workspace `attention` reserves for these shapes and concurrency.
 template <class V = simd::Vec>
 std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, index_t head_dim,
-                                      index_t concurrency = 1, bool split_keys = true);
+                                      index_t concurrency = 1, bool split_keys = true,
+                                      Compute compute = Compute::fp32);
 
 namespace detail {
 
@@ -84,7 +97,39 @@ namespace detail {
 struct AttentionBuffers {
   float *qp, *kt, *vp, *ks, *vs, *s, *o, *m, *l;
   index_t* kt_head;  // kt_head[tile] = kv head whose K tile `tile` is transposed in kt, or -1
+  // bf16 compute: queries, packed K tiles [dim_even / 2][kv_tile][2], packed V tiles
+  // [kv_tile / 2][dim_padded][2] (both cached per kv head, marked in kt_head), probabilities, a row.
+  ctxcomp::bf16 *qb, *ktb, *vtb, *pb, *rowb;
 };
+
+/// bf16 compute: rounds n floats to bf16 (simd::round_bf16, vectorised).
+template <class V>
+inline void round_row_bf16(const float* x, ctxcomp::bf16* y, index_t n) noexcept {
+  constexpr int W = V::width;
+  index_t i = 0;
+  for (; i + W <= n; i += W) simd::Bf16Dot<V>::store_rounded(y + i, V::load(x + i));
+  for (; i < n; ++i) y[i] = simd::round_bf16(x[i]);
+}
+
+/// bf16 compute: one stored row (head_dim values of any KV type, qint8 with its scale) as
+/// rounded bf16 operands in `out` (width `padded`, zeros past d); `tmp` holds d floats. A bf16
+/// row of even length is used in place.
+template <class V, class T>
+inline const ctxcomp::bf16* operand_row(const T* row, float scale, index_t d, index_t padded, float* tmp,
+                                        ctxcomp::bf16* out) noexcept {
+  if constexpr (std::is_same_v<T, ctxcomp::bf16>) {
+    (void)scale, (void)tmp;
+    if (d == padded) return row;
+    std::copy(row, row + d, out);
+  } else {
+    kernels::widen<V>(row, tmp, d);
+    if constexpr (is_quantized_v<T>) kernels::scale<V>(tmp, scale, d);
+    else (void)scale;
+    round_row_bf16<V>(tmp, out, d);
+  }
+  std::fill(out + d, out + padded, ctxcomp::bf16(0.f));
+  return out;
+}
 
 /// Masks may split their query rows into groups that each have a simpler mask (e.g. SAC's
 /// anchor mask: anchor rows see everything, the others are causal), so that no tile is computed
@@ -121,7 +166,7 @@ index_t max_tasks(const AttentionTiling<V>& T, index_t kv_heads) {
 /// max, sum and unnormalised output in `partial`; a log-sum-exp merge then writes `out`.
 /// K and V of any storage type are widened in registers (qint8: scales folded into the scores
 /// and the probabilities).
-template <class V, class Q, class K, class Vt, class O, class Mask, class Exec>
+template <class V, bool BF16, class Q, class K, class Vt, class O, class Mask, class Exec>
 void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGroup<Mask>* groups,
                     index_t group_count, HeadsView<O> out, float qscale, const AttentionBuffers* buf,
                     index_t splits, float* partial, const Exec& exec) {
@@ -134,7 +179,8 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       {q.heads, k.heads, 1, q.head_dim, k.tokens}, {q.heads, k.heads, 1, q.head_dim, k.tokens}};
   index_t per_head = 0;
   for (index_t gi = 0; gi < group_count; ++gi) {
-    tilings[gi] = AttentionTiling<V>(q.heads, k.heads, groups[gi].n, q.head_dim, k.tokens);
+    tilings[gi] = AttentionTiling<V>(q.heads, k.heads, groups[gi].n, q.head_dim, k.tokens, true,
+                                     BF16 ? Compute::bf16 : Compute::fp32);
     per_head += tilings[gi].q_blocks;
   }
   const index_t kv_len = k.tokens;
@@ -167,11 +213,17 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
     const index_t r0 = row(q0), r1 = row(q1 - 1) + 1;
     const index_t kb = split * split_len, ke = std::min(kv_len, kb + split_len);
 
+    const index_t d2 = T.dim_even;
     for (index_t qi = 0; qi < nq; ++qi)
       for (index_t hh = 0; hh < g; ++hh) {
         float* dst = b.qp + (qi * g + hh) * d;
         kernels::widen<V>(q.row(kh * g + hh, row(q0 + qi)), dst, d);
         kernels::scale<V>(dst, qscale, d);
+        if constexpr (BF16) {  // the pre-scaled query is the rounded operand
+          ctxcomp::bf16* qb = b.qb + (qi * g + hh) * d2;
+          round_row_bf16<V>(dst, qb, d);
+          std::fill(qb + d, qb + d2, ctxcomp::bf16(0.f));
+        }
       }
     std::fill(b.o, b.o + rows * dp, 0.f);
     std::fill(b.m, b.m + rows, kNegInf);
@@ -188,7 +240,32 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       const index_t pf =
           rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
 
-      if (rows < T.few_rows) {
+      if constexpr (BF16) {
+        // bf16 compute: K and V tiles of this kv head packed as bf16 pairs once per worker
+        // (exact for bf16 storage; others rounded; qint8 K dequantised first, qint8 V kept as
+        // its integers, exact in bf16, its scale going into the probabilities below).
+        const index_t tile = k0 / Bk;
+        ctxcomp::bf16* ktb = b.ktb + tile * Bk * d2;
+        ctxcomp::bf16* vtb = b.vtb + tile * Bk * dp;
+        if (b.kt_head[tile] != kh) {
+          for (index_t kk = 0; kk < Bk; ++kk) {
+            if (kk < nk) {
+              const float ks = is_quantized_v<KS> ? k.scale(kh, k0 + kk) : 1.f;
+              const ctxcomp::bf16* kr = operand_row<V>(k.row(kh, k0 + kk), ks, d, d2, b.vp, b.rowb);
+              for (index_t p = 0; p < d2 / 2; ++p) std::copy(kr + 2 * p, kr + 2 * p + 2, ktb + (p * Bk + kk) * 2);
+              const ctxcomp::bf16* vr = operand_row<V>(v.row(kh, k0 + kk), 1.f, d, dp, b.vp, b.rowb);
+              ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
+              for (index_t j = 0; j < dp; ++j) vd[2 * j] = vr[j];
+            } else {
+              for (index_t p = 0; p < d2 / 2; ++p) std::fill(ktb + (p * Bk + kk) * 2, ktb + (p * Bk + kk) * 2 + 2, ctxcomp::bf16(0.f));
+              ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
+              for (index_t j = 0; j < dp; ++j) vd[2 * j] = ctxcomp::bf16(0.f);
+            }
+          }
+          b.kt_head[tile] = kh;
+        }
+        kernels::tile_gemm_bf16<false, V>(b.qb, d2, ktb, 2 * Bk, b.s, Bk, rows, Bk, d2 / 2);
+      } else if (rows < T.few_rows) {
         // Dot-product form: K rows read in place from the cache, widened in registers; qint8
         // scales multiply the finished dot products.
         kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0), k.token_stride, b.s, Bk, rows, nk, d, pf);
@@ -255,6 +332,11 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
           for (index_t kk = 0; kk < nk; ++kk) b.s[r * Bk + kk] *= b.vs[kk];
       }
 
+      if constexpr (BF16) {  // P rounded to bf16 pairs along the keys; V packed above
+        for (index_t r = 0; r < rows; ++r) round_row_bf16<V>(b.s + r * Bk, b.pb + r * Bk, Bk);
+        kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, b.o, dp, rows, dp, Bk / 2);
+        continue;
+      }
       if (dp == d) {  // V rows used in place, widened in registers
         kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk, pf);
         continue;
@@ -318,8 +400,8 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
 
 template <class V>
 std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q_len, index_t kv_len, index_t head_dim,
-                                      index_t concurrency, bool split_keys) {
-  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim, kv_len, split_keys);
+                                      index_t concurrency, bool split_keys, Compute compute) {
+  detail::AttentionTiling<V> t(heads, kv_heads, q_len, head_dim, kv_len, split_keys, compute);
   const index_t items = detail::max_tasks(t, kv_heads) * t.splits;
   return static_cast<std::size_t>(std::max<index_t>(1, concurrency)) * t.worker_bytes() +
          (t.splits > 1 ? Workspace::bytes_for<float>(items * t.partial_floats()) : 0) +
@@ -339,13 +421,14 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
   detail::check_attention_args(q, k, v, out, mask, opt, "attention");
   constexpr float kLog2e = 1.4426950408889634f;
   // Buffers sized for all q rows fit any subset of them (a group's tiling is never larger).
-  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim, k.tokens, opt.split_keys);
+  const detail::AttentionTiling<V> T(q.heads, k.heads, q.tokens, q.head_dim, k.tokens, opt.split_keys, opt.compute);
   const float qscale = detail::effective_scale(opt, T.head_dim) * kLog2e;  // softmax in base 2
   const index_t items = detail::max_tasks(T, k.heads) * T.splits;
   // One buffer set per worker slot the executor may use (any slot may run any task).
   const index_t workers = std::max<index_t>(1, exec.concurrency());
   CTXCOMP_CHECK(workers <= 64, "attention: executor concurrency (", workers, ") above the supported 64");
-  ws.reserve(attention_workspace_bytes<V>(q.heads, k.heads, q.tokens, k.tokens, q.head_dim, workers, opt.split_keys));
+  ws.reserve(attention_workspace_bytes<V>(q.heads, k.heads, q.tokens, k.tokens, q.head_dim, workers, opt.split_keys,
+                                          opt.compute));
   detail::AttentionBuffers buf[64];
   for (index_t w = 0; w < workers; ++w) {
     buf[w].qp = ws.take<float>(T.rows * T.head_dim);
@@ -359,6 +442,14 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
     buf[w].l = ws.take<float>(T.rows);
     buf[w].kt_head = ws.take<index_t>(T.kv_tiles);
     std::fill(buf[w].kt_head, buf[w].kt_head + T.kv_tiles, index_t(-1));
+    buf[w].qb = buf[w].ktb = buf[w].vtb = buf[w].pb = buf[w].rowb = nullptr;
+    if (T.bf16) {
+      buf[w].qb = ws.take<bf16>(T.rows * T.dim_even);
+      buf[w].ktb = ws.take<bf16>(T.packed_tiles() * T.kv_tile * T.dim_even);
+      buf[w].vtb = ws.take<bf16>(T.packed_tiles() * T.kv_tile * T.dim_padded);
+      buf[w].pb = ws.take<bf16>(T.rows * T.kv_tile);
+      buf[w].rowb = ws.take<bf16>(T.dim_padded + T.dim_even);
+    }
   }
   float* partial = T.splits > 1 ? ws.take<float>(items * T.partial_floats()) : nullptr;
   if constexpr (detail::has_row_groups<Mask>::value) {
@@ -373,10 +464,12 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
       if (n > 0) groups[count++] = {rows + used, n, mask.group_mask(grp)};
       used += n;
     }
-    detail::attention_rows<V>(q, k, v, groups, count, out, qscale, buf, T.splits, partial, exec);
+    if (T.bf16) detail::attention_rows<V, true>(q, k, v, groups, count, out, qscale, buf, T.splits, partial, exec);
+    else detail::attention_rows<V, false>(q, k, v, groups, count, out, qscale, buf, T.splits, partial, exec);
   } else {
     const detail::RowGroup<Mask> all{nullptr, q.tokens, mask};
-    detail::attention_rows<V>(q, k, v, &all, 1, out, qscale, buf, T.splits, partial, exec);
+    if (T.bf16) detail::attention_rows<V, true>(q, k, v, &all, 1, out, qscale, buf, T.splits, partial, exec);
+    else detail::attention_rows<V, false>(q, k, v, &all, 1, out, qscale, buf, T.splits, partial, exec);
   }
 }
 

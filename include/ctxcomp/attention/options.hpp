@@ -12,6 +12,7 @@
 #pragma once
 #include <cmath>
 
+#include "../core/bf16dot.hpp"
 #include "../core/error.hpp"
 #include "../core/views.hpp"
 
@@ -25,6 +26,13 @@ struct AttentionOptions {
   /// splits follow the shapes only; `false` keeps one pass over the keys (results then differ
   /// from the split ones by fp32 reordering only).
   bool split_keys = true;
+  /// Arithmetic of Q.K^T and P.V. `Compute::bf16`: the pre-scaled queries (q * scale * log2 e),
+  /// K, V and the probabilities P are rounded to bf16 (simd::round_bf16; qint8 K is dequantised
+  /// first, qint8 V keeps its integers and its scale multiplies P before rounding), products are
+  /// accumulated in fp32 pairs as vdpbf16ps does (core/bf16dot.hpp), the softmax and its
+  /// normaliser (the sum of the unrounded P) stay fp32. Every call then packs K and V tiles, so
+  /// decode (few query rows, memory-bound) gains nothing from it. Error bound: docs/bf16.md.
+  Compute compute = Compute::fp32;
 };
 
 namespace detail {

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "bf16dot.hpp"
 #include "executor.hpp"
 #include "simd.hpp"
 #include "types.hpp"
@@ -164,6 +165,164 @@ void gemm_nt_reference(const float* A, index_t lda, const T* B, index_t ldb, flo
     for (index_t j = 0; j < N; ++j) {
       float c = 0.f;
       for (index_t k = 0; k < K; ++k) c = std::fma(A[i * lda + k], to_float(B[j * ldb + k]), c);
+      C[i * ldc + j] = c;
+    }
+}
+
+// ---- bf16 compute (core/bf16dot.hpp) ----
+// C = A * B^T with A rounded to bf16 and B as bf16 (bf16 weights are read in place; float / fp16
+// weights are rounded block by block into a worker scratch), pairs of products accumulated in fp32
+// as vdpbf16ps does. Each output element is one chain over the pairs p = 0..ceil(K/2)-1 in order
+// (an odd K pads the last pair with zeros), whatever the blocking, the vector width or the thread
+// count: `gemm_nt_bf16_reference` reproduces it bit for bit on every target.
+
+namespace detail {
+/// acc[j][v] chains over kc2 pairs: A^T panel pairs (MI rows, 2 bf16 each) times the broadcast
+/// weight pair w_j[2p], w_j[2p + 1]; the NJ x MV*W tile of C^T at ct is loaded first unless `first`.
+template <class V, int MV, int NJ, int MI>
+inline void gemm_nt_bf16_micro(const bf16* ap, const bf16* const* w, index_t kc2, float* ct, index_t ldct,
+                               bool first) noexcept {
+  using D = simd::Bf16Dot<V>;
+  constexpr int W = V::width;
+  typename V::type acc[NJ][MV];
+  for (int j = 0; j < NJ; ++j)
+    for (int v = 0; v < MV; ++v) acc[j][v] = first ? V::zero() : V::load(ct + j * ldct + v * W);
+  const bf16* wj[NJ];
+  for (int j = 0; j < NJ; ++j) wj[j] = w[j];
+  for (index_t p = 0; p < kc2; ++p) {
+    typename D::pairs a[MV];
+#pragma GCC unroll 8
+    for (int v = 0; v < MV; ++v) a[v] = D::load(ap + (p * MI + v * W) * 2);
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) {
+      const auto b = D::broadcast(wj[j] + 2 * p);
+#pragma GCC unroll 8
+      for (int v = 0; v < MV; ++v) acc[j][v] = D::dot(acc[j][v], a[v], b);
+    }
+  }
+  for (int j = 0; j < NJ; ++j)
+    for (int v = 0; v < MV; ++v) V::store(ct + j * ldct + v * W, acc[j][v]);
+}
+
+/// Whether gemm_nt_bf16 reads these weights in place (bf16 with whole pairs per row).
+template <class T>
+inline bool gemm_bf16_in_place(index_t K) noexcept {
+  return std::is_same_v<T, bf16> && K % 2 == 0;
+}
+}  // namespace detail
+
+/// Workspace bytes `gemm_nt_bf16` needs: the packed bf16 A^T, one output tile per worker, and
+/// per worker a rounded weight block unless the weights are read in place.
+template <class T, class V = simd::Vec>
+std::size_t gemm_nt_bf16_workspace_bytes(index_t M, index_t N, index_t K, index_t concurrency) {
+  using S = GemmNtShape<V>;
+  (void)N;
+  const index_t mpad = (M + S::MI - 1) / S::MI * S::MI, workers = std::max<index_t>(1, concurrency);
+  const index_t K2 = (K + 1) / 2;
+  const std::size_t wblock =
+      detail::gemm_bf16_in_place<T>(K) ? 0 : Workspace::bytes_for<bf16>(detail::kGemmTaskCols * 2 * K2);
+  return Workspace::bytes_for<bf16>(mpad * 2 * K2) +
+         static_cast<std::size_t>(workers) * (Workspace::bytes_for<float>(detail::kGemmTaskCols * mpad) + wblock);
+}
+
+/// C = A * B^T in bf16 compute: A [M x K] float (row stride lda) rounded to bf16, B [N x K]
+/// weights (row stride ldb), C [M x N] (row stride ldc). Reserves and uses `ws`; no other
+/// allocation. Tasks are fixed blocks of output columns, as gemm_nt's.
+template <class T, class V = simd::Vec, class Exec = SerialExecutor>
+void gemm_nt_bf16(const float* A, index_t lda, const T* B, index_t ldb, float* C, index_t ldc, index_t M, index_t N,
+                  index_t K, Workspace& ws, const Exec& exec = {}) {
+  using S = GemmNtShape<V>;
+  constexpr int MV = S::MV, NJ = S::NJ, MI = S::MI;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (index_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    return;
+  }
+  const index_t K2 = (K + 1) / 2, panels = (M + MI - 1) / MI, mpad = panels * MI;
+  const index_t kc2 = std::max<index_t>(1, detail::gemm_kc(mpad, K) / 2);
+  const index_t tasks = (N + detail::kGemmTaskCols - 1) / detail::kGemmTaskCols;
+  const index_t workers = std::max<index_t>(1, exec.concurrency());
+  CTXCOMP_CHECK(workers <= 64, "gemm_nt_bf16: executor concurrency (", workers, ") above the supported 64");
+  const bool in_place = detail::gemm_bf16_in_place<T>(K);
+  ws.reserve(gemm_nt_bf16_workspace_bytes<T, V>(M, N, K, workers));
+  bf16* ap = ws.take<bf16>(mpad * 2 * K2);
+  float* ct[64] = {};
+  bf16* wb[64] = {};
+  for (index_t w = 0; w < workers; ++w) {
+    ct[w] = ws.take<float>(detail::kGemmTaskCols * mpad);
+    if (!in_place) wb[w] = ws.take<bf16>(detail::kGemmTaskCols * 2 * K2);
+  }
+
+  // Pack A: panel p holds rows [p*MI, p*MI + MI) as [K2][MI][2] bf16 (rows past M and the pad of
+  // an odd K are zero).
+  exec.parallel_for(panels * ((K2 + 127) / 128), [&](index_t t, index_t) {
+    const index_t p = t % panels, q0 = t / panels * 128, q1 = std::min(K2, q0 + 128);
+    bf16* dst = ap + p * K2 * MI * 2;
+    const index_t rows = std::min<index_t>(MI, M - p * MI);
+    for (index_t r = 0; r < MI; ++r) {
+      const float* src = r < rows ? A + (p * MI + r) * lda : nullptr;
+      for (index_t q = q0; q < q1; ++q) {
+        bf16* d = dst + (q * MI + r) * 2;
+        d[0] = src ? simd::round_bf16(src[2 * q]) : bf16(0.f);
+        d[1] = src && 2 * q + 1 < K ? simd::round_bf16(src[2 * q + 1]) : bf16(0.f);
+      }
+    }
+  });
+
+  exec.parallel_for(tasks, [&](index_t t, index_t worker) {
+    const index_t o0 = t * detail::kGemmTaskCols, nb = std::min(detail::kGemmTaskCols, N - o0);
+    float* cw = ct[worker];
+    for (index_t q0 = 0; q0 < K2; q0 += kc2) {
+      const index_t ql = std::min(kc2, K2 - q0);
+      // Weight rows of this block as bf16 pairs: in place, or rounded into the worker's block.
+      const bf16* wrow0 = nullptr;
+      index_t wld = 0;
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (in_place) wrow0 = B + o0 * ldb + 2 * q0, wld = ldb;
+      }
+      if (!in_place) {
+        bf16* dst = wb[worker];
+        for (index_t j = 0; j < nb; ++j)
+          for (index_t k = 2 * q0; k < 2 * (q0 + ql); ++k)
+            dst[j * 2 * kc2 + (k - 2 * q0)] = k < K ? simd::round_bf16(to_float(B[(o0 + j) * ldb + k])) : bf16(0.f);
+        wrow0 = dst, wld = 2 * kc2;
+      }
+      for (index_t j0 = 0; j0 < nb; j0 += NJ) {
+        // Rows past the task's edge repeat its last row; their results are never read.
+        const bf16* w[NJ];
+        for (int j = 0; j < NJ; ++j) w[j] = wrow0 + std::min<index_t>(j0 + j, nb - 1) * wld;
+        for (index_t p = 0; p < panels; ++p) {
+          const bf16* a = ap + (p * K2 + q0) * MI * 2;
+          float* c = cw + j0 * mpad + p * MI;
+          const index_t vecs = std::min<index_t>(MV, (M - p * MI + V::width - 1) / V::width);
+          if (vecs == MV || MV == 1) detail::gemm_nt_bf16_micro<V, MV, NJ, MI>(a, w, ql, c, mpad, q0 == 0);
+          else if (vecs == 1) detail::gemm_nt_bf16_micro<V, 1, NJ, MI>(a, w, ql, c, mpad, q0 == 0);
+          else if (vecs == 2 || MV <= 3) detail::gemm_nt_bf16_micro<V, (MV > 2 ? 2 : MV), NJ, MI>(a, w, ql, c, mpad, q0 == 0);
+          else detail::gemm_nt_bf16_micro<V, (MV > 3 ? 3 : MV), NJ, MI>(a, w, ql, c, mpad, q0 == 0);
+        }
+      }
+    }
+    for (index_t i0 = 0; i0 < M; i0 += 8) {
+      const index_t ie = std::min(M, i0 + 8);
+      for (index_t j = 0; j < nb; ++j) {
+        const float* src = cw + j * mpad;
+        for (index_t i = i0; i < ie; ++i) C[i * ldc + o0 + j] = src[i];
+      }
+    }
+  });
+}
+
+/// Scalar definition of gemm_nt_bf16: per element, simd::dot_bf16_pair over the pairs in order
+/// with A and B rounded by simd::round_bf16 (bit-identical to the vector kernels).
+template <class T>
+void gemm_nt_bf16_reference(const float* A, index_t lda, const T* B, index_t ldb, float* C, index_t ldc, index_t M,
+                            index_t N, index_t K) {
+  auto ra = [&](index_t i, index_t k) { return k < K ? simd::round_bf16(A[i * lda + k]) : bf16(0.f); };
+  auto rb = [&](index_t j, index_t k) { return k < K ? simd::round_bf16(to_float(B[j * ldb + k])) : bf16(0.f); };
+  for (index_t i = 0; i < M; ++i)
+    for (index_t j = 0; j < N; ++j) {
+      float c = 0.f;
+      for (index_t k = 0; k < K; k += 2) c = simd::dot_bf16_pair(c, ra(i, k), ra(i, k + 1), rb(j, k), rb(j, k + 1));
       C[i * ldc + j] = c;
     }
 }

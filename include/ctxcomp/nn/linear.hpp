@@ -52,7 +52,9 @@ inline constexpr index_t kLinearMinGemmRows = 2;
 /// Workspace bytes `linear` needs for `tokens` rows with weights of type T.
 template <class T>
 std::size_t linear_workspace_bytes(index_t tokens, index_t out_features, index_t in_features,
-                                   index_t concurrency) {
+                                   index_t concurrency, Compute compute = Compute::fp32) {
+  if (compute == Compute::bf16)
+    return kernels::gemm_nt_bf16_workspace_bytes<T>(tokens, out_features, in_features, concurrency);
   if (tokens >= detail::kLinearMinGemmRows)
     return kernels::gemm_nt_workspace_bytes<T>(tokens, out_features, in_features, concurrency);
   if constexpr (std::is_same_v<T, float>) return 0;
@@ -61,14 +63,23 @@ std::size_t linear_workspace_bytes(index_t tokens, index_t out_features, index_t
 }
 
 /// y = x W^T (+ w.bias). All scratch comes from `ws` (reserved here; it grows only on the first
-/// call of a larger shape).
+/// call of a larger shape). `Compute::bf16`: x and W rounded to bf16, products accumulated in
+/// fp32 (kernels::gemm_nt_bf16, every row count; bf16 weights read in place); the bias is added
+/// in fp32.
 template <class T, class Exec = SerialExecutor>
-void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Workspace& ws, const Exec& exec = {}) {
+void linear(MatrixView<const float> x, WeightView<T> w, MatrixView<float> y, Workspace& ws, const Exec& exec = {},
+            Compute compute = Compute::fp32) {
   CTXCOMP_CHECK(w.data != nullptr, "linear: weight has no data");
   CTXCOMP_CHECK(x.cols() == w.in_features, "linear: x has ", x.cols(), " features but the weight expects ",
                 w.in_features);
   CTXCOMP_CHECK(y.rows() == x.rows() && y.cols() == w.out_features, "linear: y is ", y.rows(), " x ", y.cols(),
                 " but should be ", x.rows(), " x ", w.out_features);
+  if (compute == Compute::bf16) {
+    kernels::gemm_nt_bf16<T>(x.data(), x.outerStride(), w.data, w.in_features, y.data(), y.outerStride(), x.rows(),
+                             w.out_features, w.in_features, ws, exec);
+    detail::add_bias(y, w.bias);
+    return;
+  }
   if (x.rows() >= detail::kLinearMinGemmRows) {
     kernels::gemm_nt<T>(x.data(), x.outerStride(), w.data, w.in_features, y.data(), y.outerStride(), x.rows(),
                         w.out_features, w.in_features, ws, exec);
