@@ -6,6 +6,9 @@
 // causal_2048, beside memread/baseline/<case>_<kv>: one vector pass summing the same K/V bytes
 // (a decode step only reads), so GBps / memread GBps is the share of the memory speed reached.
 // Both cycle through 128 MB of layer copies, so the bytes come from memory, not from L3.
+// attention/fused_bf16/<case>: the bf16 compute path (bf16 K/V, Compute::bf16) for causal_2048,
+// causal_8192 and cross_128x640, beside attention/fused/<case> (fp32), with its share of the bf16
+// pair-dot peak (peak/bf16dot).
 #include <cmath>
 #include <cstring>
 
@@ -65,6 +68,32 @@ void fused(benchmark::State& st, Case c, int threads) {
         benchmark::DoNotOptimize(d.out.data());
       }
     });
+  });
+  set_counters(st, c);
+}
+
+/// The bf16 compute path: bf16 K/V (the same random values rounded), Compute::bf16.
+void fused_bf16(benchmark::State& st, Case c, int threads) {
+  Data d(c);
+  std::vector<bf16> k(d.k.size()), v(d.v.size());
+  for (std::size_t i = 0; i < k.size(); ++i) k[i] = bf16(d.k[i]), v[i] = bf16(d.v[i]);
+  Workspace ws;
+  AttentionOptions opt;
+  opt.compute = Compute::bf16;
+  bench::LoopClock clock;
+  with_mask(c, [&](const auto& mask) {
+    bench::with_executor(threads, [&](const auto& exec) {
+      clock.start();
+      for (auto _ : st) {
+        attention(HeadsView<const float>::contiguous(d.q.data(), kHeads, c.q_len, kDim),
+                  HeadsView<const bf16>::contiguous(k.data(), kKvHeads, c.kv_len, kDim),
+                  HeadsView<const bf16>::contiguous(v.data(), kKvHeads, c.kv_len, kDim), mask,
+                  HeadsView<float>::contiguous(d.out.data(), kHeads, c.q_len, kDim), opt, ws, exec);
+        benchmark::DoNotOptimize(d.out.data());
+      }
+    });
+    const double flops = double(count_visible(mask, c.q_len, c.kv_len)) * 4.0 * kDim * kHeads;
+    st.counters["bf16dot_peak_fraction"] = bench::bf16dot_peak_fraction(flops, threads, st, clock);
   });
   set_counters(st, c);
 }
@@ -245,6 +274,10 @@ const bool registered = [] {
     benchmark::RegisterBenchmark(("attention/fused/" + name).c_str(), fused, c, 1)->UseRealTime()->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("attention/fused/" + name + "_t2").c_str(), fused, c, 2)->UseRealTime()->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("attention/naive/" + name).c_str(), naive, c)->UseRealTime()->Unit(benchmark::kMillisecond);
+    if (!c.cross && c.q_len == 1) continue;
+    if (name == "causal_512") continue;
+    benchmark::RegisterBenchmark(("attention/fused_bf16/" + name).c_str(), fused_bf16, c, 1)->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("attention/fused_bf16/" + name + "_t2").c_str(), fused_bf16, c, 2)->UseRealTime()->Unit(benchmark::kMillisecond);
   }
   benchmark::RegisterBenchmark("memcpy/baseline/decode_4096", memcpy_baseline, index_t(4096), 1)->UseRealTime()->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("memcpy/baseline/decode_4096_t2", memcpy_baseline, index_t(4096), 2)->UseRealTime()->Unit(benchmark::kMillisecond);

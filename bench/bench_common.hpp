@@ -71,6 +71,44 @@ inline double fma_peak_gflops_per_core() {
   return peak;
 }
 
+/// `kFmaChains` independent bf16 pair-dot chains (simd::Bf16Dot: vdpbf16ps where the target has
+/// it), the bf16 compute path's peak: 4 flops per lane per instruction. Returns the flops done.
+inline double bf16dot_chains(index_t iters) {
+  using V = simd::Vec;
+  using D = simd::Bf16Dot<V>;
+  constexpr int chains = kFmaChains;
+  alignas(64) bf16 a0[2 * V::width], b0[2];
+  for (int i = 0; i < 2 * V::width; ++i) a0[i] = bf16(1e-3f * float(i + 1));
+  b0[0] = b0[1] = bf16(1e-7f);
+  benchmark::DoNotOptimize(a0), benchmark::DoNotOptimize(b0);
+  typename V::type acc[chains];
+  for (int c = 0; c < chains; ++c) acc[c] = V::broadcast(1e-3f * float(c + 1));
+  const auto a = D::load(a0);
+  const auto b = D::broadcast(b0);
+  for (index_t i = 0; i < iters; ++i)
+    for (int c = 0; c < chains; ++c) acc[c] = D::dot(acc[c], a, b);
+  auto sum = acc[0];
+  for (int c = 1; c < chains; ++c) sum = sum + acc[c];
+  float out = V::reduce_add(sum);
+  benchmark::DoNotOptimize(out);
+  return 4.0 * double(iters) * chains * V::width;
+}
+
+/// Per-core bf16 pair-dot peak in GFLOP/s (the maximum of repeated `bf16dot_chains` runs, as
+/// fma_peak_gflops_per_core).
+inline double bf16dot_peak_gflops_per_core() {
+  static const double peak = [] {
+    double best = 0;
+    for (int r = 0; r < 9; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const double flops = bf16dot_chains(96'000'000 / simd::Vec::width);
+      best = std::max(best, flops / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() * 1e-9);
+    }
+    return best;
+  }();
+  return peak;
+}
+
 /// Wall-clock time of a benchmark's timed loop (Google Benchmark does not hand its own to the
 /// benchmark): start() right before `for (auto _ : st)`, seconds() after it.
 struct LoopClock {
@@ -84,6 +122,13 @@ struct LoopClock {
 inline benchmark::Counter peak_fraction(double flops, int threads, const benchmark::State& st, const LoopClock& clock) {
   const double achieved = flops * double(st.iterations()) / clock.seconds();
   return benchmark::Counter(achieved / (fma_peak_gflops_per_core() * 1e9 * threads));
+}
+
+/// As peak_fraction, against the bf16 pair-dot peak (`peak/bf16dot`).
+inline benchmark::Counter bf16dot_peak_fraction(double flops, int threads, const benchmark::State& st,
+                                                const LoopClock& clock) {
+  const double achieved = flops * double(st.iterations()) / clock.seconds();
+  return benchmark::Counter(achieved / (bf16dot_peak_gflops_per_core() * 1e9 * threads));
 }
 
 }  // namespace ctxcomp::bench

@@ -98,7 +98,10 @@ struct IcformerArgs {
   index_t max_chunk_len = 512;
   bool no_chunk = false;
   int threads = 1;
+  std::string compute = "fp32";
 };
+
+Compute parse_compute(const std::string& s) { return s == "bf16" ? Compute::bf16 : Compute::fp32; }
 
 int run_icformer(const IcformerArgs& a) {
   auto ckpt = io::IcformerCheckpoint<float>::load(a.checkpoint);
@@ -111,6 +114,9 @@ int run_icformer(const IcformerArgs& a) {
   if (dc != cfg.hidden) fail(a.input, ": context_embeds has ", dc, " features, the checkpoint expects ", cfg.hidden);
   if (dd != cfg.hidden) fail(a.digests, ": digest_embeds has ", dd, " features, the checkpoint expects ", cfg.hidden);
   auto enc = ckpt.encoder();
+  digest::IcformerOptions eo;
+  eo.compute = parse_compute(a.compute);
+  enc.set_options(eo);
   const auto cv = matrix_view<const float>(context.data(), n, dc);
   const auto dv = matrix_view<const float>(digests.data(), k, dd);
   const index_t chunks = a.no_chunk ? 1 : digest::Chunking::of(n, a.max_chunk_len).count;
@@ -129,7 +135,8 @@ int run_icformer(const IcformerArgs& a) {
   });
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   io::write_safetensors(a.output, {io::TensorOut::of("soft_prompt", {chunks * k, cfg.hidden}, out.data())},
-                        {{"method", "icformer"}, {"n", std::to_string(n)}, {"chunks", std::to_string(chunks)}});
+                        {{"method", "icformer"}, {"n", std::to_string(n)}, {"chunks", std::to_string(chunks)},
+                         {"compute", a.compute}});
   std::fprintf(stderr, "ctxcomp icformer: %td context tokens -> %td digests (%td chunk%s) in %.3f s\n", n, chunks * k,
                chunks, chunks == 1 ? "" : "s", secs);
   return 0;
@@ -193,6 +200,7 @@ struct SacArgs {
   std::string model, anchor_embeds, input, output, mask = "full";
   index_t chunk_size = 0, ratio = 0;
   int threads = 1;
+  std::string compute = "fp32";
 };
 
 int run_sac(const SacArgs& a) {
@@ -219,7 +227,8 @@ int run_sac(const SacArgs& a) {
   std::vector<float> logits;
   const auto t0 = std::chrono::steady_clock::now();
   with_threads(a.threads, [&](const auto& exec) {
-    host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec);
+    host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec,
+                       static_cast<const std::vector<host::LlamaLayerWeights<float>>*>(nullptr), parse_compute(a.compute));
     if (has_targets)
       logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
   });
@@ -232,7 +241,8 @@ int run_sac(const SacArgs& a) {
   if (!logits.empty()) outs.push_back(io::TensorOut::of("decode_logits", {t + 1, c.vocab}, logits.data()));
   io::write_safetensors(a.output, outs,
                         {{"method", "sac"}, {"chunk_size", std::to_string(a.chunk_size)},
-                         {"compress_ratio", std::to_string(a.ratio)}, {"mask", a.mask}, {"end_idx", std::to_string(n)}});
+                         {"compress_ratio", std::to_string(a.ratio)}, {"mask", a.mask}, {"end_idx", std::to_string(n)},
+                         {"compute", a.compute}});
   std::fprintf(stderr, "ctxcomp sac: %td context tokens -> %td anchors (%td chunk%s, %s mask) in %.3f s\n", n, m,
                plan.chunks(), plan.chunks() == 1 ? "" : "s", a.mask.c_str(), secs);
   return 0;
@@ -270,6 +280,10 @@ int main(int argc, char** argv) {
   icf->add_flag("--no-chunk", ic.no_chunk, "Compress the whole context as one chunk (k digests)");
   icf->add_option("--threads", ic.threads, "Worker threads (results are identical for any count)")
       ->default_val(1)->check(CLI::Range(1, 64));
+  icf->add_option("--compute", ic.compute,
+                  "Arithmetic of the projections, MLP and attention: fp32 (official results) or bf16 (bf16 operands, "
+                  "fp32 accumulation; AVX512-BF16 where available, the same results elsewhere; error bound in docs/bf16.md)")
+      ->default_val("fp32")->check(CLI::IsMember({"fp32", "bf16"}));
 
   FoldArgs fa;
   auto* fo = app.add_subcommand("fold", "Run a Llama-family checkpoint (Llama, Mistral, Qwen2, Qwen3) over input_ids, folding every <CL>...<CR> span into its <CR>");
@@ -306,6 +320,10 @@ int main(int argc, char** argv) {
       ->default_val("full")->check(CLI::IsMember({"full", "anchor"}));
   sc->add_option("--threads", sa.threads, "Worker threads (results are identical for any count)")
       ->default_val(1)->check(CLI::Range(1, 64));
+  sc->add_option("--compute", sa.compute,
+                 "Arithmetic of the compressing forward passes: fp32 (official results) or bf16 (bf16 operands, fp32 "
+                 "accumulation; error bound in docs/bf16.md). Decoding stays fp32")
+      ->default_val("fp32")->check(CLI::IsMember({"fp32", "bf16"}));
 
   CLI11_PARSE(app, argc, argv);
   try {

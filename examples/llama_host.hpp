@@ -105,6 +105,12 @@ class LlamaHost {
 
   const LlamaConfig& config() const noexcept { return m_.config; }
 
+  /// Arithmetic of forward()'s projections, MLP and attention (fp32 by default; Compute::bf16:
+  /// bf16 operands, fp32 accumulation) and of logits().
+  Compute compute() const noexcept { return compute_; }
+  /// Sets the arithmetic of later calls.
+  void set_compute(Compute c) noexcept { compute_ = c; }
+
   /// A cache sized for this model.
   KvCache<C> make_cache(index_t capacity) const {
     return KvCache<C>(m_.config.layers, m_.config.kv_heads, m_.config.head_dim, capacity);
@@ -155,12 +161,14 @@ class LlamaHost {
     float* att = ws_.take<float>(t * qd);
     float* kb = ws_.take<float>(t * kd);
     float* vb = ws_.take<float>(t * kd);
+    AttentionOptions aopt;
+    aopt.compute = compute_;
     for (index_t l = 0; l < c.layers; ++l) {
       const auto& w = L[std::size_t(l)];
       rmsnorm(const_view(x), w.input_norm, d, c.rms_eps, matrix_view(h, t, d));
-      linear(matrix_view<const float>(h, t, d), w.q, matrix_view(q, t, qd), lin_ws_, exec);
-      linear(matrix_view<const float>(h, t, d), w.k, matrix_view(kb, t, kd), lin_ws_, exec);
-      linear(matrix_view<const float>(h, t, d), w.v, matrix_view(vb, t, kd), lin_ws_, exec);
+      linear(matrix_view<const float>(h, t, d), w.q, matrix_view(q, t, qd), lin_ws_, exec, compute_);
+      linear(matrix_view<const float>(h, t, d), w.k, matrix_view(kb, t, kd), lin_ws_, exec, compute_);
+      linear(matrix_view<const float>(h, t, d), w.v, matrix_view(vb, t, kd), lin_ws_, exec, compute_);
       if (w.q_norm) rmsnorm_heads(HeadsView<float>::token_major(q, t, c.heads, hd), w.q_norm, hd, c.rms_eps);
       if (w.k_norm) rmsnorm_heads(HeadsView<float>::token_major(kb, t, c.kv_heads, hd), w.k_norm, hd, c.rms_eps);
       rope_.apply(HeadsView<float>::token_major(q, t, c.heads, hd), positions);
@@ -173,12 +181,12 @@ class LlamaHost {
           store_row(vc, hh, i, vb + i * kd + hh * hd);
         }
       attention(HeadsView<const float>::token_major(q, t, c.heads, hd), HeadsView<const C>(cache.keys(l)),
-                HeadsView<const C>(cache.values(l)), mask, HeadsView<float>::token_major(att, t, c.heads, hd), {},
+                HeadsView<const C>(cache.values(l)), mask, HeadsView<float>::token_major(att, t, c.heads, hd), aopt,
                 attn_ws_, exec);
-      linear(matrix_view<const float>(att, t, qd), w.o, matrix_view(tmp, t, d), lin_ws_, exec);
+      linear(matrix_view<const float>(att, t, qd), w.o, matrix_view(tmp, t, d), lin_ws_, exec, compute_);
       x += matrix_view<const float>(tmp, t, d);
       rmsnorm(const_view(x), w.post_attention_norm, d, c.rms_eps, matrix_view(h, t, d));
-      swiglu(matrix_view<const float>(h, t, d), w.mlp, matrix_view(tmp, t, d), mlp_ws_, lin_ws_, exec);
+      swiglu(matrix_view<const float>(h, t, d), w.mlp, matrix_view(tmp, t, d), mlp_ws_, lin_ws_, exec, compute_);
       x += matrix_view<const float>(tmp, t, d);
     }
     rmsnorm(const_view(x), m_.final_norm, d, c.rms_eps, x);
@@ -187,12 +195,13 @@ class LlamaHost {
   /// logits [t x vocab] = lm_head(hidden), hidden being forward()'s output.
   template <class Exec = SerialExecutor>
   void logits(MatrixView<const float> hidden, MatrixView<float> out, const Exec& exec = {}) {
-    linear(hidden, m_.lm_head, out, lin_ws_, exec);
+    linear(hidden, m_.lm_head, out, lin_ws_, exec, compute_);
   }
 
  private:
   const LlamaModel<T>& m_;
   Rope rope_;
+  Compute compute_ = Compute::fp32;
   Workspace ws_, attn_ws_, mlp_ws_, lin_ws_;
 };
 

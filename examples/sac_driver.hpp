@@ -10,20 +10,29 @@
 namespace ctxcomp::host {
 
 /// Compresses ids [plan.tokens()] into `cache` (appending the anchors). `compress_layers`, when
-/// given, replaces the model's layer weights while compressing only. Builds a Compressor (its
-/// scratch cache and buffers) per call; an engine compressing repeatedly keeps one instead.
+/// given, replaces the model's layer weights while compressing only; `compute` is the arithmetic
+/// of the compressing forward passes (the host's own setting is restored afterwards, also on
+/// error). Builds a Compressor (its scratch cache and buffers) per call; an engine compressing
+/// repeatedly keeps one instead.
 template <class T, class C, class Exec = SerialExecutor>
 index_t sac_compress(LlamaHost<T, C>& host, const anchor::AnchorPlan& plan, const std::int64_t* ids,
                      MatrixView<const float> role_tokens, anchor::ChunkMask mask, KvCache<C>& cache,
-                     const Exec& exec = {}, const std::vector<LlamaLayerWeights<T>>* compress_layers = nullptr) {
+                     const Exec& exec = {}, const std::vector<LlamaLayerWeights<T>>* compress_layers = nullptr,
+                     Compute compute = Compute::fp32) {
   const auto& c = host.config();
+  const Compute before = host.compute();
+  host.set_compute(compute);
+  RollbackScope restore([&host, before] { host.set_compute(before); });
   anchor::Compressor<C> comp(c.layers, c.kv_heads, c.head_dim, c.hidden, std::min(plan.chunk_size(), plan.tokens()));
-  return comp.compress(
+  const index_t kept = comp.compress(
       plan, ids, role_tokens, mask, [&](const std::int64_t* p, index_t n, MatrixView<float> x) { host.embed(p, n, x); },
       [&](MatrixView<float> x, const std::int64_t* pos, const index_t* idx, const auto& m, KvCache<C>& scratch) {
         host.forward(x, pos, idx, m, scratch, exec, compress_layers);
       },
       cache);
+  restore.dismiss();
+  host.set_compute(before);
+  return kept;
 }
 
 /// Decodes from a compressed cache of `plan`'s context: inputs [first_embed ; embed(targets)]

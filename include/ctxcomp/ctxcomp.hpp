@@ -3,6 +3,7 @@
 // the I/O headers (<ctxcomp/io/...>) additionally need nlohmann-json and are included separately.
 #pragma once
 
+#include "core/bf16dot.hpp"
 #include "core/error.hpp"
 #include "core/executor.hpp"
 #include "core/gemm.hpp"

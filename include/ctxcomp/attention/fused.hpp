@@ -107,7 +107,7 @@ template <class V>
 inline void round_row_bf16(const float* x, ctxcomp::bf16* y, index_t n) noexcept {
   constexpr int W = V::width;
   index_t i = 0;
-  for (; i + W <= n; i += W) simd::Bf16Dot<V>::store_rounded(y + i, V::load(x + i));
+  for (const index_t nv = n / W * W; i < nv; i += W) simd::Bf16Dot<V>::store_rounded(y + i, V::load(x + i));
   for (; i < n; ++i) y[i] = simd::round_bf16(x[i]);
 }
 

@@ -25,6 +25,14 @@
 #include "simd.hpp"
 #include "types.hpp"
 
+/// Keeps a register-blocked micro-kernel out of its caller: inlined into a large caller, GCC
+/// re-loads the kernel's operands from memory instead of keeping them in registers.
+#if defined(__GNUC__) || defined(__clang__)
+#define CTXCOMP_NOINLINE __attribute__((noinline))
+#else
+#define CTXCOMP_NOINLINE
+#endif
+
 namespace ctxcomp {
 
 /// Arithmetic of the dot products (Q.K^T, P.V, linear layers): fp32 (the default; bit for bit

@@ -180,7 +180,7 @@ namespace detail {
 /// acc[j][v] chains over kc2 pairs: A^T panel pairs (MI rows, 2 bf16 each) times the broadcast
 /// weight pair w_j[2p], w_j[2p + 1]; the NJ x MV*W tile of C^T at ct is loaded first unless `first`.
 template <class V, int MV, int NJ, int MI>
-inline void gemm_nt_bf16_micro(const bf16* ap, const bf16* const* w, index_t kc2, float* ct, index_t ldct,
+CTXCOMP_NOINLINE void gemm_nt_bf16_micro(const bf16* ap, const bf16* const* w, index_t kc2, float* ct, index_t ldct,
                                bool first) noexcept {
   using D = simd::Bf16Dot<V>;
   constexpr int W = V::width;

@@ -87,14 +87,22 @@ struct Chunking {
   index_t length(index_t i, index_t n) const noexcept { return std::min(size, n - i * size); }
 };
 
+/// Options of an encoder.
+struct IcformerOptions {
+  /// Arithmetic of the projections, the MLP and the attention: fp32 (default, the official
+  /// results) or bf16 operands with fp32 accumulation (norms, RoPE, softmax, residuals stay fp32;
+  /// bf16 weights are read in place, float weights rounded block by block). Bound: docs/bf16.md.
+  Compute compute = Compute::fp32;
+};
+
 /// The encoder over one set of weights. Holds only scratch; steady-state calls of the same
 /// shapes allocate nothing.
 template <class T>
 class IcformerEncoder {
  public:
   /// An encoder over these weights (checked against the config).
-  IcformerEncoder(const IcformerConfig& cfg, IcformerWeights<T> weights)
-      : cfg_(cfg), w_(std::move(weights)), rope_(cfg.rope, cfg.head_dim) {
+  IcformerEncoder(const IcformerConfig& cfg, IcformerWeights<T> weights, IcformerOptions options = {})
+      : cfg_(cfg), w_(std::move(weights)), rope_(cfg.rope, cfg.head_dim), opt_(options) {
     cfg_.validate();
     CTXCOMP_CHECK(index_t(w_.layers.size()) == cfg_.layers, "IcformerEncoder: ", w_.layers.size(),
                   " layer weights for ", cfg_.layers, " layers");
@@ -119,6 +127,10 @@ class IcformerEncoder {
 
   /// The configuration.
   const IcformerConfig& config() const noexcept { return cfg_; }
+  /// The options (compute precision).
+  const IcformerOptions& options() const noexcept { return opt_; }
+  /// Changes the compute precision of later calls.
+  void set_options(const IcformerOptions& options) noexcept { opt_ = options; }
 
   /// One layer, in place on the digests' hidden states [k x hidden]. Cross-attention layers
   /// take keys/values from [context ; digests] where `digests` are the encoder's INPUT digests
@@ -214,9 +226,9 @@ class IcformerEncoder {
       rmsnorm(hidden_c, L.query_norm, d, cfg_.rms_eps, kv_in_v);
       std::copy(kv_in, kv_in + k * d, q_in);
     }
-    linear(matrix_view<const float>(q_in, k, d), L.q, matrix_view(q, k, qd), lin_ws_, exec);
-    linear(const_view(kv_in_v), L.k, matrix_view(kb, rows, kd), lin_ws_, exec);
-    linear(const_view(kv_in_v), L.v, matrix_view(vb, rows, kd), lin_ws_, exec);
+    linear(matrix_view<const float>(q_in, k, d), L.q, matrix_view(q, k, qd), lin_ws_, exec, opt_.compute);
+    linear(const_view(kv_in_v), L.k, matrix_view(kb, rows, kd), lin_ws_, exec, opt_.compute);
+    linear(const_view(kv_in_v), L.v, matrix_view(vb, rows, kd), lin_ws_, exec, opt_.compute);
     // Keys at positions 0..rows-1; the queries take the last k of them (official IC-Former).
     for (index_t j = 0; j < rows; ++j) pos[j] = j;
     auto qh = HeadsView<float>::token_major(q, k, cfg_.heads, hd);
@@ -224,19 +236,23 @@ class IcformerEncoder {
     auto vh = HeadsView<const float>::token_major(vb, rows, cfg_.kv_heads, hd);
     rope_.apply(qh, pos + n);
     rope_.apply(kh, pos);
+    AttentionOptions aopt;
+    aopt.compute = opt_.compute;
     attention(HeadsView<const float>(qh), HeadsView<const float>(kh), vh, CrossWithCausalTail(n),
-              HeadsView<float>::token_major(attn, k, cfg_.heads, hd), {}, attn_ws_, exec);
+              HeadsView<float>::token_major(attn, k, cfg_.heads, hd), aopt, attn_ws_, exec);
     // Residual: hidden += o_proj(attn). q_in is free again and takes the projection.
-    linear(matrix_view<const float>(attn, k, qd), L.o, matrix_view(q_in, k, d), lin_ws_, exec);
+    linear(matrix_view<const float>(attn, k, qd), L.o, matrix_view(q_in, k, d), lin_ws_, exec, opt_.compute);
     hidden += matrix_view<const float>(q_in, k, d);
     rmsnorm(hidden_c, L.post_attention_norm, d, cfg_.rms_eps, matrix_view(q_in, k, d));
-    swiglu(matrix_view<const float>(q_in, k, d), L.mlp, matrix_view(kv_in, k, d), mlp_ws_, lin_ws_, exec);
+    swiglu(matrix_view<const float>(q_in, k, d), L.mlp, matrix_view(kv_in, k, d), mlp_ws_, lin_ws_, exec,
+           opt_.compute);
     hidden += matrix_view<const float>(kv_in, k, d);
   }
 
   IcformerConfig cfg_;
   IcformerWeights<T> w_;
   Rope rope_;
+  IcformerOptions opt_;
   Workspace ws_, attn_ws_, mlp_ws_, lin_ws_;
 };
 
