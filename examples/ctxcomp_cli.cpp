@@ -228,7 +228,8 @@ int run_sac(const SacArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   with_threads(a.threads, [&](const auto& exec) {
     host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec,
-                       static_cast<const std::vector<host::LlamaLayerWeights<float>>*>(nullptr), parse_compute(a.compute));
+                       nullptr,
+                       parse_compute(a.compute));
     if (has_targets)
       logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
   });

@@ -9,6 +9,14 @@
 
 namespace ctxcomp::host {
 
+namespace detail {
+/// T in a non-deduced context (so that `nullptr` may be passed for a pointer to T's weights).
+template <class T>
+struct identity {
+  using type = T;  ///< T itself
+};
+}  // namespace detail
+
 /// Compresses ids [plan.tokens()] into `cache` (appending the anchors). `compress_layers`, when
 /// given, replaces the model's layer weights while compressing only; `compute` is the arithmetic
 /// of the compressing forward passes (the host's own setting is restored afterwards, also on
@@ -17,7 +25,8 @@ namespace ctxcomp::host {
 template <class T, class C, class Exec = SerialExecutor>
 index_t sac_compress(LlamaHost<T, C>& host, const anchor::AnchorPlan& plan, const std::int64_t* ids,
                      MatrixView<const float> role_tokens, anchor::ChunkMask mask, KvCache<C>& cache,
-                     const Exec& exec = {}, const std::vector<LlamaLayerWeights<T>>* compress_layers = nullptr,
+                     const Exec& exec = {},
+                     const std::vector<LlamaLayerWeights<typename detail::identity<T>::type>>* compress_layers = nullptr,
                      Compute compute = Compute::fp32) {
   const auto& c = host.config();
   const Compute before = host.compute();

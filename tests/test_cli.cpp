@@ -91,6 +91,37 @@ TEST_CASE("ctxcomp icformer reproduces every IC-Former fixture", "[cli][icformer
   }
 }
 
+TEST_CASE("ctxcomp icformer --compute bf16 writes what the API computes", "[cli][icformer][bf16]") {
+  const std::string dir = test::fixtures_dir() + "/icformer/icformer_chunked";
+  auto cs = io::SafeTensors::open(dir + "/case.safetensors");
+  auto ckpt = io::IcformerCheckpoint<float>::load(dir + "/model");
+  const auto ctx = cs.read<float>("context_embeds"), dig = cs.read<float>("digest_embeds");
+  const index_t d = ckpt.config().hidden, n = index_t(ctx.size()) / d, k = index_t(dig.size()) / d;
+  const index_t max_len = std::stoll(cs.meta("max_chunk_len")), rows = digest::Chunking::of(n, max_len).count * k;
+  digest::IcformerOptions bf;
+  bf.compute = Compute::bf16;
+  auto enc = ckpt.encoder();
+  enc.set_options(bf);
+  std::vector<float> api(std::size_t(rows * d));
+  enc.compress_chunked(matrix_view<const float>(ctx.data(), n, d), matrix_view<const float>(dig.data(), k, d), max_len,
+                       matrix_view(api.data(), rows, d));
+  const std::string out = tmp("ctxcomp_cli_icformer_bf16.safetensors");
+  const Run r = run_cli("icformer --checkpoint " + dir + "/model --digests " + dir + "/case.safetensors --input " + dir +
+                        "/case.safetensors --output " + out + " --max-chunk-len " + cs.meta("max_chunk_len") +
+                        " --threads 2 --compute bf16");
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  auto os = io::SafeTensors::open(out);
+  CHECK(os.meta("compute") == "bf16");
+  CHECK(os.read<float>("soft_prompt") == api);
+  std::remove(out.c_str());
+  const Run bad = run_cli("icformer --checkpoint " + dir + "/model --digests " + dir + "/case.safetensors --input " + dir +
+                          "/case.safetensors --output " + out + " --compute half");
+  CHECK(bad.status != 0);
+  CHECK(bad.err.find("--compute") != std::string::npos);
+  CHECK(!fs::exists(out));
+}
+
 TEST_CASE("ctxcomp fold reproduces every sentinel fixture", "[cli][fold][fixtures]") {
   for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"})
     for (const char* schedule : {"--fold-every-span", "--fold-at-end"}) {

@@ -184,3 +184,41 @@ TEST_CASE("IC-Former checkpoint loader names what is wrong", "[icformer][io][err
   CHECK_THROWS_WITH(io::IcformerCheckpoint<float>::load(tmp.string()), Contains("not valid JSON"));
   fs::remove_all(tmp);
 }
+
+TEST_CASE("IC-Former in bf16 compute: every fixture within the bf16 budget, any thread count",
+          "[icformer][bf16][fixtures][threads]") {
+  for (const char* c : {"icformer_basic", "icformer_chunked", "icformer_gqa_selfattn"}) {
+    INFO(c);
+    auto ckpt = io::IcformerCheckpoint<float>::load(case_dir(c) + "/model");
+    auto ckpt16 = io::IcformerCheckpoint<bf16>::load(case_dir(c) + "/model");
+    auto st = io::SafeTensors::open(case_dir(c) + "/case.safetensors");
+    const auto& cfg = ckpt.config();
+    const auto ctx = st.read<float>("context_embeds");
+    const auto dig = st.read<float>("digest_embeds");
+    const auto soft = st.read<double>("soft_prompt");
+    const index_t n = index_t(ctx.size()) / cfg.hidden, k = index_t(dig.size()) / cfg.hidden;
+    const index_t max_len = st.meta("use_chunk") == "True" ? std::stoll(st.meta("max_chunk_len")) : n;
+    const index_t rows = digest::Chunking::of(n, max_len).count * k;
+    const auto cv = matrix_view<const float>(ctx.data(), n, cfg.hidden);
+    const auto dv = matrix_view<const float>(dig.data(), k, cfg.hidden);
+    digest::IcformerOptions bf;
+    bf.compute = Compute::bf16;
+    auto enc = ckpt.encoder();
+    CHECK(enc.options().compute == Compute::fp32);  // opt-in
+    enc.set_options(bf);
+    auto enc16 = digest::IcformerEncoder<bf16>(ckpt16.config(), ckpt16.weights(), bf);
+    std::vector<float> a(std::size_t(rows * cfg.hidden)), a2(a.size()), b(a.size());
+    enc.compress_chunked(cv, dv, max_len, matrix_view(a.data(), rows, cfg.hidden));
+    enc.compress_chunked(cv, dv, max_len, matrix_view(a2.data(), rows, cfg.hidden), test::two_threads());
+    enc16.compress_chunked(cv, dv, max_len, matrix_view(b.data(), rows, cfg.hidden));
+    CHECK(std::memcmp(a.data(), a2.data(), a.size() * sizeof(float)) == 0);
+    // The budget for bf16-rounded operands through a whole encoder (docs/bf16.md; the kernels'
+    // own a-priori bounds are checked in test_bf16.cpp), as for bf16 weights above.
+    const double err = test::relative_error(a.data(), soft.data(), a.size());
+    const double err16 = test::relative_error(b.data(), soft.data(), b.size());
+    CHECK(err < 5e-2);
+    CHECK(err > 1e-6);  // really computed in bf16
+    CHECK(err16 < 5e-2);
+    WARN(c << ": bf16 compute, relative error vs float64 " << err << " (fp32 weights), " << err16 << " (bf16 weights)");
+  }
+}

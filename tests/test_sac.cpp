@@ -285,3 +285,65 @@ TEST_CASE("ctxcomp sac reports bad arguments", "[cli][sac][errors]") {
   CHECK(!fs::exists(tmp("sac_x.safetensors")));
   std::remove(empty.c_str());
 }
+
+TEST_CASE("sac in bf16 compute: every fixture within the bf16 budget; the host keeps its setting",
+          "[sac][bf16][fixtures]") {
+  const auto model = host::LlamaModel<float>::load(llama_dir());
+  for (const char* c : kCases) {
+    INFO(c);
+    Fixture f(c);
+    host::LlamaHost<float> h(model);
+    const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
+    auto cache = h.make_cache(plan.anchor_count() + index_t(f.targets.size()) + 1);
+    REQUIRE(h.compute() == Compute::fp32);
+    host::sac_compress(h, plan, f.ids.data(), f.role_view(), f.mask, cache, SerialExecutor{}, nullptr, Compute::bf16);
+    CHECK(h.compute() == Compute::fp32);  // decoding below runs in fp32
+    double worst = 0;
+    for (index_t l = 0; l < model.config.layers; ++l)
+      for (bool value : {false, true}) {
+        const auto got = layer_kv(cache, l, value);
+        const auto expect = f.st.read<double>("layer" + std::to_string(l) + (value ? "_v" : "_k"));
+        REQUIRE(got.size() == expect.size());
+        worst = std::max(worst, test::relative_error(got.data(), expect.data(), got.size()));
+      }
+    const auto logits =
+        host::sac_decode(h, plan, cache, f.special.data() + 64, f.targets.data(), index_t(f.targets.size()));
+    const auto expect = f.st.read<double>("decode_logits");
+    const double err = test::relative_error(logits.data(), expect.data(), logits.size());
+    // The budget for bf16-rounded operands through the host (docs/bf16.md).
+    CHECK(worst < 5e-2);
+    CHECK(worst > 1e-6);  // really computed in bf16
+    CHECK(err < 5e-2);
+    WARN(c << ": bf16 compute, anchors' K/V relative error vs float64 " << worst << ", decode logits " << err);
+  }
+}
+
+TEST_CASE("ctxcomp sac --compute bf16 writes what the API computes", "[cli][sac][bf16]") {
+  const char* c = "sac_multichunk";
+  Fixture f(c);
+  const auto model = host::LlamaModel<float>::load(llama_dir());
+  host::LlamaHost<float> h(model);
+  const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
+  auto cache = h.make_cache(plan.anchor_count() + index_t(f.targets.size()) + 2);
+  host::sac_compress(h, plan, f.ids.data(), f.role_view(), f.mask, cache, SerialExecutor{}, nullptr, Compute::bf16);
+  const auto logits =
+      host::sac_decode(h, plan, cache, f.special.data() + 64, f.targets.data(), index_t(f.targets.size()));
+  const std::string out = tmp("ctxcomp_cli_sac_bf16.safetensors");
+  const Run r = run_cli("sac --model " + llama_dir() + " --anchor-embeds " + case_path(c) + " --input " + case_path(c) +
+                        " --output " + out + " --chunk-size " + std::to_string(f.chunk) + " --ratio " +
+                        std::to_string(f.ratio) + " --mask " + f.st.meta("mask") + " --threads 2 --compute bf16");
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  auto os = io::SafeTensors::open(out);
+  CHECK(os.meta("compute") == "bf16");
+  CHECK(os.read<float>("decode_logits") == logits);
+  for (index_t l = 0; l < 2; ++l) {
+    CHECK(os.read<float>("layer" + std::to_string(l) + "_k") == layer_kv(cache, l, false));
+    CHECK(os.read<float>("layer" + std::to_string(l) + "_v") == layer_kv(cache, l, true));
+  }
+  const Run bad = run_cli("sac --model " + llama_dir() + " --anchor-embeds " + case_path(c) + " --input " +
+                          case_path(c) + " --output " + out + " --chunk-size 8 --ratio 4 --compute fp16");
+  CHECK(bad.status != 0);
+  CHECK_THAT(bad.err, Contains("--compute"));
+  std::remove(out.c_str());
+}
