@@ -85,10 +85,12 @@ RandomIcformer<T>& model() {
 }
 
 template <class T>
-void chunk(benchmark::State& st, int threads) {
+void chunk(benchmark::State& st, int threads, Compute compute) {
   auto& m = model<T>();
   const index_t n = chunk_len(), k = m.cfg.num_digests, d = m.cfg.hidden;
-  digest::IcformerEncoder<T> enc(m.cfg, m.weights);
+  digest::IcformerOptions opt;
+  opt.compute = compute;
+  digest::IcformerEncoder<T> enc(m.cfg, m.weights, opt);
   std::vector<float> ctx(std::size_t(n * d)), dig(std::size_t(k * d)), out(dig.size());
   fill(ctx, 7, 1.f);
   fill(dig, 8, 1.f);
@@ -108,6 +110,7 @@ void chunk(benchmark::State& st, int threads) {
   const double f = icformer_flops(m.cfg, n);
   st.counters["GFLOPS"] = bench::rate(f * 1e-9);
   st.counters["peak_fraction"] = bench::peak_fraction(f, threads, st, clock);
+  if (compute == Compute::bf16) st.counters["bf16dot_peak_fraction"] = bench::bf16dot_peak_fraction(f, threads, st, clock);
   st.counters["weight_MB"] = double(m.weight_bytes()) / 1e6;
   st.counters["tokens_per_s"] = bench::rate(double(n));
 }
@@ -192,10 +195,13 @@ void llama_layer_baseline(benchmark::State& st, int threads) {
 
 const bool registered = [] {
   auto ms = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
-  ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512", chunk<float>, 1));
-  ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512_t2", chunk<float>, 2));
-  ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512", chunk<bf16>, 1));
-  ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512_t2", chunk<bf16>, 2));
+  ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512", chunk<float>, 1, Compute::fp32));
+  ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512_t2", chunk<float>, 2, Compute::fp32));
+  ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512", chunk<bf16>, 1, Compute::fp32));
+  ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512_t2", chunk<bf16>, 2, Compute::fp32));
+  // The bf16 compute path: bf16 weights (read in place), bf16 operands, fp32 accumulation.
+  ms(benchmark::RegisterBenchmark("icformer/bf16dot/chunk512", chunk<bf16>, 1, Compute::bf16));
+  ms(benchmark::RegisterBenchmark("icformer/bf16dot/chunk512_t2", chunk<bf16>, 2, Compute::bf16));
   for (index_t n : {512, 2048, 8192, 32768, 131072})
     ms(benchmark::RegisterBenchmark(("icformer/fp32/n" + std::to_string(n) + "_t2").c_str(), context_length,
                                     smoke() ? n / 8 : n, 2));

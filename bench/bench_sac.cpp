@@ -1,6 +1,7 @@
 // SAC anchor compression on a Llama-2-7B-shaped layer (random weights), chunk 512:
 // - sac/compress_layer: context tokens/s of compressing one chunk through one layer with the
 //   full and the anchor mask at ratios 4, 8, 16, 32, beside plain causal prefill of the chunk;
+//   anchor_r8_bf16dot: the anchor mask at ratio 8 on the bf16 compute path (bf16 weights);
 // - sac/attention: the attention of that layer alone, with its visible (query, key) pairs, so
 //   the cost of each mask can be set against its pairs (pairs_vs_causal);
 // - sac/decode: one decode step's attention over the anchors-only cache of a 4096-token context
@@ -31,11 +32,13 @@ double pairs_of(Kind kind, const anchor::AnchorPlan& plan, index_t n) {
 
 /// One layer over one chunk: SAC compression (embed, anchor embeddings, layer, keep anchors) or
 /// the causal prefill baseline (embed, layer).
-void compress_layer(benchmark::State& st, Kind kind, index_t ratio, int threads) {
+template <class T = float>
+void compress_layer(benchmark::State& st, Kind kind, index_t ratio, int threads, Compute compute = Compute::fp32) {
   const index_t n = chunk();
-  static const bench::SyntheticLlama<float> llama(1, 512);
+  static const bench::SyntheticLlama<T> llama(1, 512);
   const auto& c = llama.model.config;
-  host::LlamaHost<float> h(llama.model);
+  host::LlamaHost<T> h(llama.model);
+  h.set_compute(compute);
   const auto plan = anchor::AnchorPlan::uniform(n, n, ratio);
   const auto roles = bench::random_buffer(std::size_t(plan.anchor_count() * c.hidden), 5, 0.1f);
   std::vector<std::int64_t> ids(static_cast<std::size_t>(n)), pos(ids.size());
@@ -69,6 +72,7 @@ void compress_layer(benchmark::State& st, Kind kind, index_t ratio, int threads)
   st.counters["tokens_per_s"] = bench::rate(double(n));
   st.counters["GFLOPS"] = bench::rate(llama.layer_flops(double(n), pairs) * 1e-9);
   st.counters["flops_vs_causal"] = llama.layer_flops(double(n), pairs) / llama.layer_flops(double(n), causal);
+  st.counters["compute_bf16"] = compute == Compute::bf16 ? 1 : 0;
   if (kind != Kind::Causal) st.counters["anchors"] = double(plan.anchor_count());
 }
 
@@ -222,13 +226,16 @@ const bool registered = [] {
   const std::string c = "chunk" + std::to_string(chunk());
   for (int t : {1, 2}) {
     const std::string ts = t == 1 ? "" : "_t2";
-    ms(benchmark::RegisterBenchmark(("sac/compress_layer/" + c + "/causal_prefill" + ts).c_str(), compress_layer,
-                                    Kind::Causal, index_t(1), t));
+    ms(benchmark::RegisterBenchmark(("sac/compress_layer/" + c + "/causal_prefill" + ts).c_str(),
+                                    compress_layer<float>, Kind::Causal, index_t(1), t, Compute::fp32));
     for (index_t r : kRatios)
       for (Kind k : {Kind::Full, Kind::Anchor})
         ms(benchmark::RegisterBenchmark(
             ("sac/compress_layer/" + c + (k == Kind::Full ? "/full_r" : "/anchor_r") + std::to_string(r) + ts).c_str(),
-            compress_layer, k, r, t));
+            compress_layer<float>, k, r, t, Compute::fp32));
+    // The bf16 compute path (bf16 weights read in place, bf16 operands, fp32 accumulation).
+    ms(benchmark::RegisterBenchmark(("sac/compress_layer/" + c + "/anchor_r8_bf16dot" + ts).c_str(),
+                                    compress_layer<bf16>, Kind::Anchor, index_t(8), t, Compute::bf16));
   }
   ms(benchmark::RegisterBenchmark(("sac/attention/" + c + "/causal").c_str(), chunk_attention, Kind::Causal, index_t(1)));
   ms(benchmark::RegisterBenchmark(("sac/attention/" + c + "/full").c_str(), chunk_attention, Kind::Full, index_t(1)));
