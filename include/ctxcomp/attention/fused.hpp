@@ -102,15 +102,6 @@ struct AttentionBuffers {
   ctxcomp::bf16 *qb, *ktb, *vtb, *pb, *rowb;
 };
 
-/// bf16 compute: rounds n floats to bf16 (simd::round_bf16, vectorised).
-template <class V>
-inline void round_row_bf16(const float* x, ctxcomp::bf16* y, index_t n) noexcept {
-  constexpr int W = V::width;
-  index_t i = 0;
-  for (const index_t nv = n / W * W; i < nv; i += W) simd::Bf16Dot<V>::store_rounded(y + i, V::load(x + i));
-  for (; i < n; ++i) y[i] = simd::round_bf16(x[i]);
-}
-
 /// bf16 compute: one stored row (head_dim values of any KV type, qint8 with its scale) as
 /// rounded bf16 operands in `out` (width `padded`, zeros past d); `tmp` holds d floats. A bf16
 /// row of even length is used in place.
@@ -125,7 +116,7 @@ inline const ctxcomp::bf16* operand_row(const T* row, float scale, index_t d, in
     kernels::widen<V>(row, tmp, d);
     if constexpr (is_quantized_v<T>) kernels::scale<V>(tmp, scale, d);
     else (void)scale;
-    round_row_bf16<V>(tmp, out, d);
+    simd::round_row_bf16<V>(tmp, out, d);
   }
   std::fill(out + d, out + padded, ctxcomp::bf16(0.f));
   return out;
@@ -221,7 +212,7 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
         kernels::scale<V>(dst, qscale, d);
         if constexpr (BF16) {  // the pre-scaled query is the rounded operand
           ctxcomp::bf16* qb = b.qb + (qi * g + hh) * d2;
-          round_row_bf16<V>(dst, qb, d);
+          simd::round_row_bf16<V>(dst, qb, d);
           std::fill(qb + d, qb + d2, ctxcomp::bf16(0.f));
         }
       }
@@ -333,7 +324,7 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       }
 
       if constexpr (BF16) {  // P rounded to bf16 pairs along the keys; V packed above
-        for (index_t r = 0; r < rows; ++r) round_row_bf16<V>(b.s + r * Bk, b.pb + r * Bk, Bk);
+        for (index_t r = 0; r < rows; ++r) simd::round_row_bf16<V>(b.s + r * Bk, b.pb + r * Bk, Bk);
         kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, b.o, dp, rows, dp, Bk / 2);
         continue;
       }

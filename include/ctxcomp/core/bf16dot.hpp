@@ -206,4 +206,13 @@ struct Bf16Dot<XsimdVec<A>> {
 };
 #endif
 
+/// y[i] = round_bf16(x[i]) for i < n, W lanes at a time (Bf16Dot<V>::store_rounded).
+template <class V>
+inline void round_row_bf16(const float* x, bf16* y, index_t n) noexcept {
+  constexpr int W = V::width;
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) Bf16Dot<V>::store_rounded(y + i, V::load(x + i));
+  for (; i < n; ++i) y[i] = round_bf16(x[i]);
+}
+
 }  // namespace ctxcomp::simd

@@ -15,6 +15,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 #include "bf16dot.hpp"
@@ -255,17 +256,18 @@ void gemm_nt_bf16(const float* A, index_t lda, const T* B, index_t ldb, float* C
 
   // Pack A: panel p holds rows [p*MI, p*MI + MI) as [K2][MI][2] bf16 (rows past M and the pad of
   // an odd K are zero).
-  exec.parallel_for(panels * ((K2 + 127) / 128), [&](index_t t, index_t) {
-    const index_t p = t % panels, q0 = t / panels * 128, q1 = std::min(K2, q0 + 128);
+  constexpr index_t QB = 128;  // pairs per packing task
+  exec.parallel_for(panels * ((K2 + QB - 1) / QB), [&](index_t t, index_t) {
+    const index_t p = t % panels, q0 = t / panels * QB, q1 = std::min(K2, q0 + QB);
     bf16* dst = ap + p * K2 * MI * 2;
     const index_t rows = std::min<index_t>(MI, M - p * MI);
+    alignas(64) bf16 row[2 * QB];
     for (index_t r = 0; r < MI; ++r) {
-      const float* src = r < rows ? A + (p * MI + r) * lda : nullptr;
-      for (index_t q = q0; q < q1; ++q) {
-        bf16* d = dst + (q * MI + r) * 2;
-        d[0] = src ? simd::round_bf16(src[2 * q]) : bf16(0.f);
-        d[1] = src && 2 * q + 1 < K ? simd::round_bf16(src[2 * q + 1]) : bf16(0.f);
-      }
+      // The row's pairs rounded in order (zeros past K or past M), then one 4-byte pair each.
+      const index_t ne = r < rows ? std::min(K, 2 * q1) - 2 * q0 : 0;
+      if (ne > 0) simd::round_row_bf16<V>(A + (p * MI + r) * lda + 2 * q0, row, ne);
+      std::fill(row + std::max<index_t>(ne, 0), row + 2 * (q1 - q0), bf16(0.f));
+      for (index_t q = q0; q < q1; ++q) std::memcpy(dst + (q * MI + r) * 2, row + 2 * (q - q0), 2 * sizeof(bf16));
     }
   });
 

@@ -65,7 +65,8 @@ inline float row_max(const float* x, index_t n) noexcept {
   index_t i = 0;
   if (n >= W) {
     auto vm = V::load(x);
-    for (i = W; i + W <= n; i += W) vm = V::max(vm, V::load(x + i));
+    const index_t nv = n / W * W;  // (not i + W <= n: GCC then warns of an overflowing index)
+    for (i = W; i < nv; i += W) vm = V::max(vm, V::load(x + i));
     m = V::reduce_max(vm);
   }
   for (; i < n; ++i) m = x[i] > m ? x[i] : m;
