@@ -99,12 +99,13 @@ struct NoNativeBf16 : V {};
 /// native kernel matches bit for bit. Members as in Bf16Dot.
 template <class V>
 struct Bf16DotEmulated {
-  using type = typename V::type;
-  static constexpr int width = V::width;
-  static constexpr bool native = false;
+  using type = typename V::type;          ///< V's register type
+  static constexpr int width = V::width;  ///< fp32 lanes
+  static constexpr bool native = false;   ///< not the AVX512-BF16 instructions
   /// W pairs: the first (even) and second (odd) elements, widened to fp32 with subnormals zeroed.
   struct pairs {
-    type even, odd;  ///< pair elements 0 and 1 of each lane
+    type even;  ///< pair element 0 of each lane
+    type odd;   ///< pair element 1 of each lane
   };
 
   /// Lanes' pairs from 2W consecutive bf16 (lane i: p[2i], p[2i + 1]).
@@ -178,11 +179,11 @@ struct Bf16Dot<NoNativeBf16<V>> : Bf16DotEmulated<V> {};
 /// AVX512-BF16: vdpbf16ps and vcvtneps2bf16 (the same results as the emulation, faster).
 template <class A>
 struct Bf16Dot<XsimdVec<A>> {
-  using V = XsimdVec<A>;
-  using type = typename V::type;
-  static constexpr int width = V::width;
+  using V = XsimdVec<A>;                  ///< the vector type
+  using type = typename V::type;          ///< its register type
+  static constexpr int width = V::width;  ///< fp32 lanes
   static_assert(width == 16, "AVX512-BF16 kernels expect 16 fp32 lanes");
-  static constexpr bool native = true;
+  static constexpr bool native = true;  ///< vdpbf16ps / vcvtneps2bf16
   /// 16 bf16 pairs in one register.
   struct pairs {
     __m512bh v;  ///< the 32 bf16 values, pairs adjacent
