@@ -25,6 +25,7 @@
 #include "attention/reference.hpp"
 
 #include "kv/kv_cache.hpp"
+#include "kv/paged.hpp"
 
 #include "digest/icformer.hpp"
 #include "fold/spans.hpp"

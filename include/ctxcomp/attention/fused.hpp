@@ -14,6 +14,7 @@
 #include "../core/kernels.hpp"
 #include "../core/tile_gemm.hpp"
 #include "../core/workspace.hpp"
+#include "../kv/paged.hpp"
 #include "masks.hpp"
 #include "options.hpp"
 
@@ -157,13 +158,16 @@ index_t max_tasks(const AttentionTiling<V>& T, index_t kv_heads) {
 /// max, sum and unnormalised output in `partial`; a log-sum-exp merge then writes `out`.
 /// K and V of any storage type are widened in registers (qint8: scales folded into the scores
 /// and the probabilities).
-template <class V, bool BF16, class Q, class K, class Vt, class O, class Mask, class Exec>
-void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGroup<Mask>* groups,
+template <class V, bool BF16, class Q, class KView, class VView, class O, class Mask, class Exec>
+void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* groups,
                     index_t group_count, HeadsView<O> out, float qscale, const AttentionBuffers* buf,
                     index_t splits, float* partial, const Exec& exec) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  using KS = std::remove_const_t<K>;
-  using VS = std::remove_const_t<Vt>;
+  using KS = std::remove_const_t<typename KView::element_type>;
+  using VS = std::remove_const_t<typename VView::element_type>;
+  // Paged K/V: the in-place kernels run once per stretch of rows within a page; the K/V rows
+  // one tile ahead are not a stride away, so no prefetch hints.
+  constexpr bool paged = is_paged_view_v<KView> || is_paged_view_v<VView>;
   using OS = std::remove_const_t<O>;
   AttentionTiling<V> tilings[kMaxRowGroups] = {
       {q.heads, k.heads, 1, q.head_dim, k.tokens}, {q.heads, k.heads, 1, q.head_dim, k.tokens},
@@ -229,7 +233,7 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       // Few-row decode streams K and V from memory: each row read asks for the row one tile on
       // (within this kv head), so its lines arrive while this tile is computed.
       const index_t pf =
-          rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
+          !paged && rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
 
       if constexpr (BF16) {
         // bf16 compute: K and V tiles of this kv head packed as bf16 pairs once per worker
@@ -259,7 +263,10 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
       } else if (rows < T.few_rows) {
         // Dot-product form: K rows read in place from the cache, widened in registers; qint8
         // scales multiply the finished dot products.
-        kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0), k.token_stride, b.s, Bk, rows, nk, d, pf);
+        for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
+          n = k.run(k0 + j, nk - j);
+          kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d, pf);
+        }
         if constexpr (is_quantized_v<KS>) {
           for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
           for (index_t r = 0; r < rows; ++r) kernels::mul<V>(b.s + r * Bk, b.ks, nk);
@@ -329,7 +336,11 @@ void attention_rows(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const RowGr
         continue;
       }
       if (dp == d) {  // V rows used in place, widened in registers
-        kernels::tile_gemm<true, V>(b.s, Bk, v.row(kh, k0), v.token_stride, b.o, dp, rows, dp, nk, pf);
+        // Splitting the keys continues each output's FMA chain in order: the same bits.
+        for (index_t j = 0, n; j < nk; j += n) {
+          n = v.run(k0 + j, nk - j);
+          kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n, pf);
+        }
         continue;
       }
       for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);
@@ -399,15 +410,11 @@ std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q
          Workspace::bytes_for<index_t>(q_len);
 }
 
-/// out = softmax(scale * q k^T | mask) v. heads % kv_heads == 0, else ctxcomp::Error. A query row
-/// with no visible key gets zeros. On error nothing is written. Results do not depend on the
-/// executor's thread count (tasks and key splits are fixed by the shapes; each writes its own
-/// rows or partial slot, and splits are merged in a fixed order). K and V may be float, bf16,
-/// fp16 or qint8 (widened or dequantised in registers; fp32 accumulation).
-/// V selects the vector type (simd::Vec, or simd::ScalarVec for the scalar twin).
-template <class V = simd::Vec, class Q, class K, class Vt, class O, class Mask, class Exec = SerialExecutor>
-void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
-               const AttentionOptions& opt, Workspace& ws, const Exec& exec = {}) {
+namespace detail {
+/// The body of both `attention` overloads (K / V as HeadsView or PagedHeadsView).
+template <class V, class Q, class KView, class VView, class O, class Mask, class Exec>
+void attention_impl(HeadsView<Q> q, KView k, VView v, const Mask& mask, HeadsView<O> out, const AttentionOptions& opt,
+                    Workspace& ws, const Exec& exec) {
   static_assert(!std::is_const_v<O>, "attention: out must be writable");
   detail::check_attention_args(q, k, v, out, mask, opt, "attention");
   constexpr float kLog2e = 1.4426950408889634f;
@@ -462,6 +469,29 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask
     if (T.bf16) detail::attention_rows<V, true>(q, k, v, &all, 1, out, qscale, buf, T.splits, partial, exec);
     else detail::attention_rows<V, false>(q, k, v, &all, 1, out, qscale, buf, T.splits, partial, exec);
   }
+}
+
+}  // namespace detail
+
+/// out = softmax(scale * q k^T | mask) v. heads % kv_heads == 0, else ctxcomp::Error. A query row
+/// with no visible key gets zeros. On error nothing is written. Results do not depend on the
+/// executor's thread count (tasks and key splits are fixed by the shapes; each writes its own
+/// rows or partial slot, and splits are merged in a fixed order). K and V may be float, bf16,
+/// fp16 or qint8 (widened or dequantised in registers; fp32 accumulation).
+/// V selects the vector type (simd::Vec, or simd::ScalarVec for the scalar twin).
+template <class V = simd::Vec, class Q, class K, class Vt, class O, class Mask, class Exec = SerialExecutor>
+void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
+               const AttentionOptions& opt, Workspace& ws, const Exec& exec = {}) {
+  detail::attention_impl<V>(q, k, v, mask, out, opt, ws, exec);
+}
+
+/// The same over paged K/V (kv/paged.hpp): K and V tiles are read through the page table, every
+/// mask, storage type and option as above, and the results are bit-identical to a contiguous
+/// copy of the same keys and values.
+template <class V = simd::Vec, class Q, class K, class Vt, class O, class Mask, class Exec = SerialExecutor>
+void attention(HeadsView<Q> q, PagedHeadsView<K> k, PagedHeadsView<Vt> v, const Mask& mask, HeadsView<O> out,
+               const AttentionOptions& opt, Workspace& ws, const Exec& exec = {}) {
+  detail::attention_impl<V>(q, k, v, mask, out, opt, ws, exec);
 }
 
 }  // namespace ctxcomp

@@ -36,9 +36,10 @@ struct AttentionOptions {
 };
 
 namespace detail {
-template <class Q, class K, class V, class O, class Mask>
-void check_attention_args(const HeadsView<Q>& q, const HeadsView<K>& k, const HeadsView<V>& v,
-                          const HeadsView<O>& out, const Mask& mask, const AttentionOptions& opt, const char* fn) {
+/// The checks of attention's arguments (K / V views: HeadsView or PagedHeadsView).
+template <class Q, class KView, class VView, class O, class Mask>
+void check_attention_args(const HeadsView<Q>& q, const KView& k, const VView& v, const HeadsView<O>& out,
+                          const Mask& mask, const AttentionOptions& opt, const char* fn) {
   check_heads_view(q, fn, "q");
   check_heads_view(k, fn, "k");
   check_heads_view(v, fn, "v");

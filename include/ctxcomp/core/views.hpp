@@ -54,6 +54,7 @@ auto matrix_view(const Eigen::PlainObjectBase<Derived>& m) {
 /// scales[h * scale_head_stride + t * scale_token_stride]; other types leave `scales` null.
 template <class T>
 struct HeadsView {
+  using element_type = T;  ///< the storage type
   using scale_type = std::conditional_t<std::is_const_v<T>, const float, float>;  ///< float, const with T
   T* data = nullptr;  ///< element (0, 0, 0)
   /// Extents: heads, tokens, head_dim.
@@ -78,6 +79,9 @@ struct HeadsView {
   scale_type& scale(index_t h, index_t t) const noexcept { return scales[h * scale_head_stride + t * scale_token_stride]; }
   /// Whether the view has no element.
   bool empty() const noexcept { return heads == 0 || tokens == 0 || head_dim == 0; }
+  /// How many of the n tokens from t on lie token_stride apart: all of them (paged views: to the
+  /// end of a page).
+  index_t run(index_t t, index_t n) const noexcept { return (void)t, n; }
 
   /// The same memory, read-only.
   operator HeadsView<const T>() const noexcept {

@@ -1,0 +1,154 @@
+// Paged K/V (kv/paged.hpp): attention over a page pool gives the same bits as over a contiguous
+// copy of the same keys and values (every storage type, NHD and HND, page sizes that do and do
+// not divide the tile, decode and prefill, every mask, fp32 and bf16 compute, 1 and 2 threads);
+// page tables and views with bad contents are refused by name and leave the output untouched.
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "catch.hpp"
+#include "common.hpp"
+#include "threads.hpp"
+
+using namespace ctxcomp;
+using Catch::Matchers::Contains;
+
+namespace {
+/// The same K/V twice: contiguous [kv_heads x tokens x head_dim] and in a shuffled page pool.
+template <class T>
+struct TwoCaches {
+  index_t heads, tokens, d, page_size, pool_pages;
+  std::vector<T> kc, vc, kp, vp;
+  std::vector<float> ksc, vsc, kps, vps;
+  std::vector<index_t> table;
+  bool hnd;
+
+  TwoCaches(index_t kv_heads, index_t n, index_t head_dim, index_t ps, bool hnd_layout, unsigned seed)
+      : heads(kv_heads), tokens(n), d(head_dim), page_size(ps), hnd(hnd_layout) {
+    const index_t pages = (n + ps - 1) / ps;
+    pool_pages = pages + 3;
+    table.resize(std::size_t(pages));
+    std::iota(table.begin(), table.end(), index_t(2));  // pages 0, 1 and the last stay unused
+    std::mt19937 g(seed);
+    std::shuffle(table.begin(), table.end(), g);
+    kc.resize(std::size_t(heads * n * d)), vc.resize(kc.size());
+    ksc.resize(std::size_t(heads * n)), vsc.resize(ksc.size());
+    kp.resize(std::size_t(pool_pages * ps * heads * d)), vp.resize(kp.size());
+    kps.resize(std::size_t(pool_pages * ps * heads)), vps.resize(kps.size());
+    const auto kf = test::random_vector(kc.size(), seed + 1, -2.f, 2.f), vf = test::random_vector(vc.size(), seed + 2);
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t t = 0; t < n; ++t) {
+        const float* kr = kf.data() + (h * n + t) * d;
+        const float* vr = vf.data() + (h * n + t) * d;
+        store_row(contiguous(false), h, t, kr), store_row(contiguous(true), h, t, vr);
+        store_row(paged(false), h, t, kr), store_row(paged(true), h, t, vr);
+      }
+  }
+  HeadsView<T> contiguous(bool value) {
+    auto r = HeadsView<T>::contiguous(value ? vc.data() : kc.data(), heads, tokens, d);
+    if constexpr (is_quantized_v<T>) r.scales = value ? vsc.data() : ksc.data(), r.scale_head_stride = tokens, r.scale_token_stride = 1;
+    return r;
+  }
+  PagedHeadsView<T> paged(bool value) {
+    T* pool = value ? vp.data() : kp.data();
+    float* sc = is_quantized_v<T> ? (value ? vps.data() : kps.data()) : nullptr;
+    return hnd ? PagedHeadsView<T>::hnd(pool, pool_pages, page_size, heads, d, table.data(), tokens, sc)
+               : PagedHeadsView<T>::nhd(pool, pool_pages, page_size, heads, d, table.data(), tokens, sc);
+  }
+};
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+template <class T, class Mask>
+void check_paged(index_t d, index_t ql, index_t kvl, index_t ps, bool hnd, const Mask& mask, Compute compute,
+                 unsigned seed) {
+  const index_t H = 8, KH = 2;
+  INFO(type_name<T>() << " head_dim " << d << " q " << ql << " kv " << kvl << " page " << ps << (hnd ? " HND" : " NHD")
+                      << " compute " << compute_name(compute));
+  TwoCaches<T> c(KH, kvl, d, ps, hnd, seed);
+  const auto q = test::random_vector(std::size_t(H * ql * d), seed + 3);
+  const auto qv = HeadsView<const float>::contiguous(q.data(), H, ql, d);
+  AttentionOptions opt;
+  opt.compute = compute;
+  std::vector<float> ref(q.size()), got(q.size()), got2(q.size());
+  Workspace ws;
+  attention(qv, HeadsView<const T>(c.contiguous(false)), HeadsView<const T>(c.contiguous(true)), mask,
+            HeadsView<float>::contiguous(ref.data(), H, ql, d), opt, ws);
+  attention(qv, PagedHeadsView<const T>(c.paged(false)), PagedHeadsView<const T>(c.paged(true)), mask,
+            HeadsView<float>::contiguous(got.data(), H, ql, d), opt, ws);
+  attention(qv, PagedHeadsView<const T>(c.paged(false)), PagedHeadsView<const T>(c.paged(true)), mask,
+            HeadsView<float>::contiguous(got2.data(), H, ql, d), opt, ws, test::two_threads());
+  CHECK(same_bits(got, ref));
+  CHECK(same_bits(got2, ref));
+}
+}  // namespace
+
+TEST_CASE("paged attention equals contiguous attention bit for bit", "[paged][attention][threads]") {
+  unsigned seed = 1;
+  for (index_t ps : {16, 5, 64, 100})
+    for (bool hnd : {false, true}) {
+      // decode (split-K past 512 keys), a few rows (GQA decode), prefill (many rows)
+      check_paged<fp16>(128, 1, 1100, ps, hnd, Causal(1099), Compute::fp32, seed++);
+      check_paged<float>(80, 3, 700, ps, hnd, Causal(697), Compute::fp32, seed++);
+      check_paged<bf16>(64, 150, 300, ps, hnd, Causal(150), Compute::fp32, seed++);
+      check_paged<qint8>(96, 1, 650, ps, hnd, Causal(649), Compute::fp32, seed++);
+      check_paged<qint8>(64, 40, 130, ps, hnd, CrossWithCausalTail(90), Compute::fp32, seed++);
+      check_paged<fp16>(128, 100, 100, ps, hnd, Causal(0), Compute::bf16, seed++);
+    }
+  // The structured masks of the compressors.
+  const index_t anchors[] = {2, 9, 33, 60, 61};
+  check_paged<fp16>(64, 70, 70, 16, false, AnchorBidirectional{anchors, 5, 0}, Compute::fp32, 50);
+  std::vector<TokenRole> roles(200);
+  for (index_t i = 20; i < 40; ++i) roles[std::size_t(i)] = {i == 20 ? SpanRole::Open : i == 39 ? SpanRole::Close : SpanRole::Inner, 0};
+  for (index_t i = 120; i < 131; ++i) roles[std::size_t(i)] = {i == 120 ? SpanRole::Open : i == 130 ? SpanRole::Close : SpanRole::Inner, 1};
+  check_paged<bf16>(64, 1, 200, 16, true, SentinelSpans{roles.data(), 200, 199, nullptr}, Compute::fp32, 51);
+  check_paged<bf16>(64, 60, 200, 16, true, SentinelSpans{roles.data(), 200, 140, nullptr}, Compute::fp32, 52);
+}
+
+TEST_CASE("paged views and page tables with bad contents are refused by name", "[paged][errors]") {
+  TwoCaches<fp16> c(2, 40, 64, 16, false, 9);
+  const auto q = test::random_vector(std::size_t(4 * 1 * 64), 1);
+  std::vector<float> out(q.size(), 7.f);
+  Workspace ws;
+  auto run = [&](PagedHeadsView<fp16> k) {
+    attention(HeadsView<const float>::contiguous(q.data(), 4, 1, 64), PagedHeadsView<const fp16>(k),
+              PagedHeadsView<const fp16>(c.paged(true)), Causal(39), HeadsView<float>::contiguous(out.data(), 4, 1, 64),
+              {}, ws);
+  };
+  auto k = c.paged(false);
+  c.table[1] = c.pool_pages;  // past the pool
+  CHECK_THROWS_WITH(run(k), Contains("page 1 is pool page 6, outside the pool [0, 6)"));
+  c.table[1] = -1;
+  CHECK_THROWS_WITH(run(k), Contains("outside the pool"));
+  c.table[1] = 3;
+  auto bad = k;
+  bad.page_size = 0;
+  CHECK_THROWS_WITH(run(bad), Contains("page_size (0) must be positive"));
+  bad = k, bad.pages = nullptr;
+  CHECK_THROWS_WITH(run(bad), Contains("null pool or page table"));
+  bad = k, bad.token_stride = 32;
+  CHECK_THROWS_WITH(run(bad), Contains("rows would overlap"));
+  bad = k, bad.tokens = 41;  // more tokens than the value view
+  CHECK_THROWS_WITH(run(bad), Contains("v is"));
+  CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 7.f; }));
+
+  // CSR page tables: two sequences sharing a pool of 6 pages of 4 tokens.
+  const index_t indptr[] = {0, 2, 5}, indices[] = {4, 0, 1, 5, 2}, last[] = {3, 4};
+  const PageTable t{indptr, indices, last, 2, 4};
+  CHECK_NOTHROW(t.check(6));
+  CHECK(t.tokens(0) == 7);
+  CHECK(t.tokens(1) == 12);
+  CHECK(t.sequence(1, k).pages == indices + 2);
+  CHECK(t.sequence(1, k).tokens == 12);
+  CHECK_THROWS_WITH(t.check(5), Contains("sequence 1 page 1 is pool page 5, outside the pool [0, 5)"));
+  const index_t twice[] = {4, 0, 1, 4, 2};
+  CHECK_THROWS_WITH((PageTable{indptr, twice, last, 2, 4}.check(6)), Contains("pool page 4 appears twice"));
+  const index_t long_last[] = {3, 5};
+  CHECK_THROWS_WITH((PageTable{indptr, indices, long_last, 2, 4}.check(6)),
+                    Contains("sequence 1 last_page_len (5) is outside [1, 4]"));
+  const index_t down[] = {0, 3, 2};
+  CHECK_THROWS_WITH((PageTable{down, indices, last, 2, 4}.check(6)), Contains("indptr decreases at sequence 1"));
+}
