@@ -9,8 +9,13 @@
 // attention/fused_bf16/<case>: the bf16 compute path (bf16 K/V, Compute::bf16) for causal_2048,
 // causal_8192 and cross_128x640, beside attention/fused/<case> (fp32), with its share of the bf16
 // pair-dot peak (peak/bf16dot).
+// attention/paged/<case>_fp16: the same fp16 K/V in a pool of 16-token pages (HND; _nhd: NHD),
+// read through shuffled page tables, beside attention/fused/<case>_fp16.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
+#include <random>
 
 #include "bench_common.hpp"
 
@@ -252,6 +257,59 @@ void memread(benchmark::State& st, double bytes, index_t copies, int threads) {
   st.counters["GBps"] = bench::rate(double(n) * sizeof(float) * 1e-9);
 }
 
+/// The same K/V in a page pool of `page_size`-token pages, HND ([page][head][slot][dim]) or NHD,
+/// each layer copy with its own shuffled page table (a fragmented pool, as an engine's allocator
+/// leaves it).
+template <class T>
+struct PagedKv {
+  index_t heads, tokens, page_size, pages, copies;
+  bool hnd;
+  std::vector<T> k, v;
+  std::vector<index_t> tables;  // [copies x pages]
+  PagedKv(const TypedCase& c, index_t ps, bool hnd_layout)
+      : heads(c.kv_heads), tokens(c.kv_len), page_size(ps), pages((c.kv_len + ps - 1) / ps),
+        copies(layer_copies(c, TypedKv<T>::bytes_of(c))), hnd(hnd_layout),
+        k(std::size_t(copies * pages * ps * c.kv_heads * kDim)), v(k.size()), tables(std::size_t(copies * pages)) {
+    std::iota(tables.begin(), tables.end(), index_t(0));
+    std::shuffle(tables.begin(), tables.end(), std::mt19937(7));
+    const std::size_t layer = std::size_t(heads * tokens * kDim);
+    const auto kf = bench::random_buffer(layer, 2), vf = bench::random_buffer(layer, 3);
+    for (index_t l = 0; l < copies; ++l)
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t t = 0; t < tokens; ++t) {
+          store_row(view(l, k.data()), h, t, kf.data() + (h * tokens + t) * kDim);
+          store_row(view(l, v.data()), h, t, vf.data() + (h * tokens + t) * kDim);
+        }
+  }
+  /// Layer copy `l` of pool x.
+  template <class E>
+  PagedHeadsView<E> view(index_t l, E* x) const {
+    const index_t* table = tables.data() + l * pages;
+    return hnd ? PagedHeadsView<E>::hnd(x, copies * pages, page_size, heads, kDim, table, tokens)
+               : PagedHeadsView<E>::nhd(x, copies * pages, page_size, heads, kDim, table, tokens);
+  }
+};
+
+template <class T>
+void paged_typed(benchmark::State& st, TypedCase c, index_t page_size, bool hnd) {
+  const PagedKv<T> kv(c, page_size, hnd);
+  const auto q = bench::random_buffer(std::size_t(kHeads * c.q_len * kDim), 1);
+  std::vector<float> out(q.size());
+  Workspace ws;
+  const Causal mask(c.kv_len - c.q_len);
+  index_t layer = 0;
+  for (auto _ : st) {
+    attention(HeadsView<const float>::contiguous(q.data(), kHeads, c.q_len, kDim), kv.view(layer, kv.k.data()),
+              kv.view(layer, kv.v.data()), mask, HeadsView<float>::contiguous(out.data(), kHeads, c.q_len, kDim), {}, ws);
+    layer = (layer + 1) % kv.copies;
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double pairs = double(count_visible(mask, c.q_len, c.kv_len));
+  st.counters["GFLOPS"] = bench::rate(pairs * 4.0 * kDim * kHeads * 1e-9);
+  if (c.q_len == 1) st.counters["GBps"] = bench::rate(TypedKv<T>::bytes_of(c) * 1e-9);
+  st.counters["page_size"] = double(page_size);
+}
+
 template <class T>
 void register_typed(const char* kv_name) {
   for (const TypedCase& c : kTypedCases) {
@@ -284,6 +342,15 @@ const bool registered = [] {
   register_typed<fp16>("fp16");
   register_typed<bf16>("bf16");
   register_typed<qint8>("int8");
+  // Paged caches (page size 16, HND; _nhd: the NHD order) beside attention/fused/<case>_fp16.
+  for (const TypedCase& c : kTypedCases) {
+    const std::string n = c.name;
+    if (n != "decode_4096" && n != "causal_2048") continue;
+    benchmark::RegisterBenchmark(("attention/paged/" + n + "_fp16").c_str(), paged_typed<fp16>, c, index_t(16), true)
+        ->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("attention/paged/" + n + "_fp16_nhd").c_str(), paged_typed<fp16>, c, index_t(16), false)
+        ->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
   return true;
 }();
 

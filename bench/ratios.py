@@ -35,6 +35,8 @@ RULES = [
     (r"^sac/compress_layer/(chunk\d+)/anchor_r8_bf16dot(_t2)?$",
      lambda m: f"sac/compress_layer/{m[1]}/anchor_r8{m[2] or ''}", "time",
      "SAC layer compression, bf16 compute vs fp32 (speed-up)"),
+    (r"^attention/paged/(\w+?_fp16)(_nhd)?$",
+     lambda m: f"attention/fused/{m[1]}", "time", "paged vs contiguous attention (speed-up; >= 0.95 wanted)"),
     (r"^attention/decode_folded/(.*)$",
      lambda m: f"attention/decode_unfolded/{m[1]}", "time", "folded vs unfolded decode (speed-up)"),
     (r"^kv/evict/(.*)$", lambda m: f"memcpy/baseline_same_runs/evict_{m[1]}", "GBps",

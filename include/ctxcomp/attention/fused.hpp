@@ -234,6 +234,14 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       // (within this kv head), so its lines arrive while this tile is computed.
       const index_t pf =
           !paged && rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
+      // Paged decode: the rows one tile on lie in other pages, where the hardware prefetchers
+      // start over. Each stretch of rows within a page asks for the stretch one tile on through
+      // the page table (exact when the page size divides the tile; a hint either way).
+      auto paged_pf = [&](const auto& x, index_t t) -> index_t {
+        if (!paged || rows >= T.few_rows || t + Bk >= kv_len) return 0;
+        const index_t off = index_t(x.row(kh, t + Bk) - x.row(kh, t));
+        return off % x.token_stride == 0 ? off / x.token_stride : 0;
+      };
 
       if constexpr (BF16) {
         // bf16 compute: K and V tiles of this kv head packed as bf16 pairs once per worker
@@ -265,7 +273,8 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         // scales multiply the finished dot products.
         for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
           n = k.run(k0 + j, nk - j);
-          kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d, pf);
+          kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d,
+                                   paged ? paged_pf(k, k0 + j) : pf);
         }
         if constexpr (is_quantized_v<KS>) {
           for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
@@ -335,11 +344,20 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, b.o, dp, rows, dp, Bk / 2);
         continue;
       }
+      if (dp == d && paged && rows >= T.few_rows) {
+        // Many rows over paged V: the tile's rows staged contiguously (as stored) in b.vp, free
+        // here, so the output block is loaded and stored once per tile, not once per page.
+        VS* staged = reinterpret_cast<VS*>(b.vp);
+        for (index_t kk = 0; kk < nk; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
+        kernels::tile_gemm<true, V>(b.s, Bk, staged, d, b.o, dp, rows, dp, nk);
+        continue;
+      }
       if (dp == d) {  // V rows used in place, widened in registers
         // Splitting the keys continues each output's FMA chain in order: the same bits.
         for (index_t j = 0, n; j < nk; j += n) {
           n = v.run(k0 + j, nk - j);
-          kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n, pf);
+          kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
+                                      paged ? paged_pf(v, k0 + j) : pf);
         }
         continue;
       }
