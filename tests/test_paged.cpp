@@ -1,7 +1,9 @@
-// Paged K/V (kv/paged.hpp): attention over a page pool gives the same bits as over a contiguous
+// Engine-owned caches. Paged K/V (kv/paged.hpp): attention over a page pool gives the same bits as over a contiguous
 // copy of the same keys and values (every storage type, NHD and HND, page sizes that do and do
 // not divide the tile, decode and prefill, every mask, fp32 and bf16 compute, 1 and 2 threads);
 // page tables and views with bad contents are refused by name and leave the output untouched.
+// Cells with holes (kv/cells.hpp): attention under CellCausal against the reference and against
+// the compacted live cells; free cells reused first; short metadata refused.
 #include <algorithm>
 #include <cstring>
 #include <numeric>
@@ -151,4 +153,94 @@ TEST_CASE("paged views and page tables with bad contents are refused by name", "
                     Contains("sequence 1 last_page_len (5) is outside [1, 4]"));
   const index_t down[] = {0, 3, 2};
   CHECK_THROWS_WITH((PageTable{down, indices, last, 2, 4}.check(6)), Contains("indptr decreases at sequence 1"));
+}
+
+// ---- cells with holes (kv/cells.hpp) ------------------------------------------------------------
+
+TEST_CASE("attention over a cell cache with holes and two sequences matches the reference", "[cells][attention][threads]") {
+  // 300 cells, token-major [cells x kv_heads*head_dim] as llama.cpp keeps them; sequence 0 and 1
+  // interleaved in runs, spans of both freed (as folding leaves them), some cells never used.
+  const index_t cells_n = 300, KH = 2, H = 4, d = 64;
+  std::vector<std::int64_t> pos(std::size_t(cells_n), -1);
+  std::vector<std::int32_t> seq(std::size_t(cells_n), 0);
+  std::int64_t next[2] = {0, 0};
+  for (index_t c = 0; c < 280; ++c) {
+    const std::int32_t s = (c / 37) % 2;
+    seq[std::size_t(c)] = s, pos[std::size_t(c)] = next[s]++;
+  }
+  const CellMeta meta{pos.data(), seq.data(), cells_n};
+  cells::free_range(meta, 10, 25);
+  cells::free_range(meta, 64, 128);  // a whole tile
+  cells::free_range(meta, 150, 157);
+  const auto k = test::random_vector(std::size_t(cells_n * KH * d), 3, -2.f, 2.f);
+  const auto v = test::random_vector(std::size_t(cells_n * KH * d), 4);
+  const auto K = HeadsView<const float>::token_major(k.data(), cells_n, KH, d);
+  const auto V = HeadsView<const float>::token_major(v.data(), cells_n, KH, d);
+  for (index_t ql : {1, 9}) {
+    INFO("query rows " << ql);
+    // New tokens of sequence 0 at the next positions (their own cells are visible to them
+    // only if written; here the queries see the cached tokens at or before their positions).
+    std::vector<std::int64_t> qp(static_cast<std::size_t>(ql), 0);
+    for (index_t i = 0; i < ql; ++i) qp[std::size_t(i)] = next[0] - 3 + i;
+    const CellCausal mask{meta, qp.data(), ql, 0};
+    const auto q = test::random_vector(std::size_t(H * ql * d), 5);
+    const auto Q = HeadsView<const float>::contiguous(q.data(), H, ql, d);
+    std::vector<float> expect(q.size()), got(q.size()), got2(q.size());
+    reference::attention(Q, K, V, mask, HeadsView<float>::contiguous(expect.data(), H, ql, d));
+    Workspace ws;
+    attention(Q, K, V, mask, HeadsView<float>::contiguous(got.data(), H, ql, d), {}, ws);
+    attention(Q, K, V, mask, HeadsView<float>::contiguous(got2.data(), H, ql, d), {}, ws, test::two_threads());
+    CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
+    CHECK(same_bits(got, got2));
+
+    // The same tokens compacted (live cells of sequence 0 in cell order) give the same result.
+    std::vector<float> kc, vc;
+    std::vector<std::int64_t> pc;
+    for (index_t c = 0; c < cells_n; ++c)
+      if (mask.live(c)) {
+        kc.insert(kc.end(), k.begin() + c * KH * d, k.begin() + (c + 1) * KH * d);
+        vc.insert(vc.end(), v.begin() + c * KH * d, v.begin() + (c + 1) * KH * d);
+        pc.push_back(pos[std::size_t(c)]);
+      }
+    const index_t n = index_t(pc.size());
+    const CellCausal compact_mask{CellMeta{pc.data(), nullptr, n}, qp.data(), ql, 0};
+    std::vector<float> compacted(q.size());
+    attention(Q, HeadsView<const float>::token_major(kc.data(), n, KH, d), HeadsView<const float>::token_major(vc.data(), n, KH, d),
+              compact_mask, HeadsView<float>::contiguous(compacted.data(), H, ql, d), {}, ws);
+    CHECK(test::relative_error(got.data(), compacted.data(), got.size()) <= 1e-5);
+  }
+  // Tiles: the freed tile and the never-used tail are skipped; a tile of live cells of
+  // sequence 0 only (cells 0..36 are sequence 0, 10..24 freed) is Mixed.
+  std::int64_t late = 1000;
+  const CellCausal m{meta, &late, 1, 0};
+  CHECK(m.tile(0, 1, 64, 128) == TileVisibility::None);
+  CHECK(m.tile(0, 1, 280, 300) == TileVisibility::None);
+  CHECK(m.tile(0, 1, 0, 10) == TileVisibility::All);
+  CHECK(m.tile(0, 1, 0, 64) == TileVisibility::Mixed);
+}
+
+TEST_CASE("cell caches: free cells are reused first; bad metadata is refused by name", "[cells][errors]") {
+  std::vector<std::int64_t> pos{0, 1, -1, 3, -1, -1};
+  const CellMeta meta{pos.data(), nullptr, 6};
+  index_t slots[3] = {-7, -7, -7};
+  CHECK(cells::find_free(meta, 3, slots));
+  CHECK((slots[0] == 2 && slots[1] == 4 && slots[2] == 5));
+  index_t more[4] = {-7, -7, -7, -7};
+  CHECK_FALSE(cells::find_free(meta, 4, more));
+  CHECK(more[0] == -7);
+  CHECK_THROWS_WITH(cells::free_range(meta, 4, 7), Contains("[4, 7) is outside the 6 cells"));
+  CHECK(pos == std::vector<std::int64_t>{0, 1, -1, 3, -1, -1});
+
+  // Metadata shorter than the cache: a named error, output untouched.
+  const auto k = test::random_vector(8 * 64, 1);
+  const auto q = test::random_vector(2 * 64, 2);
+  std::vector<float> out(q.size(), 7.f);
+  std::int64_t qp = 10;
+  Workspace ws;
+  CHECK_THROWS_WITH(attention(HeadsView<const float>::contiguous(q.data(), 2, 1, 64),
+                              HeadsView<const float>::token_major(k.data(), 8, 1, 64),
+                              HeadsView<const float>::token_major(k.data(), 8, 1, 64), CellCausal{meta, &qp, 1, 0},
+                              HeadsView<float>::contiguous(out.data(), 2, 1, 64), {}, ws),
+                    Contains("the cell metadata covers 6 cells but the cache has 8"));
+  CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 7.f; }));
 }

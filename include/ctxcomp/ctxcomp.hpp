@@ -24,6 +24,7 @@
 #include "attention/options.hpp"
 #include "attention/reference.hpp"
 
+#include "kv/cells.hpp"
 #include "kv/kv_cache.hpp"
 #include "kv/paged.hpp"
 

@@ -1,0 +1,85 @@
+// A llama.cpp-style cell cache, as the engine owns it: per layer one K and one V buffer of
+// [kv_size x kv_heads*head_dim] cells (viewed with HeadsView::token_major), and per cell its
+// position (negative: free) and sequence id. Removing tokens only marks their cells free; new
+// tokens go into free cells wherever they are; attention hides free cells and other sequences
+// through `CellCausal`, which answers per 64-key tile so that tiles without a live cell of the
+// sequence cost nothing. Nothing here owns memory: the metadata arrays are the engine's.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "../attention/masks.hpp"
+#include "../core/error.hpp"
+#include "../core/types.hpp"
+
+namespace ctxcomp {
+
+/// Per-cell metadata of a cell cache (the engine's arrays).
+struct CellMeta {
+  std::int64_t* pos = nullptr;        ///< [cells] position of the cell's token; negative: free
+  const std::int32_t* seq = nullptr;  ///< [cells] sequence of the cell's token, or null (one sequence)
+  index_t cells = 0;                  ///< number of cells (kv_size)
+};
+
+namespace cells {
+
+/// Marks cells [begin, end) free (llama_memory_seq_rm on a range of cells). No K/V moves.
+inline void free_range(const CellMeta& m, index_t begin, index_t end) {
+  CTXCOMP_CHECK(m.pos != nullptr, "cells::free_range: no position array");
+  CTXCOMP_CHECK(begin >= 0 && begin <= end && end <= m.cells, "cells::free_range: [", begin, ", ", end,
+                ") is outside the ", m.cells, " cells");
+  std::fill(m.pos + begin, m.pos + end, std::int64_t(-1));
+}
+
+/// The first `count` free cells in order into `slots` (appends fill free cells first). Returns
+/// false, writing nothing, when fewer than `count` cells are free.
+inline bool find_free(const CellMeta& m, index_t count, index_t* slots) {
+  CTXCOMP_CHECK(m.pos != nullptr && (count == 0 || slots != nullptr), "cells::find_free: null array");
+  index_t found = 0;
+  for (index_t c = 0; c < m.cells && found < count; ++c) found += m.pos[c] < 0;
+  if (found < count) return false;
+  for (index_t c = 0, k = 0; k < count; ++c)
+    if (m.pos[c] < 0) slots[k++] = c;
+  return true;
+}
+
+}  // namespace cells
+
+/// llama.cpp's KQ mask over a cell cache: query row i, of sequence `seq` at position q_pos[i],
+/// sees cell c iff the cell is live, holds a token of `seq` (or the cache has one sequence), and
+/// pos[c] <= q_pos[i]. Per tile: None when no cell of the tile is live for `seq` or all of them
+/// come after the rows' positions; All when every cell is live for `seq` and at or before the
+/// rows' earliest position; otherwise Mixed (free cells are masked inside the tile).
+struct CellCausal {
+  CellMeta meta;                          ///< the cache's cells
+  const std::int64_t* q_pos = nullptr;    ///< [q_len] positions of the query rows
+  index_t q_len = 0;                      ///< query rows described by q_pos
+  std::int32_t seq = 0;                   ///< the queries' sequence
+
+  /// Whether cell c holds a token of this sequence.
+  bool live(index_t c) const noexcept { return meta.pos[c] >= 0 && (!meta.seq || meta.seq[c] == seq); }
+  /// The mask concept (attention/masks.hpp): tile and element visibility, and the call check.
+  ///@{
+  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
+    std::int64_t qmin = std::numeric_limits<std::int64_t>::max(), qmax = std::numeric_limits<std::int64_t>::min();
+    for (index_t q = q0; q < q1; ++q) qmin = std::min(qmin, q_pos[q]), qmax = std::max(qmax, q_pos[q]);
+    index_t n = 0;
+    std::int64_t pmin = std::numeric_limits<std::int64_t>::max(), pmax = std::numeric_limits<std::int64_t>::min();
+    for (index_t c = k0; c < k1; ++c)
+      if (live(c)) ++n, pmin = std::min(pmin, meta.pos[c]), pmax = std::max(pmax, meta.pos[c]);
+    if (n == 0 || pmin > qmax) return TileVisibility::None;
+    if (n == k1 - k0 && pmax <= qmin) return TileVisibility::All;
+    return TileVisibility::Mixed;
+  }
+  bool visible(index_t q, index_t k) const noexcept { return live(k) && meta.pos[k] <= q_pos[q]; }
+  void check(index_t rows, index_t kv_len, const char* fn) const {
+    CTXCOMP_CHECK(meta.pos != nullptr && q_pos != nullptr, fn, ": CellCausal needs the cells' and the queries' positions");
+    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
+                  kv_len);
+    CTXCOMP_CHECK(rows <= q_len, fn, ": ", rows, " query rows but positions for ", q_len);
+  }
+  ///@}
+};
+
+}  // namespace ctxcomp
