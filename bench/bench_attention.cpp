@@ -10,7 +10,9 @@
 // causal_8192 and cross_128x640, beside attention/fused/<case> (fp32), with its share of the bf16
 // pair-dot peak (peak/bf16dot).
 // attention/paged/<case>_fp16: the same fp16 K/V in a pool of 16-token pages (HND; _nhd: NHD),
-// read through shuffled page tables, beside attention/fused/<case>_fp16.
+// read through shuffled page tables, beside attention/fused/<case>_fp16. attention/cells/
+// decode_4096_fp16: a llama.cpp-style cell cache, half its 8192 cells freed in spans of 5-25,
+// beside the same live cells compacted (_compacted) and attention/fused/decode_4096_fp16.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -310,6 +312,59 @@ void paged_typed(benchmark::State& st, TypedCase c, index_t page_size, bool hnd)
   st.counters["page_size"] = double(page_size);
 }
 
+/// A llama.cpp-style cell cache of 2 x 4096 cells, token-major [cells x kv_heads*head_dim] fp16,
+/// from which half the cells were freed in spans of 5-25 (as folding leaves it): one decode step
+/// of sequence 0 under CellCausal (`compacted`: the same live cells moved together, Causal).
+/// Cycles through layer copies like the other decode benchmarks.
+void cells_decode(benchmark::State& st, bool compacted) {
+  const index_t kv = 8, cells_n = 8192, row = kv * kDim;
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(cells_n), 0);
+  std::iota(pos.begin(), pos.end(), std::int64_t(0));
+  std::mt19937 g(5);
+  const CellMeta meta{pos.data(), nullptr, cells_n};
+  for (index_t c = 0, freed = 0; c < cells_n && freed < cells_n / 2;) {
+    const index_t keep = 5 + index_t(g() % 21), drop = std::min<index_t>(5 + index_t(g() % 21), cells_n / 2 - freed);
+    c += keep;
+    if (c >= cells_n) break;
+    const index_t e = std::min(cells_n, c + drop);
+    cells::free_range(meta, c, e);
+    freed += e - c, c = e;
+  }
+  std::vector<index_t> live;
+  for (index_t c = 0; c < cells_n; ++c)
+    if (pos[std::size_t(c)] >= 0) live.push_back(c);
+  const index_t n = compacted ? index_t(live.size()) : cells_n;
+  std::vector<std::int64_t> cpos(live.size());
+  for (std::size_t i = 0; i < live.size(); ++i) cpos[i] = pos[std::size_t(live[i])];
+  const index_t copies = std::max<index_t>(1, index_t(kDecodeFootprint / (2.0 * double(n * row) * sizeof(fp16))));
+  std::vector<fp16> k(std::size_t(copies * n * row)), v(k.size());
+  const auto src = bench::random_buffer(std::size_t(cells_n * row), 2);
+  for (index_t l = 0; l < copies; ++l)
+    for (index_t t = 0; t < n; ++t)
+      for (index_t i = 0; i < row; ++i) {
+        const float x = src[std::size_t((compacted ? live[std::size_t(t)] : t) * row + i)];
+        k[std::size_t((l * n + t) * row + i)] = fp16(x), v[std::size_t((l * n + t) * row + i)] = fp16(0.5f * x);
+      }
+  const auto q = bench::random_buffer(std::size_t(kHeads * kDim), 1);
+  std::vector<float> out(q.size());
+  const std::int64_t qpos = cells_n;
+  const CellCausal mask{compacted ? CellMeta{cpos.data(), nullptr, n} : meta, &qpos, 1, 0};
+  Workspace ws;
+  index_t layer = 0;
+  for (auto _ : st) {
+    attention(HeadsView<const float>::contiguous(q.data(), kHeads, 1, kDim),
+              HeadsView<const fp16>::token_major(k.data() + layer * n * row, n, kv, kDim),
+              HeadsView<const fp16>::token_major(v.data() + layer * n * row, n, kv, kDim), mask,
+              HeadsView<float>::contiguous(out.data(), kHeads, 1, kDim), {}, ws);
+    layer = (layer + 1) % copies;
+    benchmark::DoNotOptimize(out.data());
+  }
+  st.counters["live_cells"] = double(live.size());
+  st.counters["cells"] = double(n);
+  // Bytes of the live cells' K and V (what a compacted cache would read).
+  st.counters["live_GBps"] = bench::rate(2.0 * double(live.size() * row) * sizeof(fp16) * 1e-9);
+}
+
 template <class T>
 void register_typed(const char* kv_name) {
   for (const TypedCase& c : kTypedCases) {
@@ -342,6 +397,10 @@ const bool registered = [] {
   register_typed<fp16>("fp16");
   register_typed<bf16>("bf16");
   register_typed<qint8>("int8");
+  benchmark::RegisterBenchmark("attention/cells/decode_4096_fp16", cells_decode, false)
+      ->UseRealTime()->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("attention/cells/decode_4096_fp16_compacted", cells_decode, true)
+      ->UseRealTime()->Unit(benchmark::kMillisecond);
   // Paged caches (page size 16, HND; _nhd: the NHD order) beside attention/fused/<case>_fp16.
   for (const TypedCase& c : kTypedCases) {
     const std::string n = c.name;
