@@ -76,6 +76,30 @@ inline void gemm_nt_micro(const float* ap, const WT* const* w, index_t kc, float
 }
 }  // namespace detail
 
+namespace detail {
+/// Runs micro<MV'>() with MV' the vectors a panel of `rows` token rows needs (a last panel with
+/// few rows runs only those): micro is a generic lambda taking std::integral_constant<int, MV'>.
+template <class V, int MV, class Micro>
+inline void with_panel_vectors(index_t rows, Micro&& micro) {
+  const index_t vecs = std::min<index_t>(MV, (rows + V::width - 1) / V::width);
+  if (vecs == MV || MV == 1) micro(std::integral_constant<int, MV>{});
+  else if (vecs == 1) micro(std::integral_constant<int, 1>{});
+  else if (vecs == 2 || MV <= 3) micro(std::integral_constant<int, (MV > 2 ? 2 : MV)>{});
+  else micro(std::integral_constant<int, (MV > 3 ? 3 : MV)>{});
+}
+
+/// The task's transposed output tile (nb columns of mpad rows) into C's columns [o0, o0 + nb).
+inline void store_ct(const float* cw, index_t mpad, float* C, index_t ldc, index_t M, index_t o0, index_t nb) noexcept {
+  for (index_t i0 = 0; i0 < M; i0 += 8) {
+    const index_t ie = std::min(M, i0 + 8);
+    for (index_t j = 0; j < nb; ++j) {
+      const float* src = cw + j * mpad;
+      for (index_t i = i0; i < ie; ++i) C[i * ldc + o0 + j] = src[i];
+    }
+  }
+}
+}  // namespace detail
+
 /// Workspace bytes `gemm_nt` needs for M token rows, N outputs, K inputs and weights of type T:
 /// the packed A^T (M padded to whole panels x K) and one output tile per worker. N and T do
 /// not change it; they are parameters so that callers need not know.
@@ -138,23 +162,13 @@ void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, ind
         for (index_t p = 0; p < panels; ++p) {
           const float* a = ap + p * K * MI + k0 * MI;
           float* c = cw + j0 * mpad + p * MI;
-          // A last panel with few rows runs only the vectors it needs.
-          const index_t vecs = std::min<index_t>(MV, (M - p * MI + V::width - 1) / V::width);
-          if (vecs == MV || MV == 1) detail::gemm_nt_micro<V, MV, NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
-          else if (vecs == 1) detail::gemm_nt_micro<V, 1, NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
-          else if (vecs == 2 || MV <= 3) detail::gemm_nt_micro<V, (MV > 2 ? 2 : MV), NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
-          else detail::gemm_nt_micro<V, (MV > 3 ? 3 : MV), NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
+          detail::with_panel_vectors<V, MV>(M - p * MI, [&](auto mv) {
+            detail::gemm_nt_micro<V, decltype(mv)::value, NJ, MI, T>(a, w, kl, c, mpad, k0 == 0);
+          });
         }
       }
     }
-    // C^T tile -> C.
-    for (index_t i0 = 0; i0 < M; i0 += 8) {
-      const index_t ie = std::min(M, i0 + 8);
-      for (index_t j = 0; j < nb; ++j) {
-        const float* src = cw + j * mpad;
-        for (index_t i = i0; i < ie; ++i) C[i * ldc + o0 + j] = src[i];
-      }
-    }
+    detail::store_ct(cw, mpad, C, ldc, M, o0, nb);  // C^T tile -> C
   });
 }
 
@@ -296,21 +310,13 @@ void gemm_nt_bf16(const float* A, index_t lda, const T* B, index_t ldb, float* C
         for (index_t p = 0; p < panels; ++p) {
           const bf16* a = ap + (p * K2 + q0) * MI * 2;
           float* c = cw + j0 * mpad + p * MI;
-          const index_t vecs = std::min<index_t>(MV, (M - p * MI + V::width - 1) / V::width);
-          if (vecs == MV || MV == 1) detail::gemm_nt_bf16_micro<V, MV, NJ, MI>(a, w, ql, c, mpad, q0 == 0);
-          else if (vecs == 1) detail::gemm_nt_bf16_micro<V, 1, NJ, MI>(a, w, ql, c, mpad, q0 == 0);
-          else if (vecs == 2 || MV <= 3) detail::gemm_nt_bf16_micro<V, (MV > 2 ? 2 : MV), NJ, MI>(a, w, ql, c, mpad, q0 == 0);
-          else detail::gemm_nt_bf16_micro<V, (MV > 3 ? 3 : MV), NJ, MI>(a, w, ql, c, mpad, q0 == 0);
+          detail::with_panel_vectors<V, MV>(M - p * MI, [&](auto mv) {
+            detail::gemm_nt_bf16_micro<V, decltype(mv)::value, NJ, MI>(a, w, ql, c, mpad, q0 == 0);
+          });
         }
       }
     }
-    for (index_t i0 = 0; i0 < M; i0 += 8) {
-      const index_t ie = std::min(M, i0 + 8);
-      for (index_t j = 0; j < nb; ++j) {
-        const float* src = cw + j * mpad;
-        for (index_t i = i0; i < ie; ++i) C[i * ldc + o0 + j] = src[i];
-      }
-    }
+    detail::store_ct(cw, mpad, C, ldc, M, o0, nb);
   });
 }
 
