@@ -165,8 +165,8 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   using KS = std::remove_const_t<typename KView::element_type>;
   using VS = std::remove_const_t<typename VView::element_type>;
-  // Paged K/V: the in-place kernels run once per stretch of rows within a page; the K/V rows
-  // one tile ahead are not a stride away, so no prefetch hints.
+  // Paged K/V: the in-place kernels run once per stretch of rows within a page, and decode's
+  // prefetch hints go through the page table (paged_pf below), not a fixed stride.
   constexpr bool paged = is_paged_view_v<KView> || is_paged_view_v<VView>;
   using OS = std::remove_const_t<O>;
   AttentionTiling<V> tilings[kMaxRowGroups] = {
