@@ -131,6 +131,16 @@ TEST_CASE("errors table: config values (fuzz_config regressions)", "[errors][che
   for (double theta : {1e57, 1.0, 0.5, -3.0})
     CHECK_THROWS_WITH(io::rope_from_config(nlohmann::json{{"rope_theta", theta}}, f),
                       Contains("rope_theta") && Contains("must be above 1"));
+  // Found by fuzz_config: a RoPE scaling factor of 3e100 was accepted and made frequencies 0.
+  const nlohmann::json llama3 = {{"rope_scaling",
+                                  {{"rope_type", "llama3"}, {"factor", 3e100}, {"low_freq_factor", 2.0},
+                                   {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 28}}}};
+  CHECK_THROWS_WITH(io::rope_from_config(llama3, f), Contains("llama3 factor") && Contains("must be in [1, 2^16]"));
+  for (double factor : {3e100, 1e-300, 0.0})
+    CHECK_THROWS_WITH(io::rope_from_config(nlohmann::json{{"rope_scaling", {{"type", "linear"}, {"factor", factor}}}}, f),
+                      Contains("linear factor") && Contains("must be in [2^-16, 2^16]"));
+  CHECK(io::rope_from_config(nlohmann::json{{"rope_scaling", {{"type", "linear"}, {"factor", 4.0}}}}, f).linear_scaling ==
+        4.0f);
   nlohmann::json j = {{"hidden_size", 64}, {"num_attention_heads", 4}, {"num_key_value_heads", 3},
                       {"intermediate_size", 128}, {"num_hidden_layers", 2}};
   CHECK_THROWS_WITH(io::transformer_dims(j, f), Contains("not a multiple of num_key_value_heads"));

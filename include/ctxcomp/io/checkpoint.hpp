@@ -85,15 +85,17 @@ inline RopeConfig rope_from_config(const nlohmann::json& j, const std::string& f
   if (type == "default") {
   } else if (type == "linear") {
     r.linear_scaling = required("factor");
-    if (!(r.linear_scaling > 0) || !std::isfinite(r.linear_scaling))
-      fail(file, ": RoPE linear factor (", r.linear_scaling, ") must be positive");
+    // Bounded so that every fp32 frequency stays positive and finite (fuzz_config: 3e100 gave 0).
+    if (!(r.linear_scaling >= 1.0 / 65536 && r.linear_scaling <= 65536))
+      fail(file, ": RoPE linear factor (", r.linear_scaling, ") must be in [2^-16, 2^16]");
   } else if (type == "llama3") {
     r.llama3.factor = required("factor");
     r.llama3.low_freq_factor = required("low_freq_factor");
     r.llama3.high_freq_factor = required("high_freq_factor");
     r.llama3.original_max_position_embeddings = required("original_max_position_embeddings");
     const auto& l = r.llama3;
-    if (!(l.factor >= 1) || !std::isfinite(l.factor)) fail(file, ": RoPE llama3 factor (", l.factor, ") must be >= 1");
+    if (!(l.factor >= 1 && l.factor <= 65536))
+      fail(file, ": RoPE llama3 factor (", l.factor, ") must be in [1, 2^16]");
     if (!(l.low_freq_factor > 0) || !(l.high_freq_factor > l.low_freq_factor) || !std::isfinite(l.high_freq_factor))
       fail(file, ": RoPE llama3 needs 0 < low_freq_factor < high_freq_factor (got ", l.low_freq_factor, ", ",
            l.high_freq_factor, ")");
