@@ -10,6 +10,7 @@
 
 #include "demo.hpp"
 #include "fold_driver.hpp"
+#include "kv_storage.hpp"
 #include "sac_driver.hpp"
 
 using namespace ctxcomp;
@@ -99,6 +100,8 @@ struct IcformerArgs {
   bool no_chunk = false;
   int threads = 1;
   std::string compute = "fp32";
+  std::string kv_layout = "contiguous";
+  index_t block_size = 16;
 };
 
 Compute parse_compute(const std::string& s) { return s == "bf16" ? Compute::bf16 : Compute::fp32; }
@@ -136,25 +139,26 @@ int run_icformer(const IcformerArgs& a) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   io::write_safetensors(a.output, {io::TensorOut::of("soft_prompt", {chunks * k, cfg.hidden}, out.data())},
                         {{"method", "icformer"}, {"n", std::to_string(n)}, {"chunks", std::to_string(chunks)},
-                         {"compute", a.compute}});
+                         {"compute", a.compute}, {"kv_layout", a.kv_layout}});
   std::fprintf(stderr, "ctxcomp icformer: %td context tokens -> %td digests (%td chunk%s) in %.3f s\n", n, chunks * k,
                chunks, chunks == 1 ? "" : "s", secs);
   return 0;
 }
 
-/// Appends layer{i}_k / layer{i}_v [kv_heads x m x head_dim] F32 of every cached token to `outs`
-/// (`bufs` holds the copied data until written).
-void add_cache_tensors(const KvCache<float>& cache, std::vector<std::vector<float>>& bufs,
-                       std::vector<io::TensorOut>& outs) {
-  const index_t m = cache.size();
+/// Appends layer{i}_k / layer{i}_v [kv_heads x m x head_dim] F32 of every cached token, in
+/// logical order whatever the layout, to `outs` (`bufs` holds the copied data until written).
+template <class Kv>
+void add_cache_tensors(const Kv& cache, std::vector<std::vector<float>>& bufs, std::vector<io::TensorOut>& outs) {
+  const auto order = kv::logical_order(cache);
+  const index_t m = index_t(order.size());
   bufs.resize(std::size_t(2 * cache.layers()));
   for (index_t l = 0; l < cache.layers(); ++l)
     for (int which = 0; which < 2; ++which) {
-      auto v = which ? cache.values(l) : cache.keys(l);
+      const auto v = which ? cache.values(l) : cache.keys(l);
       auto& buf = bufs[std::size_t(2 * l + which)];
       buf.clear();
       for (index_t hh = 0; hh < v.heads; ++hh)
-        for (index_t t = 0; t < m; ++t) buf.insert(buf.end(), v.row(hh, t), v.row(hh, t) + v.head_dim);
+        for (index_t t : order) buf.insert(buf.end(), v.row(hh, t), v.row(hh, t) + v.head_dim);
       outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"),
                                        {cache.kv_heads(), m, cache.head_dim()}, buf.data()));
     }
@@ -165,6 +169,8 @@ struct FoldArgs {
   std::int64_t cl = 126, cr = 127;
   bool every_span = false, at_end = false;
   int threads = 1;
+  std::string kv_layout = "contiguous";
+  index_t block_size = 16;
 };
 
 int run_fold(const FoldArgs& a) {
@@ -174,22 +180,27 @@ int run_fold(const FoldArgs& a) {
   const auto ids = read_ids(in, "input_ids");
   const index_t n = index_t(ids.size());
   host::LlamaHost<float> h(model);
-  auto cache = h.make_cache(std::max<index_t>(n, 1));
   fold::SpanTracker spans(a.cl, a.cr, c.vocab);
   std::vector<float> logits;
-  const auto t0 = std::chrono::steady_clock::now();
-  with_threads(a.threads, [&](const auto& exec) {
-    logits = host::run_with_folding(h, ids.data(), n, spans, cache,
-                                    a.at_end ? host::FoldSchedule::AtEnd : host::FoldSchedule::EverySpan, exec);
-  });
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const index_t m = cache.size();
-  std::vector<std::int64_t> kept(cache.token_index(), cache.token_index() + m);
+  std::vector<std::int64_t> kept;
   std::vector<std::vector<float>> kv;
-  std::vector<io::TensorOut> outs{io::TensorOut::of("logits", {n, c.vocab}, logits.data()),
-                                  io::TensorOut::of("kept_index", {m}, kept.data())};
-  add_cache_tensors(cache, kv, outs);
-  io::write_safetensors(a.output, outs, {{"method", "sentinel"}, {"cl_id", std::to_string(a.cl)}, {"cr_id", std::to_string(a.cr)}});
+  std::vector<io::TensorOut> outs;
+  double secs = 0;
+  host::with_kv_layout<float>(host::parse_kv_layout(a.kv_layout), KvShape{c.layers, c.kv_heads, c.head_dim},
+                              std::max<index_t>(n, 1), a.block_size, [&](auto& cache) {
+    const auto t0 = std::chrono::steady_clock::now();
+    with_threads(a.threads, [&](const auto& exec) {
+      logits = host::run_with_folding(h, ids.data(), n, spans, cache,
+                                      a.at_end ? host::FoldSchedule::AtEnd : host::FoldSchedule::EverySpan, exec);
+    });
+    secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (index_t s : kv::logical_order(cache)) kept.push_back(cache.token_index()[s]);
+    outs = {io::TensorOut::of("logits", {n, c.vocab}, logits.data()),
+            io::TensorOut::of("kept_index", {index_t(kept.size())}, kept.data())};
+    add_cache_tensors(cache, kv, outs);
+  });
+  const index_t m = index_t(kept.size());
+  io::write_safetensors(a.output, outs, {{"method", "sentinel"}, {"cl_id", std::to_string(a.cl)}, {"cr_id", std::to_string(a.cr)}, {"kv_layout", a.kv_layout}});
   std::fprintf(stderr, "ctxcomp fold: %td tokens, %d spans folded, cache %td -> %td entries in %.3f s\n", n,
                int(spans.closed_spans()), n, m, secs);
   return 0;
@@ -201,6 +212,8 @@ struct SacArgs {
   index_t chunk_size = 0, ratio = 0;
   int threads = 1;
   std::string compute = "fp32";
+  std::string kv_layout = "contiguous";
+  index_t block_size = 16;
 };
 
 int run_sac(const SacArgs& a) {
@@ -223,27 +236,31 @@ int run_sac(const SacArgs& a) {
   const auto mask = a.mask == "anchor" ? anchor::ChunkMask::Anchor : anchor::ChunkMask::Full;
   host::LlamaHost<float> h(model);
   const index_t t = index_t(targets.size());
-  auto cache = h.make_cache(plan.anchor_count() + (has_targets ? t + 1 : 0) + 1);
   std::vector<float> logits;
-  const auto t0 = std::chrono::steady_clock::now();
-  with_threads(a.threads, [&](const auto& exec) {
-    host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec,
-                       nullptr,
-                       parse_compute(a.compute));
-    if (has_targets)
-      logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
-  });
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const index_t m = cache.size();
-  const auto positions = plan.anchor_position_ids();
   std::vector<std::vector<float>> kv;
-  std::vector<io::TensorOut> outs{io::TensorOut::of("anchor_position_ids", {m}, positions.data())};
-  add_cache_tensors(cache, kv, outs);
+  std::vector<io::TensorOut> outs;
+  const auto positions = plan.anchor_position_ids();
+  index_t m = 0;
+  double secs = 0;
+  host::with_kv_layout<float>(host::parse_kv_layout(a.kv_layout), KvShape{c.layers, c.kv_heads, c.head_dim},
+                              plan.anchor_count() + (has_targets ? t + 1 : 0) + 1, a.block_size, [&](auto& cache) {
+    const auto t0 = std::chrono::steady_clock::now();
+    with_threads(a.threads, [&](const auto& exec) {
+      host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec,
+                         nullptr, parse_compute(a.compute));
+      if (has_targets)
+        logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
+    });
+    secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    m = cache.size();
+    outs = {io::TensorOut::of("anchor_position_ids", {m}, positions.data())};
+    add_cache_tensors(cache, kv, outs);
+  });
   if (!logits.empty()) outs.push_back(io::TensorOut::of("decode_logits", {t + 1, c.vocab}, logits.data()));
   io::write_safetensors(a.output, outs,
                         {{"method", "sac"}, {"chunk_size", std::to_string(a.chunk_size)},
                          {"compress_ratio", std::to_string(a.ratio)}, {"mask", a.mask}, {"end_idx", std::to_string(n)},
-                         {"compute", a.compute}});
+                         {"compute", a.compute}, {"kv_layout", a.kv_layout}});
   std::fprintf(stderr, "ctxcomp sac: %td context tokens -> %td anchors (%td chunk%s, %s mask) in %.3f s\n", n, m,
                plan.chunks(), plan.chunks() == 1 ? "" : "s", a.mask.c_str(), secs);
   return 0;
@@ -300,6 +317,13 @@ int main(int argc, char** argv) {
   fo->add_flag("--fold-at-end", fa.at_end, "Process everything first, evict all closed spans at the end")->excludes(every);
   fo->add_option("--threads", fa.threads, "Worker threads (results are identical for any count)")
       ->default_val(1)->check(CLI::Range(1, 64));
+  fo->add_option("--kv-layout", fa.kv_layout,
+                 "How the cache is kept: contiguous (compacted; default), cells (llama.cpp-style cells with holes: "
+                 "eviction frees cells, new tokens fill them) or paged (pages of --block-size tokens through a page "
+                 "table). Outputs are the same for every layout (cells: up to fp32 summation order)")
+      ->default_val("contiguous")->check(CLI::IsMember({"contiguous", "cells", "paged"}));
+  fo->add_option("--block-size", fa.block_size, "Tokens per page of --kv-layout paged")
+      ->default_val(16)->check(CLI::Range(1, 1 << 20));
 
   SacArgs sa;
   auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a Llama-family checkpoint, then decode");
@@ -325,6 +349,13 @@ int main(int argc, char** argv) {
                  "Arithmetic of the compressing forward passes: fp32 (official results) or bf16 (bf16 operands, fp32 "
                  "accumulation; error bound in docs/bf16.md). Decoding stays fp32")
       ->default_val("fp32")->check(CLI::IsMember({"fp32", "bf16"}));
+  sc->add_option("--kv-layout", sa.kv_layout,
+                 "How the cache is kept: contiguous (compacted; default), cells (llama.cpp-style cells with holes: "
+                 "eviction frees cells, new tokens fill them) or paged (pages of --block-size tokens through a page "
+                 "table). Outputs are the same for every layout (cells: up to fp32 summation order)")
+      ->default_val("contiguous")->check(CLI::IsMember({"contiguous", "cells", "paged"}));
+  sc->add_option("--block-size", sa.block_size, "Tokens per page of --kv-layout paged")
+      ->default_val(16)->check(CLI::Range(1, 1 << 20));
 
   CLI11_PARSE(app, argc, argv);
   try {

@@ -131,9 +131,11 @@ class LlamaHost {
   /// appended to `cache`; attention rows are the new tokens, columns the cache slots after the
   /// append, visibility from `mask` (e.g. Causal(cache.size()) for plain prefill). `layers`
   /// may replace the model's layer weights (same shapes), e.g. a LoRA-merged copy.
-  template <class Mask, class Exec = SerialExecutor>
+  template <class Mask, class Kv, class Exec = SerialExecutor>
   void forward(MatrixView<float> x, const std::int64_t* positions, const index_t* token_index, const Mask& mask,
-               KvCache<C>& cache, const Exec& exec = {}, const std::vector<LlamaLayerWeights<T>>* layers = nullptr) {
+               Kv& cache, const Exec& exec = {}, const std::vector<LlamaLayerWeights<T>>* layers = nullptr) {
+    static_assert(std::is_same_v<typename decltype(cache.keys(0))::element_type, C>,
+                  "LlamaHost::forward: the cache's storage type is not the host's C");
     const auto& c = m_.config;
     const auto& L = layers ? *layers : m_.layers;
     const index_t t = x.rows();
@@ -145,10 +147,13 @@ class LlamaHost {
     for (index_t i = 0; i < t; ++i)
       CTXCOMP_CHECK(positions[i] >= 0, "LlamaHost::forward: negative position id at ", i);
     // The mask may read the new slots' token indices: append the metadata, check, undo on error.
-    const index_t first = cache.append(t, positions, token_index);
+    // New tokens go to the slots the layout picks (a cell cache: its first free cells).
+    slots_.resize(std::size_t(t));
+    index_t* slots = slots_.data();
+    cache.append(t, positions, token_index, slots);
     {
-      RollbackScope undo([&cache, first] { cache.truncate(first); });
-      mask.check(t, cache.size(), "LlamaHost::forward");
+      RollbackScope undo([&cache, slots, t] { cache.unappend(slots, t); });
+      mask.check(t, cache.slots(), "LlamaHost::forward");
       undo.dismiss();
     }
 
@@ -174,15 +179,14 @@ class LlamaHost {
       rope_.apply(HeadsView<float>::token_major(q, t, c.heads, hd), positions);
       rope_.apply(HeadsView<float>::token_major(kb, t, c.kv_heads, hd), positions);
       // Keys (after RoPE) and values go into the cache in its storage type.
-      auto kc = cache.keys(l).slice_tokens(first, t), vc = cache.values(l).slice_tokens(first, t);
+      const auto kc = cache.keys(l), vc = cache.values(l);
       for (index_t hh = 0; hh < c.kv_heads; ++hh)
         for (index_t i = 0; i < t; ++i) {
-          store_row(kc, hh, i, kb + i * kd + hh * hd);  // converted, or quantised for qint8
-          store_row(vc, hh, i, vb + i * kd + hh * hd);
+          store_row(kc, hh, slots[i], kb + i * kd + hh * hd);  // converted, or quantised for qint8
+          store_row(vc, hh, slots[i], vb + i * kd + hh * hd);
         }
-      attention(HeadsView<const float>::token_major(q, t, c.heads, hd), HeadsView<const C>(cache.keys(l)),
-                HeadsView<const C>(cache.values(l)), mask, HeadsView<float>::token_major(att, t, c.heads, hd), aopt,
-                attn_ws_, exec);
+      attention(HeadsView<const float>::token_major(q, t, c.heads, hd), read_only(kc), read_only(vc), mask,
+                HeadsView<float>::token_major(att, t, c.heads, hd), aopt, attn_ws_, exec);
       linear(matrix_view<const float>(att, t, qd), w.o, matrix_view(tmp, t, d), lin_ws_, exec, compute_);
       x += matrix_view<const float>(tmp, t, d);
       rmsnorm(const_view(x), w.post_attention_norm, d, c.rms_eps, matrix_view(h, t, d));
@@ -203,6 +207,7 @@ class LlamaHost {
   Rope rope_;
   Compute compute_ = Compute::fp32;
   Workspace ws_, attn_ws_, mlp_ws_, lin_ws_;
+  std::vector<index_t> slots_;  // slots of the tokens being appended
 };
 
 }  // namespace ctxcomp::host

@@ -22,9 +22,9 @@ struct identity {
 /// of the compressing forward passes (the host's own setting is restored afterwards, also on
 /// error). Builds a Compressor (its scratch cache and buffers) per call; an engine compressing
 /// repeatedly keeps one instead.
-template <class T, class C, class Exec = SerialExecutor>
+template <class T, class C, class Kv, class Exec = SerialExecutor>
 index_t sac_compress(LlamaHost<T, C>& host, const anchor::AnchorPlan& plan, const std::int64_t* ids,
-                     MatrixView<const float> role_tokens, anchor::ChunkMask mask, KvCache<C>& cache,
+                     MatrixView<const float> role_tokens, anchor::ChunkMask mask, Kv& cache,
                      const Exec& exec = {},
                      const std::vector<LlamaLayerWeights<typename detail::identity<T>::type>>* compress_layers = nullptr,
                      Compute compute = Compute::fp32) {
@@ -46,26 +46,30 @@ index_t sac_compress(LlamaHost<T, C>& host, const anchor::AnchorPlan& plan, cons
 
 /// Decodes from a compressed cache of `plan`'s context: inputs [first_embed ; embed(targets)]
 /// at positions n, n+1, ..., each seeing the whole cache and the inputs before it. Returns
-/// logits [t + 1 x vocab]; the cache is left holding the compressed context only.
-template <class T, class C, class Exec = SerialExecutor>
-std::vector<float> sac_decode(LlamaHost<T, C>& host, const anchor::AnchorPlan& plan, KvCache<C>& cache,
+/// logits [t + 1 x vocab]; the cache (any KV layout) is left holding the compressed context only.
+template <class T, class C, class Kv, class Exec = SerialExecutor>
+std::vector<float> sac_decode(LlamaHost<T, C>& host, const anchor::AnchorPlan& plan, Kv& cache,
                               const float* first_embed, const std::int64_t* targets, index_t t,
                               const Exec& exec = {}) {
   const auto& c = host.config();
   const index_t m = cache.size(), rows = t + 1;
   CTXCOMP_CHECK(t >= 0, "sac: negative number of target tokens (", t, ")");
-  CTXCOMP_CHECK(cache.capacity() - m >= rows, "sac: the cache has room for ", cache.capacity() - m,
-                " decoded tokens, ", rows, " needed");
+  CTXCOMP_CHECK(cache.room() >= rows, "sac: the cache has room for ", cache.room(), " decoded tokens, ", rows,
+                " needed");
   std::vector<float> x(std::size_t(rows * c.hidden)), logits(std::size_t(rows * c.vocab));
   std::copy(first_embed, first_embed + c.hidden, x.begin());
   if (t > 0) host.embed(targets, t, matrix_view(x.data() + c.hidden, t, c.hidden));
   std::vector<std::int64_t> pos(static_cast<std::size_t>(rows));
   std::vector<index_t> idx(static_cast<std::size_t>(rows));
-  const index_t base = std::max<index_t>(plan.tokens(), m > 0 ? cache.token_index()[m - 1] + 1 : 0);
+  const index_t base = std::max<index_t>(plan.tokens(), cache.last_token_index() + 1);
   for (index_t i = 0; i < rows; ++i) pos[std::size_t(i)] = plan.decode_position() + i, idx[std::size_t(i)] = base + i;
   auto xv = matrix_view(x.data(), rows, c.hidden);
-  host.forward(xv, pos.data(), idx.data(), Causal(m), cache, exec);
-  cache.truncate(m);
+  if constexpr (Kv::has_holes)  // Causal(m) in logical order: the cells' token indices
+    host.forward(xv, pos.data(), idx.data(),
+                 CellOrder{cache.meta(), cache.token_index(), idx.data(), rows, cache.sequence()}, cache, exec);
+  else
+    host.forward(xv, pos.data(), idx.data(), Causal(m), cache, exec);
+  kv::truncate_logical(cache, base);
   host.logits(const_view(xv), matrix_view(logits.data(), rows, c.vocab), exec);
   return logits;
 }

@@ -10,17 +10,28 @@
 #include "catch.hpp"
 #include "common.hpp"
 #include "fold_driver.hpp"
+#include "kv_storage.hpp"
 
 namespace ctxcomp::test {
 
-/// Layer l's keys (or values) of every cached token, [kv_heads x size x head_dim], as floats.
-template <class C>
-std::vector<float> layer_kv(const KvCache<C>& cache, index_t l, bool values) {
+/// Layer l's keys (or values) of every cached token in logical order, [kv_heads x size x
+/// head_dim], as floats, from any KV layout.
+template <class Kv>
+std::vector<float> layer_kv(const Kv& cache, index_t l, bool values) {
+  const auto order = kv::logical_order(cache);
   auto v = values ? cache.values(l) : cache.keys(l);
   std::vector<float> out;
   for (index_t h = 0; h < v.heads; ++h)
-    for (index_t t = 0; t < v.tokens; ++t)
+    for (index_t t : order)
       for (index_t i = 0; i < v.head_dim; ++i) out.push_back(float(element_value(v, h, t, i)));
+  return out;
+}
+
+/// The cached token indices in logical order.
+template <class Kv>
+std::vector<std::int64_t> kept_tokens(const Kv& cache) {
+  std::vector<std::int64_t> out;
+  for (index_t s : kv::logical_order(cache)) out.push_back(cache.token_index()[s]);
   return out;
 }
 
@@ -28,26 +39,29 @@ std::vector<float> layer_kv(const KvCache<C>& cache, index_t l, bool values) {
 /// the logits, the kept token indices and every layer's folded K/V against the case's float64
 /// tensors (1e-5 relative). Returns the logits' relative error.
 template <class T>
-double check_fold_case(const host::LlamaModel<T>& model, const std::string& case_file, host::FoldSchedule schedule) {
+double check_fold_case(const host::LlamaModel<T>& model, const std::string& case_file, host::FoldSchedule schedule,
+                       host::KvLayout layout = host::KvLayout::contiguous, index_t block_size = 16) {
   auto st = io::SafeTensors::open(case_file);
   const auto ids = st.read<std::int64_t>("input_ids");
   host::LlamaHost<T> h(model);
-  auto cache = h.make_cache(index_t(ids.size()));
-  fold::SpanTracker spans(std::stoll(st.meta("cl_id")), std::stoll(st.meta("cr_id")), model.config.vocab);
-  const auto logits = host::run_with_folding(h, ids.data(), index_t(ids.size()), spans, cache, schedule);
-  const auto expect = st.read<double>("logits");
-  const double err = relative_error(logits.data(), expect.data(), logits.size());
-  CHECK(err <= 1e-5);
-  const auto kept = st.read<std::int64_t>("kept_index");
-  REQUIRE(cache.size() == index_t(kept.size()));
-  for (std::size_t s = 0; s < kept.size(); ++s) CHECK(cache.token_index()[s] == kept[s]);
-  for (index_t l = 0; l < model.config.layers; ++l) {
-    const auto k = layer_kv(cache, l, false), v = layer_kv(cache, l, true);
-    const auto ek = st.read<double>("layer" + std::to_string(l) + "_k"), ev = st.read<double>("layer" + std::to_string(l) + "_v");
-    CHECK(relative_error(k.data(), ek.data(), k.size()) <= 1e-5);
-    CHECK(relative_error(v.data(), ev.data(), v.size()) <= 1e-5);
-  }
-  return err;
+  const auto& c = model.config;
+  return host::with_kv_layout<float>(layout, KvShape{c.layers, c.kv_heads, c.head_dim}, index_t(ids.size()), block_size,
+                                     [&](auto& cache) {
+    fold::SpanTracker spans(std::stoll(st.meta("cl_id")), std::stoll(st.meta("cr_id")), c.vocab);
+    const auto logits = host::run_with_folding(h, ids.data(), index_t(ids.size()), spans, cache, schedule);
+    const auto expect = st.read<double>("logits");
+    const double err = relative_error(logits.data(), expect.data(), logits.size());
+    CHECK(err <= 1e-5);
+    CHECK(kept_tokens(cache) == st.read<std::int64_t>("kept_index"));
+    for (index_t l = 0; l < c.layers; ++l) {
+      const auto k = layer_kv(cache, l, false), v = layer_kv(cache, l, true);
+      const auto ek = st.read<double>("layer" + std::to_string(l) + "_k"), ev = st.read<double>("layer" + std::to_string(l) + "_v");
+      REQUIRE(k.size() == ek.size());
+      CHECK(relative_error(k.data(), ek.data(), k.size()) <= 1e-5);
+      CHECK(relative_error(v.data(), ev.data(), v.size()) <= 1e-5);
+    }
+    return err;
+  });
 }
 
 /// Checks a `ctxcomp fold` output file against a sentinel-format case file: kept_index exactly,

@@ -26,6 +26,7 @@
 
 #include "kv/cells.hpp"
 #include "kv/kv_cache.hpp"
+#include "kv/layout.hpp"
 #include "kv/paged.hpp"
 
 #include "digest/icformer.hpp"

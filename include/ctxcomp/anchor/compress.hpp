@@ -1,7 +1,7 @@
 // SAC compression driver: for each chunk of the context, embed its tokens, add the anchor
 // embeddings, run the host's layers over the chunk alone (1-based positions, bidirectional
 // mask) into a scratch cache, and keep only the anchors' per-layer K/V (keys after RoPE at
-// their original positions) in the caller's KvCache. The host's layers are a callable, so the
+// their original positions) in the caller's cache (any KV layout: kv/layout.hpp). The host's layers are a callable, so the
 // compressing weights (e.g. with the official LoRA on q_proj/v_proj merged) can differ from the
 // weights the host decodes with. Semantics: tests/data/fixtures/README.md, section sac.
 //
@@ -15,6 +15,7 @@
 
 #include "../attention/masks.hpp"
 #include "../kv/kv_cache.hpp"
+#include "../kv/layout.hpp"
 #include "anchors.hpp"
 
 namespace ctxcomp::anchor {
@@ -36,7 +37,7 @@ class Compressor {
     CTXCOMP_CHECK(hidden > 0, "anchor::Compressor: hidden size (", hidden, ") must be positive");
     x_.resize(std::size_t(chunk_size * hidden));
     for (auto* v : {&pos_, &pos_kept_}) v->resize(std::size_t(chunk_size));
-    for (auto* v : {&idx_, &idx_kept_, &rows_}) v->resize(std::size_t(chunk_size));
+    for (auto* v : {&idx_, &idx_kept_, &rows_, &slots_}) v->resize(std::size_t(chunk_size));
   }
 
   /// Longest chunk the scratch cache holds.
@@ -51,10 +52,11 @@ class Compressor {
   ///           const Mask& mask, KvCache<C>& cache)   runs every layer over x, appending its K/V
   ///                                                  to cache (Mask: FullBidirectional or
   ///                                                  AnchorBidirectional)
+  /// `out` is any KV layout of storage type C (KvCache, ContiguousKv, CellKv, PagedKv).
   /// Returns the number of anchors appended. On error `out` is left as it was.
-  template <class Embed, class Forward>
+  template <class Embed, class Forward, class Out>
   index_t compress(const AnchorPlan& plan, const std::int64_t* ids, MatrixView<const float> role_tokens,
-                   ChunkMask mask, Embed&& embed, Forward&& forward, KvCache<C>& out, index_t token_base = -1) {
+                   ChunkMask mask, Embed&& embed, Forward&& forward, Out& out, index_t token_base = -1) {
     const char* fn = "anchor::Compressor::compress";
     CTXCOMP_CHECK(plan.tokens() > 0, fn, ": the context is empty");
     CTXCOMP_CHECK(plan.max_anchors_per_chunk() <= role_tokens.rows(), fn, ": a chunk has ",
@@ -69,14 +71,16 @@ class Compressor {
                   fn, ": the output cache is ", out.layers(), " layers x ", out.kv_heads(), " kv heads x ",
                   out.head_dim(), ", the compressor's ", scratch_.layers(), " x ", scratch_.kv_heads(), " x ",
                   scratch_.head_dim());
-    CTXCOMP_CHECK(out.capacity() - out.size() >= plan.anchor_count(), fn, ": ", plan.anchor_count(),
-                  " anchors do not fit in the output cache (", out.size(), " of ", out.capacity(), " slots used)");
-    const index_t next_index = out.size() == 0 ? 0 : out.token_index()[out.size() - 1] + 1;
+    CTXCOMP_CHECK(out.room() >= plan.anchor_count(), fn, ": ", plan.anchor_count(),
+                  " anchors do not fit in the output cache (", out.size(), " of ", out.capacity(), " slots used, room for ",
+                  out.room(), ")");
+    const index_t next_index = out.last_token_index() + 1;
     if (token_base < 0) token_base = next_index;
     CTXCOMP_CHECK(token_base >= next_index, fn, ": token_base (", token_base,
                   ") must be past the output cache's last token index (", next_index - 1, ")");
 
-    const index_t out_size = out.size();
+    appended_.clear();
+    appended_.reserve(std::size_t(plan.anchor_count()));
     const auto& anchors = plan.anchors();
     index_t c = 0;
     auto run_chunks = [&] {  // advances c: on error it names the failing chunk
@@ -103,7 +107,7 @@ class Compressor {
     };
     // An error inside the host's callbacks leaves `out` as it was (RollbackScope: unwinding
     // with exceptions, before the error handler without).
-    RollbackScope undo([&out, out_size] { out.truncate(out_size); });
+    RollbackScope undo([&out, this] { out.unappend(appended_.data(), index_t(appended_.size())); });
 #if defined(__cpp_exceptions) || defined(__EXCEPTIONS)
     try {
       run_chunks();
@@ -114,30 +118,36 @@ class Compressor {
     run_chunks();
 #endif
     undo.dismiss();
-    return out.size() - out_size;
+    return index_t(appended_.size());
   }
 
  private:
   // Appends the scratch slots rows_[0, count) to `out` with their positions and token indices.
-  void keep_anchors(index_t count, KvCache<C>& out, index_t token_base) {
+  template <class Out>
+  void keep_anchors(index_t count, Out& out, index_t token_base) {
     for (index_t j = 0; j < count; ++j) {
       const index_t r = rows_[std::size_t(j)];
       pos_kept_[std::size_t(j)] = scratch_.positions()[r];
       idx_kept_[std::size_t(j)] = token_base + scratch_.token_index()[r];
     }
-    const index_t first = out.append(count, pos_kept_.data(), idx_kept_.data());
+    // One append per chunk; its slots are remembered for the rollback once it succeeded.
+    index_t* slots = slots_.data();
+    out.append(count, pos_kept_.data(), idx_kept_.data(), slots);
+    appended_.insert(appended_.end(), slots, slots + count);
     for (index_t l = 0; l < out.layers(); ++l)
-      for (auto [src, dst] : {std::pair{scratch_.keys(l), out.keys(l)}, std::pair{scratch_.values(l), out.values(l)}})
+      for (bool v : {false, true}) {
+        const auto src = read_only(v ? scratch_.values(l) : scratch_.keys(l));
+        const auto dst = v ? out.values(l) : out.keys(l);
         for (index_t h = 0; h < out.kv_heads(); ++h)
-          for (index_t j = 0; j < count; ++j)
-            copy_row(HeadsView<const C>(src), h, rows_[std::size_t(j)], dst, h, first + j);  // scales too
+          for (index_t j = 0; j < count; ++j) copy_row(src, h, rows_[std::size_t(j)], dst, h, slots[j]);  // scales too
+      }
   }
 
   KvCache<C> scratch_;
   index_t hidden_;
   std::vector<float> x_;
   std::vector<std::int64_t> pos_, pos_kept_;
-  std::vector<index_t> idx_, idx_kept_, rows_;
+  std::vector<index_t> idx_, idx_kept_, rows_, slots_, appended_;
 };
 
 }  // namespace ctxcomp::anchor

@@ -103,6 +103,12 @@ struct HeadsView {
   }
 };
 
+/// The same view, read-only (generic code's way to pass any K/V view to attention).
+template <class T>
+HeadsView<const T> read_only(const HeadsView<T>& v) noexcept {
+  return v;
+}
+
 namespace detail {
 /// Checks a HeadsView's own consistency: non-negative extents, unit-stride rows that do not overlap.
 template <class T>

@@ -4,11 +4,14 @@
 // tokens from all layers, keeping <CR> as the span's compact entry. Semantics: the official
 // sentinel-token mask and position ids (tests/data/fixtures/sentinel/README).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "../attention/masks.hpp"
+#include "../kv/cells.hpp"
 #include "../kv/kv_cache.hpp"
+#include "../kv/layout.hpp"
 
 namespace ctxcomp::fold {
 
@@ -41,6 +44,7 @@ class SpanTracker {
     for (index_t i = 0; i < count; ++i) {
       const std::int64_t id = ids[i];
       roles_.push_back(state_.next(id, cl_, cr_, index_t(first) + i, "fold"));
+      if (roles_.back().role == SpanRole::Open) span_begin_.push_back(index_t(first) + i);
       const bool sentinel = id == cl_ || id == cr_;
       positions_out[i] = sentinel ? std::max<std::int64_t>(ordinary_ - 1, 0) : ordinary_++;
     }
@@ -55,11 +59,18 @@ class SpanTracker {
   /// Whether a span is open (its `<CR>` has not arrived).
   bool span_open() const noexcept { return state_.open; }
 
+  /// Stream index of span j's `<CL>` (j < the spans opened so far).
+  index_t span_begin(std::int32_t j) const noexcept { return span_begin_[std::size_t(j)]; }
+
   /// Mask for new tokens starting at stream index `first` against the cache's slots (whose
-  /// logical token indices are cache.token_index()).
-  template <class C>
-  SentinelSpans mask(index_t first, const KvCache<C>& cache) const noexcept {
-    return SentinelSpans{roles_.data(), size(), first, cache.token_index()};
+  /// logical token indices are cache.token_index()): SentinelSpans for a compacted layout
+  /// (KvCache, ContiguousKv, PagedKv), CellSentinel for a cell cache (free cells hidden).
+  template <class Kv>
+  auto mask(index_t first, const Kv& cache) const noexcept {
+    if constexpr (Kv::has_holes)
+      return CellSentinel{roles_.data(), size(), first, cache.meta(), cache.token_index(), cache.sequence()};
+    else
+      return SentinelSpans{roles_.data(), size(), first, cache.token_index()};
   }
 
   /// Whether stream token t may be evicted: a `<CL>` or inner token of a closed span.
@@ -71,28 +82,42 @@ class SpanTracker {
  private:
   std::int64_t cl_, cr_, vocab_;
   std::vector<TokenRole> roles_;
+  std::vector<index_t> span_begin_;  // stream index of each span's <CL>
   SentinelRoleState state_;
   std::int64_t ordinary_ = 0;
 };
 
-/// Evicts from every layer the cached `<CL>` and inner tokens of every closed span, keeping each
-/// `<CR>`. Returns how many slots were freed. Folding after each `<CR>` or in one batch later
-/// evicts the same tokens.
-template <class C>
-index_t fold(KvCache<C>& cache, const SpanTracker& spans) {
+/// Evicts from every layer the cached `<CL>` and inner tokens of every closed span from span
+/// `first_span` on (the spans before it are taken as folded already), keeping each `<CR>`.
+/// Works on any KV layout (kv/layout.hpp): a compacted cache moves the tokens after the first
+/// evicted one, a cell cache frees cells, a paged cache also returns emptied pages. Returns how
+/// many tokens were evicted (`stats`, when given, receives the whole EvictStats). Folding after
+/// each `<CR>` or in one batch later evicts the same tokens. A compacted cache is searched from
+/// span `first_span`'s `<CL>` on (binary search, then the tail), so folding the span that just
+/// closed costs the tail, not the cache; a cell cache scans its cells' metadata.
+template <class Kv>
+index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, EvictStats* stats = nullptr) {
+  CTXCOMP_CHECK(first_span >= 0, "fold: negative first span (", first_span, ")");
   std::vector<TokenRange> drop;
   const index_t* idx = cache.token_index();
-  for (index_t s = 0; s < cache.size(); ++s) {
+  if (first_span >= spans.closed_spans()) {
+    if (stats) *stats = EvictStats{};
+    return 0;
+  }
+  const index_t since = spans.span_begin(first_span);
+  index_t s = 0;
+  if constexpr (!Kv::has_holes) s = index_t(std::lower_bound(idx, idx + cache.size(), since) - idx);
+  for (; s < cache.slots(); ++s) {
+    if (!cache.live(s)) continue;
     CTXCOMP_CHECK(idx[s] >= 0 && idx[s] < spans.size(), "fold: cache slot ", s, " holds stream token ", idx[s],
                   " which the tracker has not seen");
-    if (!spans.evictable(idx[s])) continue;
+    if (idx[s] < since || !spans.evictable(idx[s])) continue;
     if (!drop.empty() && drop.back().end == s) drop.back().end = s + 1;
     else drop.push_back({s, s + 1});
   }
-  index_t freed = 0;
-  for (const auto& r : drop) freed += r.end - r.begin;
-  cache.evict(drop);
-  return freed;
+  const EvictStats st = cache.evict(drop);
+  if (stats) *stats = st;
+  return st.tokens;
 }
 
 }  // namespace ctxcomp::fold

@@ -82,4 +82,91 @@ struct CellCausal {
   ///@}
 };
 
+/// The sentinel-token mask over a cell cache: as SentinelSpans, with key k the cell k (its
+/// stream index token_index[k], in any order), free cells and other sequences hidden. Per tile:
+/// None when no cell is live or every live cell comes after the rows; All when every cell is
+/// live, public and at or before the first row, and the rows are ordinary; otherwise Mixed.
+struct CellSentinel {
+  const TokenRole* roles = nullptr;      ///< role of every stream token so far
+  index_t role_count = 0;                ///< number of roles
+  index_t q_offset = 0;                  ///< stream index of the first query
+  CellMeta meta;                         ///< the cells (positions: negative = free; sequences)
+  const index_t* token_index = nullptr;  ///< [cells] stream index of each cell's token
+  std::int32_t seq = 0;                  ///< the queries' sequence
+
+  /// Whether cell c holds a token of this sequence.
+  bool live(index_t c) const noexcept { return meta.pos[c] >= 0 && (!meta.seq || meta.seq[c] == seq); }
+  /// The mask concept (attention/masks.hpp).
+  ///@{
+  bool visible(index_t q, index_t k) const noexcept {
+    if (!live(k)) return false;
+    const index_t tq = q + q_offset, tk = token_index[k];
+    return sentinel_visible(roles[tq], roles[tk], tq, tk);
+  }
+  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
+    const index_t t0 = q0 + q_offset, t1 = q1 - 1 + q_offset;
+    index_t n = 0, kmin = std::numeric_limits<index_t>::max(), kmax = -1;
+    bool hidden_role = false;
+    for (index_t c = k0; c < k1; ++c)
+      if (live(c)) {
+        ++n, kmin = std::min(kmin, token_index[c]), kmax = std::max(kmax, token_index[c]);
+        const SpanRole r = roles[token_index[c]].role;
+        hidden_role |= r != SpanRole::Ordinary && r != SpanRole::Close;
+      }
+    if (n == 0 || kmin > t1) return TileVisibility::None;
+    if (n < k1 - k0 || kmax > t0 || hidden_role) return TileVisibility::Mixed;
+    for (index_t t = t0; t <= t1; ++t)
+      if (roles[t].role != SpanRole::Ordinary) return TileVisibility::Mixed;
+    return TileVisibility::All;
+  }
+  void check(index_t q_len, index_t kv_len, const char* fn) const {
+    CTXCOMP_CHECK(meta.pos != nullptr && token_index != nullptr && (roles != nullptr || role_count == 0), fn,
+                  ": CellSentinel needs the roles and the cells' positions and token indices");
+    CTXCOMP_CHECK(q_offset >= 0 && q_offset + q_len <= role_count, fn, ": CellSentinel covers ", role_count,
+                  " tokens but queries reach token ", q_offset + q_len - 1);
+    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
+                  kv_len);
+    for (index_t c = 0; c < kv_len; ++c)
+      if (live(c))
+        CTXCOMP_CHECK(token_index[c] >= 0 && token_index[c] < role_count, fn, ": cell ", c, " holds stream token ",
+                      token_index[c], ", outside the ", role_count, " tokens of the roles");
+  }
+  ///@}
+};
+
+/// Causal order by logical token index over a cell cache: query row i (token index q_index[i])
+/// sees the live cells of its sequence whose token index is at or before its own. What
+/// Causal(m) is for a compacted cache, for cells filled in any order.
+struct CellOrder {
+  CellMeta meta;                         ///< the cells
+  const index_t* token_index = nullptr;  ///< [cells] logical index of each cell's token
+  const index_t* q_index = nullptr;      ///< [q_len] logical indices of the query rows
+  index_t q_len = 0;                     ///< query rows described by q_index
+  std::int32_t seq = 0;                  ///< the queries' sequence
+
+  /// Whether cell c holds a token of this sequence.
+  bool live(index_t c) const noexcept { return meta.pos[c] >= 0 && (!meta.seq || meta.seq[c] == seq); }
+  /// The mask concept (attention/masks.hpp).
+  ///@{
+  bool visible(index_t q, index_t k) const noexcept { return live(k) && token_index[k] <= q_index[q]; }
+  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
+    index_t qmin = std::numeric_limits<index_t>::max(), qmax = -1;
+    for (index_t q = q0; q < q1; ++q) qmin = std::min(qmin, q_index[q]), qmax = std::max(qmax, q_index[q]);
+    index_t n = 0, kmin = std::numeric_limits<index_t>::max(), kmax = -1;
+    for (index_t c = k0; c < k1; ++c)
+      if (live(c)) ++n, kmin = std::min(kmin, token_index[c]), kmax = std::max(kmax, token_index[c]);
+    if (n == 0 || kmin > qmax) return TileVisibility::None;
+    if (n == k1 - k0 && kmax <= qmin) return TileVisibility::All;
+    return TileVisibility::Mixed;
+  }
+  void check(index_t rows, index_t kv_len, const char* fn) const {
+    CTXCOMP_CHECK(meta.pos != nullptr && token_index != nullptr && q_index != nullptr, fn,
+                  ": CellOrder needs the cells' positions and token indices and the queries' indices");
+    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
+                  kv_len);
+    CTXCOMP_CHECK(rows <= q_len, fn, ": ", rows, " query rows but indices for ", q_len);
+  }
+  ///@}
+};
+
 }  // namespace ctxcomp

@@ -13,15 +13,10 @@
 
 #include "../core/error.hpp"
 #include "../core/views.hpp"
+#include "layout.hpp"
 #include "rows.hpp"
 
 namespace ctxcomp {
-
-/// A half-open range of cache slots [begin, end).
-struct TokenRange {
-  index_t begin = 0;  ///< first slot
-  index_t end = 0;    ///< one past the last slot
-};
 
 /// An owning per-layer K/V cache (see the top of this file).
 template <class T>
@@ -79,92 +74,52 @@ class KvCache {
   /// Reserves `count` slots at the end in every layer for tokens with these positions and
   /// logical indices (the caller then writes their K/V, layer by layer, into
   /// keys(l).slice_tokens(begin, count), e.g. with `store_row`, which quantises for qint8).
-  /// Returns the first new slot. On error nothing changes.
-  index_t append(index_t count, const std::int64_t* positions, const index_t* token_index) {
-    CTXCOMP_CHECK(count >= 0, "KvCache::append: negative count (", count, ")");
-    CTXCOMP_CHECK(count == 0 || (positions != nullptr && token_index != nullptr),
-                  "KvCache::append: positions and token_index must point to ", count, " values (one is null)");
-    CTXCOMP_CHECK(size_ + count <= capacity_, "KvCache::append: ", count, " tokens do not fit (", size_, " of ",
-                  capacity_, " slots used)");
-    for (index_t i = 0; i < count; ++i) {
-      const index_t prev = size_ + i > 0 ? (i > 0 ? token_index[i - 1] : token_index_[std::size_t(size_ - 1)]) : -1;
-      CTXCOMP_CHECK(token_index[i] > prev, "KvCache::append: token indices must increase (", prev, " then ",
-                    token_index[i], ")");
-    }
-    std::copy(positions, positions + count, positions_.begin() + size_);
-    std::copy(token_index, token_index + count, token_index_.begin() + size_);
-    const index_t first = size_;
-    size_ += count;
+  /// Returns the first new slot (slots_out, when given, receives all of them). On error nothing
+  /// changes.
+  index_t append(index_t count, const std::int64_t* positions, const index_t* token_index, index_t* slots_out = nullptr) {
+    auto kv = layout();
+    const index_t first = kv.append(count, positions, token_index, slots_out);
+    size_ = kv.size();
     return first;
+  }
+  /// Undoes an append of these slots.
+  void unappend(const index_t* slots, index_t count) noexcept {
+    if (count > 0) size_ = std::min(size_, slots[0]);
   }
 
   /// Removes the slots of `ranges` (sorted, disjoint, within [0, size())) from every layer and
   /// compacts the rest in place, keeping order, positions and token indices. On error the
   /// cache is unchanged.
-  void evict(const std::vector<TokenRange>& ranges) {
-    index_t last = 0;
-    for (const auto& r : ranges) {
-      CTXCOMP_CHECK(r.begin >= last && r.begin <= r.end && r.end <= size_, "KvCache::evict: range [", r.begin, ", ",
-                    r.end, ") is out of [0, ", size_, ") or overlaps / precedes the previous range");
-      last = r.end;
-    }
-    // Kept runs: [prev_end, r.begin) for each range, then the tail.
-    auto for_each_kept_run = [&](auto&& move) {
-      index_t dst = 0, src = 0;
-      for (const auto& r : ranges) {
-        if (r.begin > src) move(src, dst, r.begin - src);
-        dst += r.begin - src;
-        src = r.end;
-      }
-      if (size_ > src) move(src, dst, size_ - src);
-      return dst + (size_ - src);
-    };
-    for (index_t l = 0; l < layers_; ++l)
-      for (index_t h = 0; h < kv_heads_; ++h) {
-        for (auto* buf : {&keys_, &values_}) {
-          T* base = buf->data() + (l * kv_heads_ + h) * capacity_ * head_dim_;
-          for_each_kept_run([&](index_t src, index_t dst, index_t n) {
-            if (src != dst) std::memmove(base + dst * head_dim_, base + src * head_dim_, std::size_t(n * head_dim_) * sizeof(T));
-          });
-        }
-        if constexpr (is_quantized_v<T>)
-          for (auto* sc : {&key_scales_, &value_scales_}) {
-            float* base = sc->data() + (l * kv_heads_ + h) * capacity_;
-            for_each_kept_run([&](index_t src, index_t dst, index_t n) {
-              if (src != dst) std::memmove(base + dst, base + src, std::size_t(n) * sizeof(float));
-            });
-          }
-      }
-    size_ = for_each_kept_run([&](index_t src, index_t dst, index_t n) {
-      std::memmove(positions_.data() + dst, positions_.data() + src, std::size_t(n) * sizeof(std::int64_t));
-      std::memmove(token_index_.data() + dst, token_index_.data() + src, std::size_t(n) * sizeof(index_t));
-    });
-  }
-
+  EvictStats evict(const std::vector<TokenRange>& ranges) { return update(layout().evict(ranges)); }
   /// Keeps only the slots listed in `keep` (strictly increasing), compacting in place.
-  void gather(const std::vector<index_t>& keep) {
-    std::vector<TokenRange> drop;
-    index_t next = 0;
-    for (std::size_t i = 0; i < keep.size(); ++i) {
-      CTXCOMP_CHECK(keep[i] >= next && keep[i] < size_, "KvCache::gather: slot ", keep[i],
-                    " is out of range or not increasing");
-      if (keep[i] > next) drop.push_back({next, keep[i]});
-      next = keep[i] + 1;
-    }
-    if (next < size_) drop.push_back({next, size_});
-    evict(drop);
-  }
-
+  EvictStats gather(const std::vector<index_t>& keep) { return update(layout().gather(keep)); }
   /// Drops the tokens from slot `n` on (e.g. to undo an append, or rejected speculative tokens).
-  void truncate(index_t n) {
-    CTXCOMP_CHECK(n >= 0 && n <= size_, "KvCache::truncate: ", n, " is outside [0, ", size_, "]");
-    size_ = n;
-  }
-
+  EvictStats truncate(index_t n) { return update(layout().truncate(n)); }
   /// Forgets every token (capacity is kept).
   void clear() noexcept { size_ = 0; }
 
+  /// Slots attention runs over (= size(): a KvCache has no holes), whether slot s is live, room
+  /// for appends and the last token index (-1: empty), as every KV layout (kv/layout.hpp).
+  ///@{
+  static constexpr bool has_holes = false;
+  index_t slots() const noexcept { return size_; }
+  bool live(index_t s) const noexcept { return s >= 0 && s < size_; }
+  index_t room() const noexcept { return capacity_ - size_; }
+  index_t last_token_index() const noexcept { return size_ > 0 ? token_index_[std::size_t(size_ - 1)] : -1; }
+  ///@}
+  /// This cache as a ContiguousKv (the layout its operations are written in).
+  ContiguousKv<T> layout() {
+    return ContiguousKv<T>(KvShape{layers_, kv_heads_, head_dim_},
+                           KvBuffers<T>::head_major(keys_.data(), values_.data(), KvShape{layers_, kv_heads_, head_dim_},
+                                                    capacity_, key_scales_.data(), value_scales_.data()),
+                           capacity_, positions_.data(), token_index_.data(), size_);
+  }
+
  private:
+  EvictStats update(const EvictStats& st) noexcept {
+    size_ -= st.tokens;
+    return st;
+  }
   // Layer `layer` of a [layers x kv_heads x capacity x head_dim] buffer, its first `tokens` slots.
   template <class E, class S>
   HeadsView<E> view(E* data, S* scales, index_t layer, index_t tokens) const noexcept {

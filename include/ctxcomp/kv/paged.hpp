@@ -88,6 +88,12 @@ struct PagedHeadsView {
   }
 };
 
+/// The same paged view, read-only.
+template <class T>
+PagedHeadsView<const T> read_only(const PagedHeadsView<T>& v) noexcept {
+  return v;
+}
+
 /// Whether a K/V view type is paged (its rows are not one stride apart).
 template <class View>
 inline constexpr bool is_paged_view_v = false;

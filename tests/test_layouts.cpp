@@ -1,0 +1,352 @@
+// The KV-layout layer (kv/layout.hpp): contiguous (any strides), cells with holes and paged
+// caches over caller memory. Eviction in every layout against a naive copy of the kept tokens,
+// paged eviction returning pages and moving only the tail, cells freeing without moving and
+// compact(), the golden sentinel and SAC fixtures through the API and the CLI in all three
+// layouts, and bad input (page tables, pools, strides, metadata) leaving the cache unchanged.
+#include <cstring>
+#include <numeric>
+
+#include <ctxcomp/io/safetensors.hpp>
+
+#include "catch.hpp"
+#include "cli_runner.hpp"
+#include "common.hpp"
+#include "fixture_checks.hpp"
+#include "kv_storage.hpp"
+#include "sac_driver.hpp"
+
+using namespace ctxcomp;
+using Catch::Matchers::Contains;
+
+namespace {
+
+constexpr host::KvLayout kLayouts[] = {host::KvLayout::contiguous, host::KvLayout::cells, host::KvLayout::paged};
+
+/// The value a test writes at (layer, head, token, i): distinct for every element.
+float value_of(index_t l, index_t h, index_t tok, index_t i, bool v) {
+  return float((v ? -1 : 1) * (l * 1000 + h * 100 + tok) + i) * 0.25f;
+}
+
+/// Appends tokens [0, n) (positions 100 + t, token indices 3 t) with value_of data.
+template <class Kv>
+void fill(Kv& kv, index_t n) {
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+  std::vector<index_t> idx(static_cast<std::size_t>(n)), slots(static_cast<std::size_t>(n));
+  for (index_t t = 0; t < n; ++t) pos[std::size_t(t)] = 100 + t, idx[std::size_t(t)] = 3 * t;
+  kv.append(n, pos.data(), idx.data(), slots.data());
+  std::vector<float> row(std::size_t(kv.head_dim()));
+  for (index_t l = 0; l < kv.layers(); ++l)
+    for (bool v : {false, true})
+      for (index_t h = 0; h < kv.kv_heads(); ++h)
+        for (index_t t = 0; t < n; ++t) {
+          for (index_t i = 0; i < kv.head_dim(); ++i) row[std::size_t(i)] = value_of(l, h, t, i, v);
+          store_row(v ? kv.values(l) : kv.keys(l), h, slots[std::size_t(t)], row.data());
+        }
+}
+
+/// Checks that `kv` holds exactly the tokens `kept` (of fill's numbering) in logical order:
+/// metadata and every element (as stored: the storage type's rounding of value_of).
+template <class Kv>
+void check_holds(const Kv& kv, const std::vector<index_t>& kept) {
+  using C = std::remove_const_t<typename decltype(kv.keys(0))::element_type>;
+  const auto order = kv::logical_order(kv);
+  REQUIRE(order.size() == kept.size());
+  REQUIRE(kv.size() == index_t(kept.size()));
+  std::vector<float> row(std::size_t(kv.head_dim()));
+  std::vector<C> q(std::size_t(kv.head_dim()));
+  for (std::size_t j = 0; j < kept.size(); ++j) {
+    const index_t s = order[j], t = kept[j];
+    CHECK(kv.positions()[s] == 100 + t);
+    CHECK(kv.token_index()[s] == 3 * t);
+    for (index_t l = 0; l < kv.layers(); ++l)
+      for (bool v : {false, true})
+        for (index_t h = 0; h < kv.kv_heads(); ++h) {
+          // The expected row: value_of stored through a one-row view of the same type.
+          for (index_t i = 0; i < kv.head_dim(); ++i) row[std::size_t(i)] = value_of(l, h, t, i, v);
+          float scale = 0;
+          HeadsView<C> one{q.data(), 1, 1, kv.head_dim(), kv.head_dim(), kv.head_dim()};
+          if constexpr (is_quantized_v<C>) one.scales = &scale;
+          store_row(one, 0, 0, row.data());
+          const auto view = v ? kv.values(l) : kv.keys(l);
+          for (index_t i = 0; i < kv.head_dim(); ++i) {
+            INFO("layer " << l << (v ? " V" : " K") << " head " << h << " token " << t << " element " << i);
+            REQUIRE(element_value(view, h, s, i) == element_value(HeadsView<const C>(one), 0, 0, i));
+          }
+        }
+  }
+}
+
+std::vector<index_t> kept_after(index_t n, const std::vector<TokenRange>& drop) {
+  std::vector<index_t> kept;
+  for (index_t t = 0; t < n; ++t) {
+    bool gone = false;
+    for (const auto& r : drop) gone |= t >= r.begin && t < r.end;
+    if (!gone) kept.push_back(t);
+  }
+  return kept;
+}
+
+template <class C>
+void evict_in_every_layout() {
+  const KvShape s{2, 3, 8};
+  const index_t n = 30;
+  const std::vector<TokenRange> drop{{0, 2}, {5, 9}, {9, 10}, {17, 23}, {29, 30}};
+  const auto kept = kept_after(n, drop);
+  SECTION("contiguous, head-major (KvCache)") {
+    KvCache<C> cache(s.layers, s.kv_heads, s.head_dim, 40);
+    fill(cache, n);
+    const auto st = cache.evict(drop);
+    CHECK(st.tokens == n - index_t(kept.size()));
+    check_holds(cache, kept);
+  }
+  SECTION("contiguous, token-major over caller memory") {
+    std::vector<C> k(std::size_t(s.layers * 40 * s.kv_heads * s.head_dim)), v(k.size());
+    std::vector<float> ks(std::size_t(s.layers * 40 * s.kv_heads)), vs(ks.size());
+    std::vector<std::int64_t> pos(40);
+    std::vector<index_t> idx(40);
+    ContiguousKv<C> kv(s, KvBuffers<C>::token_major(k.data(), v.data(), s, 40, ks.data(), vs.data()), 40, pos.data(),
+                       idx.data());
+    fill(kv, n);
+    const auto st = kv.evict(drop);
+    // Bytes moved: every kept token after the first removed range, all heads, K and V, 2 layers.
+    std::size_t moved = 0;
+    for (index_t t : kept) moved += t > 0 ? 1 : 0;
+    CHECK(st.bytes_moved ==
+          moved * std::size_t(2 * s.layers * s.kv_heads) * (std::size_t(s.head_dim) * sizeof(C) + (is_quantized_v<C> ? 4 : 0)));
+    check_holds(kv, kept);
+  }
+  SECTION("cells: eviction frees cells, moves nothing; appends fill the holes; compact()") {
+    host::CellStorage<C> st(s, 40);
+    fill(st.kv, n);
+    const auto before = st.keys;
+    const auto es = st.kv.evict(drop);
+    CHECK(es.bytes_moved == 0);
+    CHECK(es.tokens == n - index_t(kept.size()));
+    CHECK(std::memcmp(st.keys.data(), before.data(), before.size() * sizeof(C)) == 0);  // no K/V moved
+    check_holds(st.kv, kept);
+    CHECK(st.kv.slots() == 29);  // the last cell was freed
+    // A new token takes the first free cell (cell 0).
+    const std::int64_t p = 500;
+    const index_t ti = 1000;
+    index_t slot = -1;
+    st.kv.append(1, &p, &ti, &slot);
+    CHECK(slot == 0);
+    st.kv.unappend(&slot, 1);
+    check_holds(st.kv, kept);
+    const auto cs = st.kv.compact();
+    CHECK(st.kv.slots() == index_t(kept.size()));  // dense again
+    CHECK(cs.bytes_moved > 0);
+    check_holds(st.kv, kept);
+  }
+  for (bool hnd : {false, true})
+    SECTION(std::string("paged ") + (hnd ? "HND" : "NHD") + ", pages of 4, scattered") {
+      host::PagedStorage<C> st(s, 40, 4, hnd);
+      fill(st.kv, n);
+      const index_t free_before = st.pool.free_count;
+      CHECK(st.kv.page_count() == 8);
+      const auto es = st.kv.evict(drop);
+      check_holds(st.kv, kept);
+      CHECK(st.kv.page_count() == (index_t(kept.size()) + 3) / 4);
+      CHECK(es.pages_freed == 8 - st.kv.page_count());
+      CHECK(st.pool.free_count == free_before + es.pages_freed);
+      // The freed pages are the ones the table no longer lists, and every pool page is owned once.
+      std::vector<int> owner(std::size_t(st.pool.pool_pages), 0);
+      for (index_t i = 0; i < st.kv.page_count(); ++i) ++owner[std::size_t(st.kv.pages()[i])];
+      for (index_t i = 0; i < st.pool.free_count; ++i) ++owner[std::size_t(st.pool.free_pages[i])];
+      CHECK(std::all_of(owner.begin(), owner.end(), [](int o) { return o == 1; }));
+      st.kv.gather({0, 3});
+      check_holds(st.kv, {kept[0], kept[3]});
+      st.kv.clear();
+      CHECK(st.pool.free_count == st.pool.pool_pages);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("every KV layout evicts like a naive copy: float", "[layouts]") { evict_in_every_layout<float>(); }
+TEST_CASE("every KV layout evicts like a naive copy: fp16", "[layouts]") { evict_in_every_layout<fp16>(); }
+TEST_CASE("every KV layout evicts like a naive copy: qint8", "[layouts]") { evict_in_every_layout<qint8>(); }
+
+TEST_CASE("paged folding of a just-closed span moves only the tail", "[layouts][fold]") {
+  const KvShape s{2, 2, 16};
+  for (index_t n : {200, 800}) {
+    host::PagedStorage<fp16> st(s, n, 16);
+    // Stream: ordinary tokens, then <CL> + 18 inner + <CR> at the very end.
+    std::vector<std::int64_t> ids(std::size_t(n), 5);
+    ids[std::size_t(n - 20)] = 1, ids[std::size_t(n - 1)] = 2;
+    fold::SpanTracker spans(1, 2);
+    std::vector<std::int64_t> pos(ids.size());
+    spans.push(ids.data(), n, pos.data());
+    std::vector<index_t> idx(ids.size()), slots(ids.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    st.kv.append(n, pos.data(), idx.data(), slots.data());
+    EvictStats es;
+    CHECK(fold::fold(st.kv, spans, 0, &es) == 19);
+    // Only the <CR> row moved: 1 token x kv_heads x (K, V) x layers.
+    CHECK(es.bytes_moved == std::size_t(1 * 2 * 2 * 2 * 16) * sizeof(fp16));
+    CHECK(st.kv.size() == n - 19);
+    CHECK(es.pages_freed == (n + 15) / 16 - (n - 19 + 15) / 16);
+  }
+}
+
+TEST_CASE("every sentinel fixture through the host in every KV layout", "[layouts][fold][fixtures]") {
+  const auto model = host::LlamaModel<float>::load(test::fixtures_dir() + "/models/llama");
+  for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"})
+    for (auto layout : kLayouts)
+      for (auto schedule : {host::FoldSchedule::EverySpan, host::FoldSchedule::AtEnd}) {
+        INFO(c << " in " << host::kv_layout_name(layout) << (schedule == host::FoldSchedule::AtEnd ? ", fold at end" : ""));
+        test::check_fold_case(model, test::fixtures_dir() + "/sentinel/" + c + ".safetensors", schedule, layout, 4);
+      }
+}
+
+TEST_CASE("paged folding is bit-identical to contiguous; cells reuse freed cells", "[layouts][fold]") {
+  const auto model = host::LlamaModel<float>::load(test::fixtures_dir() + "/models/llama");
+  const auto& c = model.config;
+  auto st = io::SafeTensors::open(test::fixtures_dir() + "/sentinel/sentinel_three_spans.safetensors");
+  const auto ids = st.read<std::int64_t>("input_ids");
+  const index_t n = index_t(ids.size());
+  const KvShape s{c.layers, c.kv_heads, c.head_dim};
+  host::LlamaHost<float> h(model);
+  KvCache<float> contiguous(s.layers, s.kv_heads, s.head_dim, n);
+  fold::SpanTracker sa(126, 127, 128), sb(126, 127, 128), sc(126, 127, 128);
+  const auto la = host::run_with_folding(h, ids.data(), n, sa, contiguous, host::FoldSchedule::EverySpan);
+  for (bool hnd : {false, true}) {
+    host::PagedStorage<float> paged(s, n, 3, hnd);
+    fold::SpanTracker sp(126, 127, 128);
+    const auto lp = host::run_with_folding(h, ids.data(), n, sp, paged.kv, host::FoldSchedule::EverySpan);
+    CHECK(lp == la);
+    for (index_t l = 0; l < c.layers; ++l) CHECK(test::layer_kv(paged.kv, l, false) == test::layer_kv(contiguous, l, false));
+  }
+  host::CellStorage<float> cells(s, n);
+  const auto lc = host::run_with_folding(h, ids.data(), n, sc, cells.kv, host::FoldSchedule::EverySpan);
+  CHECK(test::relative_error(lc.data(), la.data(), la.size()) <= 1e-6);
+  // Tokens after the first span went into its freed cells: logical order is not cell order.
+  const auto order = kv::logical_order(cells.kv);
+  CHECK_FALSE(std::is_sorted(order.begin(), order.end()));
+  CHECK(test::kept_tokens(cells.kv) == test::kept_tokens(contiguous));
+}
+
+TEST_CASE("every sac fixture through the host in every KV layout", "[layouts][sac][fixtures]") {
+  const auto model = host::LlamaModel<float>::load(test::fixtures_dir() + "/models/llama");
+  const auto& c = model.config;
+  for (const char* name : {"sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"})
+    for (auto layout : kLayouts) {
+      INFO(name << " in " << host::kv_layout_name(layout));
+      auto st = io::SafeTensors::open(test::fixtures_dir() + "/sac/" + name + ".safetensors");
+      const auto ids = st.read<std::int64_t>("input_ids"), targets = st.read<std::int64_t>("lm_target_ids");
+      const auto roles = st.read<float>("role_tokens"), special = st.read<float>("special_tokens");
+      const auto plan = anchor::AnchorPlan::uniform(index_t(ids.size()), std::stoll(st.meta("chunk_size")),
+                                                    std::stoll(st.meta("compress_ratio")));
+      const auto mask = st.meta("mask") == "anchor" ? anchor::ChunkMask::Anchor : anchor::ChunkMask::Full;
+      host::LlamaHost<float> h(model);
+      const index_t t = index_t(targets.size());
+      host::with_kv_layout<float>(layout, KvShape{c.layers, c.kv_heads, c.head_dim}, plan.anchor_count() + t + 1, 4,
+                                  [&](auto& cache) {
+        const auto rv = matrix_view<const float>(roles.data(), index_t(roles.size()) / c.hidden, c.hidden);
+        REQUIRE(host::sac_compress(h, plan, ids.data(), rv, mask, cache) == plan.anchor_count());
+        std::vector<std::int64_t> pos;
+        for (index_t s : kv::logical_order(cache)) pos.push_back(cache.positions()[s]);
+        CHECK(pos == st.read<std::int64_t>("anchor_position_ids"));
+        for (index_t l = 0; l < c.layers; ++l) {
+          const auto k = test::layer_kv(cache, l, false), v = test::layer_kv(cache, l, true);
+          const auto ek = st.read<double>("layer" + std::to_string(l) + "_k");
+          const auto ev = st.read<double>("layer" + std::to_string(l) + "_v");
+          REQUIRE(k.size() == ek.size());
+          CHECK(test::relative_error(k.data(), ek.data(), k.size()) <= 1e-5);
+          CHECK(test::relative_error(v.data(), ev.data(), v.size()) <= 1e-5);
+        }
+        const auto logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t);
+        const auto expect = st.read<double>("decode_logits");
+        REQUIRE(logits.size() == expect.size());
+        CHECK(test::relative_error(logits.data(), expect.data(), logits.size()) <= 1e-5);
+        CHECK(cache.size() == plan.anchor_count());  // the decoded tokens were dropped again
+      });
+    }
+}
+
+TEST_CASE("ctxcomp fold and sac give the fixtures' outputs in every --kv-layout", "[layouts][cli]") {
+  const std::string fx = test::fixtures_dir();
+  for (const char* layout : {"contiguous", "cells", "paged"}) {
+    INFO(layout);
+    const std::string out = test::tmp(std::string("layout_fold_") + layout + ".safetensors");
+    REQUIRE(test::run_cli("fold --model " + fx + "/models/llama --input " + fx +
+                          "/sentinel/sentinel_three_spans.safetensors --output " + out + " --kv-layout " + layout +
+                          " --block-size 5").status == 0);
+    test::check_fold_output(out, fx + "/sentinel/sentinel_three_spans.safetensors");
+    const std::string sac = test::tmp(std::string("layout_sac_") + layout + ".safetensors");
+    const std::string in = fx + "/sac/sac_multichunk.safetensors";
+    auto es = io::SafeTensors::open(in);
+    REQUIRE(test::run_cli("sac --model " + fx + "/models/llama --anchor-embeds " + in + " --input " + in + " --output " +
+                          sac + " --chunk-size " + es.meta("chunk_size") + " --ratio " + es.meta("compress_ratio") +
+                          " --mask " + es.meta("mask") + " --kv-layout " + layout + " --block-size 3").status == 0);
+    auto os = io::SafeTensors::open(sac);
+    CHECK(os.meta("kv_layout") == layout);
+    for (const char* t : {"decode_logits", "layer0_k", "layer1_v"}) {
+      INFO(t);
+      const auto got = os.read<float>(t, es.info(t).shape);
+      const auto expect = es.read<double>(t);
+      CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
+    }
+  }
+  CHECK(test::run_cli("fold --model " + fx + "/models/llama --input " + fx +
+                      "/sentinel/sentinel_one_span.safetensors --output " + test::tmp("bad.safetensors") +
+                      " --kv-layout ring").status != 0);
+}
+
+TEST_CASE("KV layouts reject bad page tables, pools, strides and metadata, unchanged", "[layouts][errors]") {
+  const KvShape s{1, 2, 8};
+  std::vector<float> k(std::size_t(4 * 4 * 2 * 8)), v(k.size());
+  const auto buf = PagedBuffers<float>::nhd(k.data(), v.data(), s, 4, 4);
+  std::vector<index_t> free_list{0, 1, 2, 3}, pages(4), idx(16);
+  std::vector<std::int64_t> pos(16);
+  SECTION("page tables: out of the pool, repeated, or also on the free list") {
+    PagePool pool{free_list.data(), 2, 4};  // pages 0, 1 free
+    pages = {2, 7};
+    CHECK_THROWS_WITH(PagedKv<float>(s, buf, &pool, pages.data(), 4, pos.data(), idx.data(), 8),
+                      Contains("pool page 7, outside the pool [0, 4)"));
+    pages = {2, 2};
+    CHECK_THROWS_WITH(PagedKv<float>(s, buf, &pool, pages.data(), 4, pos.data(), idx.data(), 8),
+                      Contains("pool page 2 appears twice"));
+    pages = {2, 1};
+    CHECK_THROWS_WITH(PagedKv<float>(s, buf, &pool, pages.data(), 4, pos.data(), idx.data(), 8),
+                      Contains("free page 1 is outside the pool or already in use"));
+  }
+  SECTION("a pool too small for an append leaves the cache unchanged") {
+    PagePool pool{free_list.data(), 2, 4};
+    PagedKv<float> kv(s, buf, &pool, pages.data(), 4, pos.data(), idx.data());
+    std::vector<std::int64_t> p(12, 0);
+    std::vector<index_t> ti(12);
+    std::iota(ti.begin(), ti.end(), 0);
+    kv.append(5, p.data(), ti.data());
+    CHECK(pool.free_count == 0);
+    CHECK_THROWS_WITH(kv.append(4, p.data(), ti.data() + 5), Contains("the pool is too small: 1 more pages needed, 0 free"));
+    CHECK(kv.size() == 5);
+    CHECK(kv.room() == 3);
+    CHECK_THROWS_WITH(kv.append(1, p.data(), ti.data()), Contains("token indices must increase"));
+  }
+  SECTION("strides that overlap") {
+    std::vector<std::int64_t> p(4);
+    std::vector<index_t> ti(4);
+    KvBuffers<float> b{k.data(), v.data(), 64, 8, 4};  // token stride 4 < head_dim 8
+    CHECK_THROWS_WITH(ContiguousKv<float>(s, b, 4, p.data(), ti.data()), Contains("strides overlap"));
+    b = {k.data(), v.data(), 64, 16, 8};  // heads 16 apart, 4 tokens 8 apart: head 1 overlaps head 0's tokens
+    CHECK_THROWS_WITH(ContiguousKv<float>(s, b, 4, p.data(), ti.data()), Contains("strides overlap"));
+    auto bad = buf;
+    bad.token_stride = 4;
+    PagePool pool{free_list.data(), 4, 4};
+    CHECK_THROWS_WITH(PagedKv<float>(s, bad, &pool, pages.data(), 4, pos.data(), idx.data()), Contains("strides overlap"));
+  }
+  SECTION("cell metadata shorter than the cache, a full cell cache") {
+    host::CellStorage<float> st(s, 4);
+    std::vector<std::int64_t> p{0, 1, 2, 3, 4};
+    std::vector<index_t> ti{0, 1, 2, 3, 4}, slots(5);
+    st.kv.append(4, p.data(), ti.data(), slots.data());
+    CHECK_THROWS_WITH(st.kv.append(1, p.data() + 4, ti.data() + 4, slots.data()), Contains("do not fit"));
+    CHECK(st.kv.size() == 4);
+    std::vector<TokenRole> roles(5);
+    CellSentinel m{roles.data(), 5, 4, CellMeta{st.pos.data(), st.seq.data(), 3}, st.token_index.data(), 0};
+    CHECK_THROWS_WITH(m.check(1, 4, "attention"), Contains("covers 3 cells but the cache has 4"));
+    CHECK_THROWS_WITH(st.kv.evict({{2, 1}}), Contains("out of"));
+    CHECK(st.kv.size() == 4);
+  }
+}
