@@ -1,12 +1,16 @@
 // Sentinel-token folding: eviction of 50% of a Llama-2-7B-shaped fp16 cache (32 layers, 32 kv
 // heads, head_dim 128, 4096 tokens) in spans of <= 25 tokens vs a memcpy of the same bytes (one
 // contiguous memcpy, and one memcpy per kept run);
+// the same in every KV layout (contiguous, cells, paged) against a memcpy of the same runs;
+// folding one just-closed 20-token span at the end of a 4096- and a 16384-token cache in every
+// layout (time and bytes moved per fold);
 // decode attention over the folded vs the unfolded cache; tokens/s of the reference host.
 // CTXCOMP_BENCH_SMOKE=1 shrinks every shape.
 #include <cstdlib>
 #include <cstring>
 
 #include "../examples/fold_driver.hpp"
+#include "../examples/kv_storage.hpp"
 #include "bench_common.hpp"
 
 using namespace ctxcomp;
@@ -178,11 +182,220 @@ void host_tokens(benchmark::State& st, bool prefill) {
   st.counters["tokens_per_s"] = bench::rate(double(n));
 }
 
+
+// ---- KV layouts (kv/layout.hpp) -------------------------------------------------------------
+
+/// Untouched heap memory (pages fault in when first written), so that a 16384-token cache costs
+/// only what a benchmark touches.
+struct RawBuffer {
+  explicit RawBuffer(std::size_t bytes) : p(std::malloc(bytes)) {
+    if (!p) std::abort();
+  }
+  ~RawBuffer() { std::free(p); }
+  RawBuffer(const RawBuffer&) = delete;
+  RawBuffer& operator=(const RawBuffer&) = delete;
+  template <class T>
+  T* as() const noexcept { return static_cast<T*>(p); }
+  void* p;
+};
+
+/// One layout's cache over RawBuffers: K/V, metadata, and for paged the pool and page table.
+struct LayoutCache {
+  host::KvLayout layout;
+  KvShape shape;
+  index_t tokens, page_size, pool_pages;
+  RawBuffer keys, values;
+  std::vector<std::int64_t> pos;
+  std::vector<index_t> idx, free_pages, pages;
+  std::vector<std::int32_t> seq;
+  PagePool pool;
+
+  LayoutCache(host::KvLayout l, KvShape s, index_t n, index_t page = 16)
+      : layout(l), shape(s), tokens(n), page_size(page), pool_pages((n + page - 1) / page + 2),
+        keys(elements() * sizeof(fp16)), values(elements() * sizeof(fp16)),
+        pos(std::size_t(pool_pages * page), -1), idx(pos.size(), 0), seq(pos.size(), 0) {
+    for (index_t p = pool_pages - 1; p >= 0; --p) free_pages.push_back((p * 7919) % pool_pages);  // scattered
+    pages.resize(std::size_t(pool_pages));
+    pool = {free_pages.data(), index_t(free_pages.size()), pool_pages};
+  }
+  std::size_t elements() const { return std::size_t(shape.layers * pool_pages * page_size * shape.kv_heads * shape.head_dim); }
+  ContiguousKv<fp16> contiguous(index_t size = 0) {
+    return {shape, KvBuffers<fp16>::head_major(keys.as<fp16>(), values.as<fp16>(), shape, pool_pages * page_size),
+            pool_pages * page_size, pos.data(), idx.data(), size};
+  }
+  CellKv<fp16> cells() {
+    return {shape, KvBuffers<fp16>::token_major(keys.as<fp16>(), values.as<fp16>(), shape, pool_pages * page_size),
+            pool_pages * page_size, pos.data(), idx.data(), seq.data(), 0};
+  }
+  PagedKv<fp16> paged(index_t size = 0) {
+    return {shape, PagedBuffers<fp16>::nhd(keys.as<fp16>(), values.as<fp16>(), shape, pool_pages, page_size), &pool,
+            pages.data(), pool_pages, pos.data(), idx.data(), size};
+  }
+  /// Calls f(kv) with the layout's handle.
+  template <class F>
+  void with(F&& f) {
+    if (layout == host::KvLayout::cells) {
+      auto kv = cells();
+      f(kv);
+    } else if (layout == host::KvLayout::paged) {
+      auto kv = paged();
+      f(kv);
+    } else {
+      auto kv = contiguous();
+      f(kv);
+    }
+  }
+};
+
+/// Appends tokens [0, n) (position = token index = t) and writes rows of tokens [from, n) of
+/// every layer and head (the rest stays untouched memory).
+template <class Kv>
+void append_tokens(Kv& kv, index_t n, index_t from) {
+  std::vector<std::int64_t> p(static_cast<std::size_t>(n));
+  std::vector<index_t> t(static_cast<std::size_t>(n)), slots(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) p[std::size_t(i)] = i, t[std::size_t(i)] = i;
+  kv.append(n, p.data(), t.data(), slots.data());
+  std::vector<float> row(std::size_t(kv.head_dim()), 0.25f);
+  for (index_t l = 0; l < kv.layers(); ++l)
+    for (bool v : {false, true})
+      for (index_t h = 0; h < kv.kv_heads(); ++h)
+        for (index_t i = from; i < n; ++i) store_row(v ? kv.values(l) : kv.keys(l), h, slots[std::size_t(i)], row.data());
+}
+
+/// Folding the span that just closed: a cache of `n` tokens whose last 20 are <CL>, 18 inner
+/// tokens and <CR>; one fold evicts the 19 and keeps the <CR> (moved down in a compacted
+/// layout, left in place in cells). Between iterations (untimed) the 19 come back.
+void fold_span(benchmark::State& st, host::KvLayout layout, index_t n) {
+  Shape s = llama7b();
+  if (smoke()) n /= 8;
+  LayoutCache c(layout, {s.layers, s.kv_heads, s.head_dim}, n);
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(n), 5), ppos(ids.size());
+  ids[std::size_t(n - 20)] = 1, ids[std::size_t(n - 1)] = 2;
+  fold::SpanTracker spans(1, 2);
+  spans.push(ids.data(), n, ppos.data());
+  const std::int32_t last = spans.closed_spans() - 1;
+  EvictStats es;
+  c.with([&](auto& kv) {
+    append_tokens(kv, n, n - 40);
+    std::vector<index_t> cells;  // cells: where the 19 evicted tokens live
+    for (index_t i = n - 20; i < n - 1; ++i) cells.push_back(i);
+    for (auto _ : st) {
+      es = {};
+      fold::fold(kv, spans, last, &es);
+      st.PauseTiming();
+      if constexpr (std::decay_t<decltype(kv)>::has_holes) {
+        for (index_t cell : cells) c.pos[std::size_t(cell)] = cell;
+        kv = c.cells();
+      } else {
+        std::vector<std::int64_t> p(20);
+        std::vector<index_t> t(20);
+        for (index_t i = 0; i < 20; ++i) p[std::size_t(i)] = n - 20 + i, t[std::size_t(i)] = n - 20 + i;
+        kv.truncate(n - 20);
+        kv.append(20, p.data(), t.data());
+      }
+      st.ResumeTiming();
+    }
+  });
+  st.counters["bytes_moved"] = double(es.bytes_moved);
+  st.counters["tokens_evicted"] = double(es.tokens);
+  st.counters["cache_tokens"] = double(n);
+}
+
+/// A 50% batch eviction (spans of 5..25, as folding leaves it) in each layout: contiguous and
+/// paged compact in place, cells free cells and then compact() (the optional dense step).
+/// Untimed between iterations: the cache is restored from a pristine copy.
+void evict_layout(benchmark::State& st, host::KvLayout layout) {
+  const Shape s = llama7b();
+  const auto drop = half_in_spans(s.tokens);
+  LayoutCache c(layout, {s.layers, s.kv_heads, s.head_dim}, s.tokens);
+  std::size_t moved = 0;
+  c.with([&](auto& kv) {
+    append_tokens(kv, s.tokens, 0);
+    const std::size_t bytes = c.elements() * sizeof(fp16);
+    std::vector<std::uint8_t> k0(c.keys.as<std::uint8_t>(), c.keys.as<std::uint8_t>() + bytes),
+        v0(c.values.as<std::uint8_t>(), c.values.as<std::uint8_t>() + bytes);
+    const auto pos0 = c.pos;
+    const auto idx0 = c.idx;
+    const auto pages0 = c.pages;
+    const auto free0 = c.free_pages;
+    const PagePool pool0 = c.pool;
+    auto kv0 = kv;
+    for (auto _ : st) {
+      const auto es = kv.evict(drop);
+      if constexpr (std::decay_t<decltype(kv)>::has_holes) moved = kv.compact().bytes_moved;
+      else moved = es.bytes_moved;
+      benchmark::DoNotOptimize(c.keys.p);
+      st.PauseTiming();
+      std::memcpy(c.keys.p, k0.data(), bytes);
+      std::memcpy(c.values.p, v0.data(), bytes);
+      c.pos = pos0, c.idx = idx0, c.pages = pages0, c.free_pages = free0, c.pool = pool0;
+      kv = kv0;
+      st.ResumeTiming();
+    }
+  });
+  st.counters["GBps"] = bench::rate(double(moved) * 1e-9);
+  st.counters["bytes_moved"] = double(moved);
+}
+
+/// The baseline of evict_layout: the same moves (every kept run after the first evicted range,
+/// cut where the layout cuts it: at page ends for paged), each a plain memcpy from a copy of the
+/// cache to the same offsets of the cache (memcpy may not overlap, so from a second buffer).
+void memcpy_same_runs_layout(benchmark::State& st, host::KvLayout layout) {
+  const Shape s = llama7b();
+  const auto drop = half_in_spans(s.tokens);
+  LayoutCache c(layout, {s.layers, s.kv_heads, s.head_dim}, s.tokens);
+  std::size_t moved = 0;
+  c.with([&](auto& kv) {
+    append_tokens(kv, s.tokens, 0);
+    const std::size_t bytes = c.elements() * sizeof(fp16);
+    std::vector<std::uint8_t> src_k(c.keys.as<std::uint8_t>(), c.keys.as<std::uint8_t>() + bytes),
+        src_v(c.values.as<std::uint8_t>(), c.values.as<std::uint8_t>() + bytes);
+    // Cells compact over the free cells, i.e. the dropped ranges, in the token-major layout.
+    const index_t size = kv.slots();
+    for (auto _ : st) {
+      moved = 0;
+      for (index_t l = 0; l < kv.layers(); ++l)
+        for (bool v : {false, true}) {
+          const auto dst = v ? kv.values(l) : kv.keys(l);
+          const std::ptrdiff_t off = (v ? src_v.data() - c.values.as<std::uint8_t>() : src_k.data() - c.keys.as<std::uint8_t>());
+          detail::for_each_moved_run(drop, size, [&](index_t from, index_t to, index_t n) {
+            while (n > 0) {
+              const index_t m = std::min(dst.run(from, n), dst.run(to, n));
+              if (dst.token_stride == dst.head_dim) {  // head-major: one block per head
+                for (index_t h = 0; h < dst.heads; ++h)
+                  std::memcpy(dst.row(h, to), reinterpret_cast<const std::uint8_t*>(dst.row(h, from)) + off,
+                              std::size_t(m * dst.head_dim) * sizeof(fp16));
+              } else {  // token-major pages / cells: one block of m tokens x all heads
+                std::memcpy(dst.row(0, to), reinterpret_cast<const std::uint8_t*>(dst.row(0, from)) + off,
+                            std::size_t(m * dst.heads * dst.head_dim) * sizeof(fp16));
+              }
+              moved += std::size_t(m * dst.heads * dst.head_dim) * sizeof(fp16);
+              from += m, to += m, n -= m;
+            }
+          });
+        }
+      benchmark::DoNotOptimize(c.keys.p);
+    }
+  });
+  st.counters["GBps"] = bench::rate(double(moved) * 1e-9);
+  st.counters["bytes_moved"] = double(moved);
+}
+
 const bool registered = [] {
   auto ms = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
   ms(benchmark::RegisterBenchmark("kv/evict/llama7b_4096_fp16", evict));
   ms(benchmark::RegisterBenchmark("memcpy/baseline/evict_llama7b_4096_fp16", memcpy_same_bytes));
   ms(benchmark::RegisterBenchmark("memcpy/baseline_same_runs/evict_llama7b_4096_fp16", memcpy_same_runs));
+  auto us = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMicrosecond); };
+  for (auto layout : {host::KvLayout::contiguous, host::KvLayout::cells, host::KvLayout::paged}) {
+    const std::string name = host::kv_layout_name(layout);
+    ms(benchmark::RegisterBenchmark(("kv/evict/" + name + "_4096_fp16").c_str(), evict_layout, layout));
+    ms(benchmark::RegisterBenchmark(("memcpy/baseline_same_runs/evict_" + name + "_4096_fp16").c_str(),
+                                    memcpy_same_runs_layout, layout));
+    for (index_t n : {4096, 16384})
+      us(benchmark::RegisterBenchmark(("kv/fold_span/" + name + "_" + std::to_string(n) + "_fp16").c_str(), fold_span,
+                                      layout, n));
+  }
   ms(benchmark::RegisterBenchmark("attention/decode_unfolded/llama7b_4096_fp16", decode, false));
   ms(benchmark::RegisterBenchmark("attention/decode_folded/llama7b_4096_fp16", decode, true));
   ms(benchmark::RegisterBenchmark("host/prefill/tiny_llama_256", host_tokens, true));

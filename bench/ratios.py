@@ -43,6 +43,8 @@ RULES = [
      "cell cache with holes vs attention/fused over a compacted cache (speed-up)"),
     (r"^attention/decode_folded/(.*)$",
      lambda m: f"attention/decode_unfolded/{m[1]}", "time", "folded vs unfolded decode (speed-up)"),
+    (r"^kv/fold_span/(\w+)_16384_fp16$", lambda m: f"kv/fold_span/{m[1]}_4096_fp16", "time",
+     "folding a just-closed span at 16384 vs 4096 cached tokens (speed-up; ~1 = does not grow)"),
     (r"^kv/evict/(.*)$", lambda m: f"memcpy/baseline_same_runs/evict_{m[1]}", "GBps",
      "eviction vs memcpy of the same runs"),
     (r"^gemm/ctxcomp_(fp32|bf16)/(.*)$", lambda m: f"gemm/eigen_fp32/{m[2]}", "time",

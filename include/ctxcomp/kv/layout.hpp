@@ -470,10 +470,14 @@ class CellKv {
   EvictStats evict(const std::vector<TokenRange>& ranges) {
     detail::check_ranges(ranges, used_, "CellKv::evict");
     EvictStats st;
+    bool newest = false;  // the newest token was freed: last_token_index() must be recomputed
     for (const auto& r : ranges)
       for (index_t c = r.begin; c < r.end; ++c)
-        if (live(c)) pos_[c] = -1, ++st.tokens;
-    rescan();
+        if (live(c)) pos_[c] = -1, ++st.tokens, newest |= idx_[c] == last_index_;
+    // Costs the freed cells (plus the cells below a freed last one), not the cache.
+    size_ -= st.tokens, free_ += st.tokens;
+    while (used_ > 0 && !live(used_ - 1)) --used_;
+    if (newest) rescan();
     return st;
   }
   /// Keeps only the live cells in `keep` (strictly increasing).
