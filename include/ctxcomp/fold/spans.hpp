@@ -105,15 +105,26 @@ index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, E
     return 0;
   }
   const index_t since = spans.span_begin(first_span);
-  index_t s = 0;
-  if constexpr (!Kv::has_holes) s = index_t(std::lower_bound(idx, idx + cache.size(), since) - idx);
-  for (; s < cache.slots(); ++s) {
-    if (!cache.live(s)) continue;
+  auto visit = [&](index_t s) {
+    if (!cache.live(s)) return;
     CTXCOMP_CHECK(idx[s] >= 0 && idx[s] < spans.size(), "fold: cache slot ", s, " holds stream token ", idx[s],
                   " which the tracker has not seen");
-    if (idx[s] < since || !spans.evictable(idx[s])) continue;
+    if (idx[s] < since || !spans.evictable(idx[s])) return;
     if (!drop.empty() && drop.back().end == s) drop.back().end = s + 1;
     else drop.push_back({s, s + 1});
+  };
+  if constexpr (!Kv::has_holes) {  // token indices increase: start at the span's <CL>
+    for (index_t s = index_t(std::lower_bound(idx, idx + cache.size(), since) - idx); s < cache.slots(); ++s) visit(s);
+  } else {  // cells in any order: a branch-free pass over blocks of 64 token indices finds candidates
+    const index_t n = cache.slots();
+    for (index_t b = 0; b < n; b += 64) {
+      const index_t e = std::min(n, b + 64);
+      std::uint64_t hits = 0;
+      for (index_t s = b; s < e; ++s) hits |= std::uint64_t(idx[s] >= since) << (s - b);
+      if (hits)
+        for (index_t s = b; s < e; ++s)
+          if ((hits >> (s - b)) & 1u) visit(s);
+    }
   }
   const EvictStats st = cache.evict(drop);
   if (stats) *stats = st;
