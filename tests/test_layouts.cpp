@@ -267,30 +267,46 @@ TEST_CASE("every sac fixture through the host in every KV layout", "[layouts][sa
 TEST_CASE("ctxcomp fold and sac give the fixtures' outputs in every --kv-layout", "[layouts][cli]") {
   const std::string fx = test::fixtures_dir();
   for (const char* layout : {"contiguous", "cells", "paged"}) {
-    INFO(layout);
-    const std::string out = test::tmp(std::string("layout_fold_") + layout + ".safetensors");
-    REQUIRE(test::run_cli("fold --model " + fx + "/models/llama --input " + fx +
-                          "/sentinel/sentinel_three_spans.safetensors --output " + out + " --kv-layout " + layout +
-                          " --block-size 5").status == 0);
-    test::check_fold_output(out, fx + "/sentinel/sentinel_three_spans.safetensors");
-    const std::string sac = test::tmp(std::string("layout_sac_") + layout + ".safetensors");
-    const std::string in = fx + "/sac/sac_multichunk.safetensors";
-    auto es = io::SafeTensors::open(in);
-    REQUIRE(test::run_cli("sac --model " + fx + "/models/llama --anchor-embeds " + in + " --input " + in + " --output " +
-                          sac + " --chunk-size " + es.meta("chunk_size") + " --ratio " + es.meta("compress_ratio") +
-                          " --mask " + es.meta("mask") + " --kv-layout " + layout + " --block-size 3").status == 0);
-    auto os = io::SafeTensors::open(sac);
-    CHECK(os.meta("kv_layout") == layout);
-    for (const char* t : {"decode_logits", "layer0_k", "layer1_v"}) {
-      INFO(t);
-      const auto got = os.read<float>(t, es.info(t).shape);
-      const auto expect = es.read<double>(t);
-      CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
+    for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"}) {
+      INFO(c << " --kv-layout " << layout);
+      const std::string in = fx + "/sentinel/" + c + ".safetensors";
+      const std::string out = test::tmp(std::string("layout_fold_") + layout + ".safetensors");
+      REQUIRE(test::run_cli("fold --model " + fx + "/models/llama --input " + in + " --output " + out + " --kv-layout " +
+                            layout + " --block-size 5")
+                  .status == 0);
+      test::check_fold_output(out, in);
+      CHECK(io::SafeTensors::open(out).meta("kv_layout") == layout);
+    }
+    for (const char* c : {"sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"}) {
+      INFO(c << " --kv-layout " << layout);
+      const std::string in = fx + "/sac/" + c + ".safetensors";
+      const std::string out = test::tmp(std::string("layout_sac_") + layout + ".safetensors");
+      auto es = io::SafeTensors::open(in);
+      REQUIRE(test::run_cli("sac --model " + fx + "/models/llama --anchor-embeds " + in + " --input " + in +
+                            " --output " + out + " --chunk-size " + es.meta("chunk_size") + " --ratio " +
+                            es.meta("compress_ratio") + " --mask " + es.meta("mask") + " --kv-layout " + layout +
+                            " --block-size 3")
+                  .status == 0);
+      auto os = io::SafeTensors::open(out);
+      CHECK(os.meta("kv_layout") == layout);
+      CHECK(os.read<std::int64_t>("anchor_position_ids") == es.read<std::int64_t>("anchor_position_ids"));
+      for (const char* t : {"decode_logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"}) {
+        INFO(t);
+        const auto got = os.read<float>(t, es.info(t).shape);
+        const auto expect = es.read<double>(t);
+        CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
+      }
     }
   }
-  CHECK(test::run_cli("fold --model " + fx + "/models/llama --input " + fx +
-                      "/sentinel/sentinel_one_span.safetensors --output " + test::tmp("bad.safetensors") +
-                      " --kv-layout ring").status != 0);
+  const auto bad = test::run_cli("fold --model " + fx + "/models/llama --input " + fx +
+                                 "/sentinel/sentinel_one_span.safetensors --output " + test::tmp("bad.safetensors") +
+                                 " --kv-layout ring");
+  CHECK(bad.status != 0);
+  CHECK_THAT(bad.err, Contains("--kv-layout"));
+  CHECK(test::run_cli("sac --model " + fx + "/models/llama --anchor-embeds " + fx + "/sac/sac_basic.safetensors --input " +
+                      fx + "/sac/sac_basic.safetensors --output " + test::tmp("bad.safetensors") +
+                      " --chunk-size 8 --ratio 4 --kv-layout paged --block-size 0")
+            .status != 0);
 }
 
 TEST_CASE("KV layouts reject bad page tables, pools, strides and metadata, unchanged", "[layouts][errors]") {
@@ -335,6 +351,13 @@ TEST_CASE("KV layouts reject bad page tables, pools, strides and metadata, uncha
     bad.token_stride = 4;
     PagePool pool{free_list.data(), 4, 4};
     CHECK_THROWS_WITH(PagedKv<float>(s, bad, &pool, pages.data(), 4, pos.data(), idx.data()), Contains("strides overlap"));
+  }
+  SECTION("a live cell without a token index") {
+    std::vector<float> ck(64), cv(64);
+    std::vector<std::int64_t> p{0, 5, -1, -1};
+    std::vector<index_t> ti{0, -1, 0, 0};
+    CHECK_THROWS_WITH(CellKv<float>(s, KvBuffers<float>::token_major(ck.data(), cv.data(), s, 4), 4, p.data(), ti.data()),
+                      Contains("cell 1 is live (position 5) but has no token index (-1)"));
   }
   SECTION("cell metadata shorter than the cache, a full cell cache") {
     host::CellStorage<float> st(s, 4);

@@ -411,6 +411,9 @@ class CellKv {
     detail::check_shape(shape, cells, fn);
     detail::check_buffers(buf, shape, cells, fn);
     CTXCOMP_CHECK(positions != nullptr && token_index != nullptr, fn, ": null positions or token_index array");
+    for (index_t c = 0; c < cells; ++c)
+      CTXCOMP_CHECK(positions[c] < 0 || token_index[c] >= 0, fn, ": cell ", c, " is live (position ", positions[c],
+                    ") but has no token index (", token_index[c], ")");
     rescan();
   }
 
