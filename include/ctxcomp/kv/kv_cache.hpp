@@ -77,6 +77,7 @@ class KvCache {
   /// Returns the first new slot (slots_out, when given, receives all of them). On error nothing
   /// changes.
   index_t append(index_t count, const std::int64_t* positions, const index_t* token_index, index_t* slots_out = nullptr) {
+    if (count == 0 && capacity_ == 0) return 0;
     auto kv = layout();
     const index_t first = kv.append(count, positions, token_index, slots_out);
     size_ = kv.size();
@@ -90,11 +91,17 @@ class KvCache {
   /// Removes the slots of `ranges` (sorted, disjoint, within [0, size())) from every layer and
   /// compacts the rest in place, keeping order, positions and token indices. On error the
   /// cache is unchanged.
-  EvictStats evict(const std::vector<TokenRange>& ranges) { return update(layout().evict(ranges)); }
+  EvictStats evict(const std::vector<TokenRange>& ranges) {
+    if (capacity_ == 0 && ranges.empty()) return {};
+    return update(layout().evict(ranges));
+  }
   /// Keeps only the slots listed in `keep` (strictly increasing), compacting in place.
   EvictStats gather(const std::vector<index_t>& keep) { return update(layout().gather(keep)); }
   /// Drops the tokens from slot `n` on (e.g. to undo an append, or rejected speculative tokens).
-  EvictStats truncate(index_t n) { return update(layout().truncate(n)); }
+  EvictStats truncate(index_t n) {
+    if (capacity_ == 0 && n == 0) return {};
+    return update(layout().truncate(n));
+  }
   /// Forgets every token (capacity is kept).
   void clear() noexcept { size_ = 0; }
 
@@ -108,11 +115,15 @@ class KvCache {
   index_t last_token_index() const noexcept { return size_ > 0 ? token_index_[std::size_t(size_ - 1)] : -1; }
   ///@}
   /// This cache as a ContiguousKv (the layout its operations are written in).
+  /// A default-constructed KvCache has no layout (capacity 0): an error.
   ContiguousKv<T> layout() {
-    return ContiguousKv<T>(KvShape{layers_, kv_heads_, head_dim_},
-                           KvBuffers<T>::head_major(keys_.data(), values_.data(), KvShape{layers_, kv_heads_, head_dim_},
-                                                    capacity_, key_scales_.data(), value_scales_.data()),
-                           capacity_, positions_.data(), token_index_.data(), size_);
+    CTXCOMP_CHECK(capacity_ > 0, "KvCache: the cache has no capacity (default-constructed)");
+    const KvShape shape{layers_, kv_heads_, head_dim_};
+    return ContiguousKv<T>(shape,
+                           KvBuffers<T>::head_major(keys_.data(), values_.data(), shape, capacity_, key_scales_.data(),
+                                                    value_scales_.data()),
+                           capacity_, positions_.data(), token_index_.data(), size_)
+        .as_kv_cache();
   }
 
  private:

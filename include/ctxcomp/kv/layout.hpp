@@ -344,7 +344,7 @@ class ContiguousKv {
   /// Reserves `count` slots at the end (their slots written to slots_out when given). Returns
   /// the first. On error nothing changes.
   index_t append(index_t count, const std::int64_t* positions, const index_t* token_index, index_t* slots_out = nullptr) {
-    const char* fn = "KvCache::append";
+    const char* fn = kv_cache_ ? "KvCache::append" : "ContiguousKv::append";
     detail::check_append(count, positions, token_index, size_ > 0 ? idx_[size_ - 1] : -1, fn);
     CTXCOMP_CHECK(size_ + count <= capacity_, fn, ": ", count, " tokens do not fit (", size_, " of ", capacity_,
                   " slots used)");
@@ -362,26 +362,33 @@ class ContiguousKv {
   /// Removes the slots of `ranges` (sorted, disjoint, within [0, size())) from every layer,
   /// compacting in place. On error nothing changes.
   EvictStats evict(const std::vector<TokenRange>& ranges) {
-    detail::check_ranges(ranges, size_, "KvCache::evict");
+    detail::check_ranges(ranges, size_, kv_cache_ ? "KvCache::evict" : "ContiguousKv::evict");
     const EvictStats st = detail::compact_dense(*this, ranges, pos_, idx_);
     size_ -= st.tokens;
     return st;
   }
   /// Keeps only the slots in `keep` (strictly increasing).
   EvictStats gather(const std::vector<index_t>& keep) {
-    return evict(detail::ranges_outside(keep, size_, "KvCache::gather"));
+    return evict(detail::ranges_outside(keep, size_, kv_cache_ ? "KvCache::gather" : "ContiguousKv::gather"));
   }
   /// Drops the tokens from slot n on.
   EvictStats truncate(index_t n) {
-    CTXCOMP_CHECK(n >= 0 && n <= size_, "KvCache::truncate: ", n, " is outside [0, ", size_, "]");
+    CTXCOMP_CHECK(n >= 0 && n <= size_, kv_cache_ ? "KvCache" : "ContiguousKv", "::truncate: ", n,
+                  " is outside [0, ", size_, "]");
     EvictStats st{size_ - n, 0, 0};
     size_ = n;
     return st;
   }
   /// Forgets every token.
   void clear() noexcept { size_ = 0; }
+  /// Errors name KvCache (for the handle KvCache works through).
+  ContiguousKv& as_kv_cache() noexcept {
+    kv_cache_ = true;
+    return *this;
+  }
 
  private:
+  bool kv_cache_ = false;
   KvShape s_;
   KvBuffers<T> b_;
   index_t capacity_ = 0, size_ = 0;
