@@ -108,6 +108,16 @@ TEST_CASE("paged attention equals contiguous attention bit for bit", "[paged][at
   for (index_t i = 120; i < 131; ++i) roles[std::size_t(i)] = {i == 120 ? SpanRole::Open : i == 130 ? SpanRole::Close : SpanRole::Inner, 1};
   check_paged<bf16>(64, 1, 200, 16, true, SentinelSpans{roles.data(), 200, 199, nullptr}, Compute::fp32, 51);
   check_paged<bf16>(64, 60, 200, 16, true, SentinelSpans{roles.data(), 200, 140, nullptr}, Compute::fp32, 52);
+  // Split decode over token-major (NHD) pages runs every kv head per tile (interleaved), with
+  // Mixed tiles from spans: still the contiguous bits.
+  std::vector<TokenRole> long_roles(1300);
+  for (index_t s = 0, i = 30; i + 20 < 1300; i += 97, ++s)
+    for (index_t j = i; j < i + 20; ++j)
+      long_roles[std::size_t(j)] = {j == i ? SpanRole::Open : j == i + 19 ? SpanRole::Close : SpanRole::Inner, std::int32_t(s)};
+  for (bool hnd : {false, true}) {
+    check_paged<fp16>(128, 1, 1300, 16, hnd, SentinelSpans{long_roles.data(), 1300, 1299, nullptr}, Compute::fp32, 53);
+    check_paged<qint8>(64, 2, 1300, 7, hnd, SentinelSpans{long_roles.data(), 1300, 1298, nullptr}, Compute::fp32, 54);
+  }
 }
 
 TEST_CASE("paged views and page tables with bad contents are refused by name", "[paged][errors]") {

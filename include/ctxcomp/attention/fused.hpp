@@ -190,10 +190,20 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
     while (local >= tilings[gi].q_blocks) local -= tilings[gi++].q_blocks;
   };
 
-  exec.parallel_for(k.heads * per_head * splits, [&](index_t item, index_t worker) {
+  // Token-major K/V (a token's heads side by side: llama.cpp cells, NHD pages) read head by head
+  // would stride through memory kv_heads times. Split decode over such caches runs interleaved
+  // instead: one item is a block and a key split of every kv head, and each tile is read for all
+  // heads in turn. Each head keeps its running state in its own partial slot, and every head's
+  // arithmetic is the per-head path's, in the same order: the same bits.
+  auto token_major = [](const auto& x) { return x.heads > 1 && x.head_stride < x.token_stride; };
+  const bool interleave = !BF16 && splits > 1 && group_count == 1 &&
+                          tilings[0].rows < AttentionTiling<V>::few_rows && token_major(k) && token_major(v);
+
+  exec.parallel_for(interleave ? per_head * splits : k.heads * per_head * splits, [&](index_t item, index_t worker) {
     const AttentionBuffers& b = buf[worker];
-    const index_t task = item / splits, split = item % splits;
-    const index_t kh = task / per_head;
+    const index_t split = item % splits;
+    const index_t task = item / splits;  // interleaved: the block's task of kv head 0
+    index_t kh = task / per_head;        // interleaved: the head being computed
     index_t gi, local;
     locate(task, gi, local);
     const AttentionTiling<V> T = tilings[gi];  // local copies: no reloads after stores in the loops
@@ -209,20 +219,33 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
     const index_t kb = split * split_len, ke = std::min(kv_len, kb + split_len);
 
     const index_t d2 = T.dim_even;
-    for (index_t qi = 0; qi < nq; ++qi)
-      for (index_t hh = 0; hh < g; ++hh) {
-        float* dst = b.qp + (qi * g + hh) * d;
-        kernels::widen<V>(q.row(kh * g + hh, row(q0 + qi)), dst, d);
-        kernels::scale<V>(dst, qscale, d);
-        if constexpr (BF16) {  // the pre-scaled query is the rounded operand
-          ctxcomp::bf16* qb = b.qb + (qi * g + hh) * d2;
-          simd::round_row_bf16<V>(dst, qb, d);
-          std::fill(qb + d, qb + d2, ctxcomp::bf16(0.f));
+    auto load_queries = [&] {  // the block's queries of kv head kh, pre-scaled
+      for (index_t qi = 0; qi < nq; ++qi)
+        for (index_t hh = 0; hh < g; ++hh) {
+          float* dst = b.qp + (qi * g + hh) * d;
+          kernels::widen<V>(q.row(kh * g + hh, row(q0 + qi)), dst, d);
+          kernels::scale<V>(dst, qscale, d);
+          if constexpr (BF16) {  // the pre-scaled query is the rounded operand
+            ctxcomp::bf16* qb = b.qb + (qi * g + hh) * d2;
+            simd::round_row_bf16<V>(dst, qb, d);
+            std::fill(qb + d, qb + d2, ctxcomp::bf16(0.f));
+          }
         }
-      }
-    std::fill(b.o, b.o + rows * dp, 0.f);
-    std::fill(b.m, b.m + rows, kNegInf);
-    std::fill(b.l, b.l + rows, 0.f);
+    };
+    // The running state of kv head kh: the worker's buffers, or (interleaved) its partial slot.
+    float *m_ = b.m, *l_ = b.l, *o_ = b.o;
+    auto state_of = [&](index_t head) {
+      if (!interleave) return;
+      float* p = partial + ((head * per_head + local) * splits + split) * slot;
+      m_ = p, l_ = p + rows, o_ = p + 2 * rows;
+    };
+    for (index_t h = interleave ? 0 : kh; h < (interleave ? k.heads : kh + 1); ++h) {
+      state_of(h);
+      std::fill(o_, o_ + rows * dp, 0.f);
+      std::fill(m_, m_ + rows, kNegInf);
+      std::fill(l_, l_ + rows, 0.f);
+    }
+    if (!interleave) load_queries();
     if (dp != d)  // padding columns of V stay zero for the whole task
       for (index_t kk = 0; kk < Bk; ++kk) std::fill(b.vp + kk * dp + d, b.vp + (kk + 1) * dp, 0.f);
 
@@ -230,141 +253,152 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
       const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
-      // Few-row decode streams K and V from memory: each row read asks for the row one tile on
-      // (within this kv head), so its lines arrive while this tile is computed.
-      const index_t pf =
-          !paged && rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
-      // Paged decode: the rows one tile on lie in other pages, where the hardware prefetchers
-      // start over. Each stretch of rows within a page asks for the stretch one tile on through
-      // the page table (exact when the page size divides the tile; a hint either way).
-      auto paged_pf = [&](const auto& x, index_t t) -> index_t {
-        if (!paged || rows >= T.few_rows || t + Bk >= kv_len) return 0;
-        const index_t off = index_t(x.row(kh, t + Bk) - x.row(kh, t));
-        return off % x.token_stride == 0 ? off / x.token_stride : 0;
-      };
+      for (index_t h = interleave ? 0 : kh; h < (interleave ? k.heads : kh + 1); ++h) {
+        if (interleave) {
+          kh = h;
+          state_of(h);
+          load_queries();
+        }
+        float* const bm = m_;
+        float* const bl = l_;
+        float* const bo = o_;
+        // Few-row decode streams K and V from memory: each row read asks for the row one tile on
+        // (within this kv head), so its lines arrive while this tile is computed.
+        const index_t pf =
+            !paged && rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
+        // Paged decode: the rows one tile on lie in other pages, where the hardware prefetchers
+        // start over. Each stretch of rows within a page asks for the stretch one tile on through
+        // the page table (exact when the page size divides the tile; a hint either way).
+        auto paged_pf = [&](const auto& x, index_t t) -> index_t {
+          if (!paged || rows >= T.few_rows || t + Bk >= kv_len) return 0;
+          const index_t off = index_t(x.row(kh, t + Bk) - x.row(kh, t));
+          return off % x.token_stride == 0 ? off / x.token_stride : 0;
+        };
 
-      if constexpr (BF16) {
-        // bf16 compute: K and V tiles of this kv head packed as bf16 pairs once per worker
-        // (exact for bf16 storage; others rounded; qint8 K dequantised first, qint8 V kept as
-        // its integers, exact in bf16, its scale going into the probabilities below).
-        const index_t tile = k0 / Bk;
-        ctxcomp::bf16* ktb = b.ktb + tile * Bk * d2;
-        ctxcomp::bf16* vtb = b.vtb + tile * Bk * dp;
-        if (b.kt_head[tile] != kh) {
-          for (index_t kk = 0; kk < Bk; ++kk) {
-            if (kk < nk) {
-              const float ks = is_quantized_v<KS> ? k.scale(kh, k0 + kk) : 1.f;
-              const ctxcomp::bf16* kr = operand_row<V>(k.row(kh, k0 + kk), ks, d, d2, b.vp, b.rowb);
-              for (index_t p = 0; p < d2 / 2; ++p) std::copy(kr + 2 * p, kr + 2 * p + 2, ktb + (p * Bk + kk) * 2);
-              const ctxcomp::bf16* vr = operand_row<V>(v.row(kh, k0 + kk), 1.f, d, dp, b.vp, b.rowb);
-              ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
-              for (index_t j = 0; j < dp; ++j) vd[2 * j] = vr[j];
-            } else {
-              for (index_t p = 0; p < d2 / 2; ++p) std::fill(ktb + (p * Bk + kk) * 2, ktb + (p * Bk + kk) * 2 + 2, ctxcomp::bf16(0.f));
-              ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
-              for (index_t j = 0; j < dp; ++j) vd[2 * j] = ctxcomp::bf16(0.f);
+        if constexpr (BF16) {
+          // bf16 compute: K and V tiles of this kv head packed as bf16 pairs once per worker
+          // (exact for bf16 storage; others rounded; qint8 K dequantised first, qint8 V kept as
+          // its integers, exact in bf16, its scale going into the probabilities below).
+          const index_t tile = k0 / Bk;
+          ctxcomp::bf16* ktb = b.ktb + tile * Bk * d2;
+          ctxcomp::bf16* vtb = b.vtb + tile * Bk * dp;
+          if (b.kt_head[tile] != kh) {
+            for (index_t kk = 0; kk < Bk; ++kk) {
+              if (kk < nk) {
+                const float ks = is_quantized_v<KS> ? k.scale(kh, k0 + kk) : 1.f;
+                const ctxcomp::bf16* kr = operand_row<V>(k.row(kh, k0 + kk), ks, d, d2, b.vp, b.rowb);
+                for (index_t p = 0; p < d2 / 2; ++p) std::copy(kr + 2 * p, kr + 2 * p + 2, ktb + (p * Bk + kk) * 2);
+                const ctxcomp::bf16* vr = operand_row<V>(v.row(kh, k0 + kk), 1.f, d, dp, b.vp, b.rowb);
+                ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
+                for (index_t j = 0; j < dp; ++j) vd[2 * j] = vr[j];
+              } else {
+                for (index_t p = 0; p < d2 / 2; ++p) std::fill(ktb + (p * Bk + kk) * 2, ktb + (p * Bk + kk) * 2 + 2, ctxcomp::bf16(0.f));
+                ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
+                for (index_t j = 0; j < dp; ++j) vd[2 * j] = ctxcomp::bf16(0.f);
+              }
             }
+            b.kt_head[tile] = kh;
           }
-          b.kt_head[tile] = kh;
-        }
-        kernels::tile_gemm_bf16<false, V>(b.qb, d2, ktb, 2 * Bk, b.s, Bk, rows, Bk, d2 / 2);
-      } else if (rows < T.few_rows) {
-        // Dot-product form: K rows read in place from the cache, widened in registers; qint8
-        // scales multiply the finished dot products.
-        for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
-          n = k.run(k0 + j, nk - j);
-          kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d,
-                                   paged ? paged_pf(k, k0 + j) : pf);
-        }
-        if constexpr (is_quantized_v<KS>) {
-          for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
-          for (index_t r = 0; r < rows; ++r) kernels::mul<V>(b.s + r * Bk, b.ks, nk);
-        }
-      } else {
-        // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
-        // and worker: later tasks of the same head reuse it. Rows are widened by vector loads.
-        const index_t tile = k0 / Bk;
-        float* kt = b.kt + tile * d * Bk;
-        if (b.kt_head[tile] != kh) {
-          for (index_t kk = 0; kk < nk; ++kk) {
-            const float* src;
-            if constexpr (std::is_same_v<KS, float>) {
-              src = k.row(kh, k0 + kk);
-            } else {
-              kernels::widen<V>(k.row(kh, k0 + kk), b.vp, d);
-              if constexpr (is_quantized_v<KS>) kernels::scale<V>(b.vp, k.scale(kh, k0 + kk), d);
-              src = b.vp;
+          kernels::tile_gemm_bf16<false, V>(b.qb, d2, ktb, 2 * Bk, b.s, Bk, rows, Bk, d2 / 2);
+        } else if (rows < T.few_rows) {
+          // Dot-product form: K rows read in place from the cache, widened in registers; qint8
+          // scales multiply the finished dot products.
+          for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
+            n = k.run(k0 + j, nk - j);
+            kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d,
+                                     paged ? paged_pf(k, k0 + j) : pf);
+          }
+          if constexpr (is_quantized_v<KS>) {
+            for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
+            for (index_t r = 0; r < rows; ++r) kernels::mul<V>(b.s + r * Bk, b.ks, nk);
+          }
+        } else {
+          // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
+          // and worker: later tasks of the same head reuse it. Rows are widened by vector loads.
+          const index_t tile = k0 / Bk;
+          float* kt = b.kt + tile * d * Bk;
+          if (b.kt_head[tile] != kh) {
+            for (index_t kk = 0; kk < nk; ++kk) {
+              const float* src;
+              if constexpr (std::is_same_v<KS, float>) {
+                src = k.row(kh, k0 + kk);
+              } else {
+                kernels::widen<V>(k.row(kh, k0 + kk), b.vp, d);
+                if constexpr (is_quantized_v<KS>) kernels::scale<V>(b.vp, k.scale(kh, k0 + kk), d);
+                src = b.vp;
+              }
+              for (index_t i = 0; i < d; ++i) kt[i * Bk + kk] = src[i];
             }
-            for (index_t i = 0; i < d; ++i) kt[i * Bk + kk] = src[i];
+            if (nk < Bk)
+              for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);
+            b.kt_head[tile] = kh;  // (b.vp's row 0 served as the row buffer; its padding is untouched)
           }
-          if (nk < Bk)
-            for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);
-          b.kt_head[tile] = kh;  // (b.vp's row 0 served as the row buffer; its padding is untouched)
+          kernels::tile_gemm<false, V>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
         }
-        kernels::tile_gemm<false, V>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
-      }
 
-      if (vis == TileVisibility::Mixed) {
-        for (index_t qi = 0; qi < nq; ++qi) {
-          const index_t r = row(q0 + qi);
-          for (index_t kk = 0; kk < nk; ++kk)
-            if (!mask.visible(r, k0 + kk))
-              for (index_t hh = 0; hh < g; ++hh) b.s[(qi * g + hh) * Bk + kk] = kNegInf;
+        if (vis == TileVisibility::Mixed) {
+          for (index_t qi = 0; qi < nq; ++qi) {
+            const index_t r = row(q0 + qi);
+            for (index_t kk = 0; kk < nk; ++kk)
+              if (!mask.visible(r, k0 + kk))
+                for (index_t hh = 0; hh < g; ++hh) b.s[(qi * g + hh) * Bk + kk] = kNegInf;
+          }
         }
-      }
-      if (nk < Bk)
-        for (index_t r = 0; r < rows; ++r) std::fill(b.s + r * Bk + nk, b.s + (r + 1) * Bk, kNegInf);
+        if (nk < Bk)
+          for (index_t r = 0; r < rows; ++r) std::fill(b.s + r * Bk + nk, b.s + (r + 1) * Bk, kNegInf);
 
-      // Online softmax: rescale what was accumulated when the running max grows.
-      for (index_t r = 0; r < rows; ++r) {
-        float* s = b.s + r * Bk;
-        const float mt = kernels::row_max<V>(s, Bk);
-        // Nothing visible in this tile for this row, unless the maximum is -inf because a NaN
-        // score swallowed the visible ones (max(NaN, -inf) is -inf on some paths): a NaN goes on
-        // and propagates as documented.
-        if (mt == kNegInf && std::none_of(s, s + Bk, [](float x) { return x != x; })) {
-          std::fill(s, s + Bk, 0.f);
+        // Online softmax: rescale what was accumulated when the running max grows.
+        for (index_t r = 0; r < rows; ++r) {
+          float* s = b.s + r * Bk;
+          const float mt = kernels::row_max<V>(s, Bk);
+          // Nothing visible in this tile for this row, unless the maximum is -inf because a NaN
+          // score swallowed the visible ones (max(NaN, -inf) is -inf on some paths): a NaN goes on
+          // and propagates as documented.
+          if (mt == kNegInf && std::none_of(s, s + Bk, [](float x) { return x != x; })) {
+            std::fill(s, s + Bk, 0.f);
+            continue;
+          }
+          const float mnew = std::max(bm[r], mt);
+          const float alpha = simd::ScalarVec::exp2(bm[r] - mnew);
+          const float sum = kernels::exp2_shifted<V>(s, mnew, Bk);
+          bl[r] = bl[r] * alpha + sum;
+          if (alpha != 1.f) kernels::scale<V>(bo + r * dp, alpha, dp);
+          bm[r] = mnew;
+        }
+        if constexpr (is_quantized_v<VS>) {  // p * (scale * q) = (p * scale) * q
+          for (index_t kk = 0; kk < nk; ++kk) b.vs[kk] = v.scale(kh, k0 + kk);
+          for (index_t r = 0; r < rows; ++r)
+            for (index_t kk = 0; kk < nk; ++kk) b.s[r * Bk + kk] *= b.vs[kk];
+        }
+
+        if constexpr (BF16) {  // P rounded to bf16 pairs along the keys; V packed above
+          for (index_t r = 0; r < rows; ++r) simd::round_row_bf16<V>(b.s + r * Bk, b.pb + r * Bk, Bk);
+          kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, bo, dp, rows, dp, Bk / 2);
           continue;
         }
-        const float mnew = std::max(b.m[r], mt);
-        const float alpha = simd::ScalarVec::exp2(b.m[r] - mnew);
-        const float sum = kernels::exp2_shifted<V>(s, mnew, Bk);
-        b.l[r] = b.l[r] * alpha + sum;
-        if (alpha != 1.f) kernels::scale<V>(b.o + r * dp, alpha, dp);
-        b.m[r] = mnew;
-      }
-      if constexpr (is_quantized_v<VS>) {  // p * (scale * q) = (p * scale) * q
-        for (index_t kk = 0; kk < nk; ++kk) b.vs[kk] = v.scale(kh, k0 + kk);
-        for (index_t r = 0; r < rows; ++r)
-          for (index_t kk = 0; kk < nk; ++kk) b.s[r * Bk + kk] *= b.vs[kk];
-      }
-
-      if constexpr (BF16) {  // P rounded to bf16 pairs along the keys; V packed above
-        for (index_t r = 0; r < rows; ++r) simd::round_row_bf16<V>(b.s + r * Bk, b.pb + r * Bk, Bk);
-        kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, b.o, dp, rows, dp, Bk / 2);
-        continue;
-      }
-      if (dp == d && paged && rows >= T.few_rows) {
-        // Many rows over paged V: the tile's rows staged contiguously (as stored) in b.vp, free
-        // here, so the output block is loaded and stored once per tile, not once per page.
-        VS* staged = reinterpret_cast<VS*>(b.vp);
-        for (index_t kk = 0; kk < nk; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
-        kernels::tile_gemm<true, V>(b.s, Bk, staged, d, b.o, dp, rows, dp, nk);
-        continue;
-      }
-      if (dp == d) {  // V rows used in place, widened in registers
-        // Splitting the keys continues each output's FMA chain in order: the same bits.
-        for (index_t j = 0, n; j < nk; j += n) {
-          n = v.run(k0 + j, nk - j);
-          kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
-                                      paged ? paged_pf(v, k0 + j) : pf);
+        if (dp == d && paged && rows >= T.few_rows) {
+          // Many rows over paged V: the tile's rows staged contiguously (as stored) in b.vp, free
+          // here, so the output block is loaded and stored once per tile, not once per page.
+          VS* staged = reinterpret_cast<VS*>(b.vp);
+          for (index_t kk = 0; kk < nk; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
+          kernels::tile_gemm<true, V>(b.s, Bk, staged, d, bo, dp, rows, dp, nk);
+          continue;
         }
-        continue;
-      }
-      for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);
-      kernels::tile_gemm<true, V>(b.s, Bk, b.vp, dp, b.o, dp, rows, dp, nk);
+        if (dp == d) {  // V rows used in place, widened in registers
+          // Splitting the keys continues each output's FMA chain in order: the same bits.
+          for (index_t j = 0, n; j < nk; j += n) {
+            n = v.run(k0 + j, nk - j);
+            kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, bo, dp, rows, dp, n,
+                                        paged ? paged_pf(v, k0 + j) : pf);
+          }
+          continue;
+        }
+        for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);
+        kernels::tile_gemm<true, V>(b.s, Bk, b.vp, dp, bo, dp, rows, dp, nk);
+      }  // kv heads (interleaved)
     }
 
+    if (interleave) return;  // the state is in the partial slots already
     if (splits > 1) {  // leave the partial result for the merge
       float* p = partial + item * slot;
       std::copy(b.m, b.m + rows, p);
