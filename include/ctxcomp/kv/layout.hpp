@@ -274,6 +274,18 @@ inline void check_append(index_t count, const std::int64_t* positions, const ind
   }
 }
 
+/// A compacted layout's append after its checks: metadata of slots [size, size + count), their
+/// slots into slots_out (when given); size grows. Returns the first slot.
+inline index_t append_at_end(index_t count, const std::int64_t* positions, const index_t* token_index,
+                             index_t* slots_out, std::int64_t* pos, index_t* idx, index_t& size) noexcept {
+  std::copy(positions, positions + count, pos + size);
+  std::copy(token_index, token_index + count, idx + size);
+  if (slots_out) std::iota(slots_out, slots_out + count, size);
+  const index_t first = size;
+  size += count;
+  return first;
+}
+
 inline void check_shape(KvShape s, index_t capacity, const char* fn) {
   CTXCOMP_CHECK(s.layers > 0 && s.kv_heads > 0 && s.head_dim > 0 && capacity > 0, fn, ": layers (", s.layers,
                 "), kv_heads (", s.kv_heads, "), head_dim (", s.head_dim, ") and capacity (", capacity,
@@ -348,12 +360,7 @@ class ContiguousKv {
     detail::check_append(count, positions, token_index, size_ > 0 ? idx_[size_ - 1] : -1, fn);
     CTXCOMP_CHECK(size_ + count <= capacity_, fn, ": ", count, " tokens do not fit (", size_, " of ", capacity_,
                   " slots used)");
-    std::copy(positions, positions + count, pos_ + size_);
-    std::copy(token_index, token_index + count, idx_ + size_);
-    if (slots_out) std::iota(slots_out, slots_out + count, size_);
-    const index_t first = size_;
-    size_ += count;
-    return first;
+    return detail::append_at_end(count, positions, token_index, slots_out, pos_, idx_, size_);
   }
   /// Undoes the last append of these `count` slots.
   void unappend(const index_t* slots, index_t count) noexcept {
@@ -656,12 +663,7 @@ class PagedKv {
     CTXCOMP_CHECK(need - page_count() <= pool_->free_count, fn, ": the pool is too small: ", need - page_count(),
                   " more pages needed, ", pool_->free_count, " free");
     for (index_t p = page_count(); p < need; ++p) pages_[p] = pool_->free_pages[--pool_->free_count];
-    std::copy(positions, positions + count, pos_ + size_);
-    std::copy(token_index, token_index + count, idx_ + size_);
-    if (slots_out) std::iota(slots_out, slots_out + count, size_);
-    const index_t first = size_;
-    size_ += count;
-    return first;
+    return detail::append_at_end(count, positions, token_index, slots_out, pos_, idx_, size_);
   }
   /// Undoes the last append of these slots (its pages go back to the pool).
   void unappend(const index_t* slots, index_t count) noexcept {
