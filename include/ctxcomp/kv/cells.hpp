@@ -20,6 +20,9 @@ struct CellMeta {
   std::int64_t* pos = nullptr;        ///< [cells] position of the cell's token; negative: free
   const std::int32_t* seq = nullptr;  ///< [cells] sequence of the cell's token, or null (one sequence)
   index_t cells = 0;                  ///< number of cells (kv_size)
+
+  /// Whether cell c holds a token of sequence `s` (live, and of that sequence when there are several).
+  bool live(index_t c, std::int32_t s) const noexcept { return pos[c] >= 0 && (!seq || seq[c] == s); }
 };
 
 namespace cells {
@@ -58,7 +61,7 @@ struct CellCausal {
   std::int32_t seq = 0;                   ///< the queries' sequence
 
   /// Whether cell c holds a token of this sequence.
-  bool live(index_t c) const noexcept { return meta.pos[c] >= 0 && (!meta.seq || meta.seq[c] == seq); }
+  bool live(index_t c) const noexcept { return meta.live(c, seq); }
   /// The mask concept (attention/masks.hpp): tile and element visibility, and the call check.
   ///@{
   TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
@@ -95,7 +98,7 @@ struct CellSentinel {
   std::int32_t seq = 0;                  ///< the queries' sequence
 
   /// Whether cell c holds a token of this sequence.
-  bool live(index_t c) const noexcept { return meta.pos[c] >= 0 && (!meta.seq || meta.seq[c] == seq); }
+  bool live(index_t c) const noexcept { return meta.live(c, seq); }
   /// The mask concept (attention/masks.hpp).
   ///@{
   bool visible(index_t q, index_t k) const noexcept {
@@ -145,7 +148,7 @@ struct CellOrder {
   std::int32_t seq = 0;                  ///< the queries' sequence
 
   /// Whether cell c holds a token of this sequence.
-  bool live(index_t c) const noexcept { return meta.pos[c] >= 0 && (!meta.seq || meta.seq[c] == seq); }
+  bool live(index_t c) const noexcept { return meta.live(c, seq); }
   /// The mask concept (attention/masks.hpp).
   ///@{
   bool visible(index_t q, index_t k) const noexcept { return live(k) && token_index[k] <= q_index[q]; }

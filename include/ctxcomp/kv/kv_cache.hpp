@@ -58,12 +58,10 @@ class KvCache {
 
   /// Keys or values of one layer, tokens [0, size()) (qint8: with their scales).
   ///@{
-  HeadsView<T> keys(index_t layer) noexcept { return view(keys_.data(), key_scales_.data(), layer, size_); }
-  HeadsView<T> values(index_t layer) noexcept { return view(values_.data(), value_scales_.data(), layer, size_); }
-  HeadsView<const T> keys(index_t layer) const noexcept { return view(keys_.data(), key_scales_.data(), layer, size_); }
-  HeadsView<const T> values(index_t layer) const noexcept {
-    return view(values_.data(), value_scales_.data(), layer, size_);
-  }
+  HeadsView<T> keys(index_t layer) noexcept { return buffers().view(false, layer, shape(), size_); }
+  HeadsView<T> values(index_t layer) noexcept { return buffers().view(true, layer, shape(), size_); }
+  HeadsView<const T> keys(index_t layer) const noexcept { return buffers().view(false, layer, shape(), size_); }
+  HeadsView<const T> values(index_t layer) const noexcept { return buffers().view(true, layer, shape(), size_); }
   ///@}
   /// Position id and logical token index of each cached token.
   ///@{
@@ -118,11 +116,7 @@ class KvCache {
   /// A default-constructed KvCache has no layout (capacity 0): an error.
   ContiguousKv<T> layout() {
     CTXCOMP_CHECK(capacity_ > 0, "KvCache: the cache has no capacity (default-constructed)");
-    const KvShape shape{layers_, kv_heads_, head_dim_};
-    return ContiguousKv<T>(shape,
-                           KvBuffers<T>::head_major(keys_.data(), values_.data(), shape, capacity_, key_scales_.data(),
-                                                    value_scales_.data()),
-                           capacity_, positions_.data(), token_index_.data(), size_)
+    return ContiguousKv<T>(shape(), buffers(), capacity_, positions_.data(), token_index_.data(), size_)
         .as_kv_cache();
   }
 
@@ -131,17 +125,13 @@ class KvCache {
     size_ -= st.tokens;
     return st;
   }
-  // Layer `layer` of a [layers x kv_heads x capacity x head_dim] buffer, its first `tokens` slots.
-  template <class E, class S>
-  HeadsView<E> view(E* data, S* scales, index_t layer, index_t tokens) const noexcept {
-    HeadsView<E> v{data + layer * kv_heads_ * capacity_ * head_dim_, kv_heads_, tokens, head_dim_,
-                   capacity_ * head_dim_, head_dim_};
-    if constexpr (is_quantized_v<T>) {
-      v.scales = scales + layer * kv_heads_ * capacity_;
-      v.scale_head_stride = capacity_;
-      v.scale_token_stride = 1;
-    }
-    return v;
+  KvShape shape() const noexcept { return {layers_, kv_heads_, head_dim_}; }
+  // The owned buffers, head-major [layers x kv_heads x capacity x head_dim] (const callers get
+  // read-only views of them).
+  KvBuffers<T> buffers() const noexcept {
+    auto* self = const_cast<KvCache*>(this);
+    return KvBuffers<T>::head_major(self->keys_.data(), self->values_.data(), shape(), capacity_,
+                                    self->key_scales_.data(), self->value_scales_.data());
   }
 
   index_t layers_ = 0, kv_heads_ = 0, head_dim_ = 0, capacity_ = 0, size_ = 0;

@@ -441,7 +441,7 @@ class CellKv {
   index_t size() const noexcept { return size_; }
   index_t slots() const noexcept { return used_; }
   index_t room() const noexcept { return free_; }
-  bool live(index_t c) const noexcept { return pos_[c] >= 0 && (!seq_ || seq_[c] == seq_id_); }
+  bool live(index_t c) const noexcept { return meta().live(c, seq_id_); }
   index_t last_token_index() const noexcept { return last_index_; }
   ///@}
   /// The cells' metadata (for CellCausal and the engine's own masks).
