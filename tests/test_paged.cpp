@@ -17,12 +17,13 @@ using namespace ctxcomp;
 using Catch::Matchers::Contains;
 
 namespace {
-/// The same K/V twice: contiguous [kv_heads x tokens x head_dim] and in a shuffled page pool.
+/// The same K/V three times: contiguous [kv_heads x tokens x head_dim], token-major [tokens x
+/// kv_heads x head_dim] (llama.cpp's cells) and in a shuffled page pool.
 template <class T>
 struct TwoCaches {
   index_t heads, tokens, d, page_size, pool_pages;
-  std::vector<T> kc, vc, kp, vp;
-  std::vector<float> ksc, vsc, kps, vps;
+  std::vector<T> kc, vc, kt, vt, kp, vp;
+  std::vector<float> ksc, vsc, kts, vts, kps, vps;
   std::vector<index_t> table;
   bool hnd;
 
@@ -36,6 +37,7 @@ struct TwoCaches {
     std::shuffle(table.begin(), table.end(), g);
     kc.resize(std::size_t(heads * n * d)), vc.resize(kc.size());
     ksc.resize(std::size_t(heads * n)), vsc.resize(ksc.size());
+    kt.resize(kc.size()), vt.resize(kc.size()), kts.resize(ksc.size()), vts.resize(ksc.size());
     kp.resize(std::size_t(pool_pages * ps * heads * d)), vp.resize(kp.size());
     kps.resize(std::size_t(pool_pages * ps * heads)), vps.resize(kps.size());
     const auto kf = test::random_vector(kc.size(), seed + 1, -2.f, 2.f), vf = test::random_vector(vc.size(), seed + 2);
@@ -44,12 +46,18 @@ struct TwoCaches {
         const float* kr = kf.data() + (h * n + t) * d;
         const float* vr = vf.data() + (h * n + t) * d;
         store_row(contiguous(false), h, t, kr), store_row(contiguous(true), h, t, vr);
+        store_row(token_major(false), h, t, kr), store_row(token_major(true), h, t, vr);
         store_row(paged(false), h, t, kr), store_row(paged(true), h, t, vr);
       }
   }
   HeadsView<T> contiguous(bool value) {
     auto r = HeadsView<T>::contiguous(value ? vc.data() : kc.data(), heads, tokens, d);
     if constexpr (is_quantized_v<T>) r.scales = value ? vsc.data() : ksc.data(), r.scale_head_stride = tokens, r.scale_token_stride = 1;
+    return r;
+  }
+  HeadsView<T> token_major(bool value) {
+    HeadsView<T> r{value ? vt.data() : kt.data(), heads, tokens, d, d, heads * d};
+    if constexpr (is_quantized_v<T>) r.scales = value ? vts.data() : kts.data(), r.scale_head_stride = 1, r.scale_token_stride = heads;
     return r;
   }
   PagedHeadsView<T> paged(bool value) {
@@ -75,7 +83,7 @@ void check_paged(index_t d, index_t ql, index_t kvl, index_t ps, bool hnd, const
   const auto qv = HeadsView<const float>::contiguous(q.data(), H, ql, d);
   AttentionOptions opt;
   opt.compute = compute;
-  std::vector<float> ref(q.size()), got(q.size()), got2(q.size());
+  std::vector<float> ref(q.size()), got(q.size()), got2(q.size()), got3(q.size()), got4(q.size());
   Workspace ws;
   attention(qv, HeadsView<const T>(c.contiguous(false)), HeadsView<const T>(c.contiguous(true)), mask,
             HeadsView<float>::contiguous(ref.data(), H, ql, d), opt, ws);
@@ -83,8 +91,15 @@ void check_paged(index_t d, index_t ql, index_t kvl, index_t ps, bool hnd, const
             HeadsView<float>::contiguous(got.data(), H, ql, d), opt, ws);
   attention(qv, PagedHeadsView<const T>(c.paged(false)), PagedHeadsView<const T>(c.paged(true)), mask,
             HeadsView<float>::contiguous(got2.data(), H, ql, d), opt, ws, test::two_threads());
+  // Token-major contiguous K/V (split decode interleaves the kv heads there too).
+  attention(qv, HeadsView<const T>(c.token_major(false)), HeadsView<const T>(c.token_major(true)), mask,
+            HeadsView<float>::contiguous(got3.data(), H, ql, d), opt, ws);
+  attention(qv, HeadsView<const T>(c.token_major(false)), HeadsView<const T>(c.token_major(true)), mask,
+            HeadsView<float>::contiguous(got4.data(), H, ql, d), opt, ws, test::two_threads());
   CHECK(same_bits(got, ref));
   CHECK(same_bits(got2, ref));
+  CHECK(same_bits(got3, ref));
+  CHECK(same_bits(got4, ref));
 }
 }  // namespace
 
@@ -97,6 +112,7 @@ TEST_CASE("paged attention equals contiguous attention bit for bit", "[paged][at
       check_paged<float>(80, 3, 700, ps, hnd, Causal(697), Compute::fp32, seed++);
       check_paged<bf16>(64, 150, 300, ps, hnd, Causal(150), Compute::fp32, seed++);
       check_paged<qint8>(96, 1, 650, ps, hnd, Causal(649), Compute::fp32, seed++);
+      check_paged<fp16>(72, 2, 900, ps, hnd, Causal(898), Compute::fp32, seed++);  // padded V rows
       check_paged<qint8>(64, 40, 130, ps, hnd, CrossWithCausalTail(90), Compute::fp32, seed++);
       check_paged<fp16>(128, 100, 100, ps, hnd, Causal(0), Compute::bf16, seed++);
     }
@@ -108,8 +124,8 @@ TEST_CASE("paged attention equals contiguous attention bit for bit", "[paged][at
   for (index_t i = 120; i < 131; ++i) roles[std::size_t(i)] = {i == 120 ? SpanRole::Open : i == 130 ? SpanRole::Close : SpanRole::Inner, 1};
   check_paged<bf16>(64, 1, 200, 16, true, SentinelSpans{roles.data(), 200, 199, nullptr}, Compute::fp32, 51);
   check_paged<bf16>(64, 60, 200, 16, true, SentinelSpans{roles.data(), 200, 140, nullptr}, Compute::fp32, 52);
-  // Split decode over token-major (NHD) pages runs every kv head per tile (interleaved), with
-  // Mixed tiles from spans: still the contiguous bits.
+  // Split decode over token-major K/V and pages (NHD and HND) runs every kv head per tile
+  // (interleaved, run by run), with Mixed tiles from spans: still the contiguous bits.
   std::vector<TokenRole> long_roles(1300);
   for (index_t s = 0, i = 30; i + 20 < 1300; i += 97, ++s)
     for (index_t j = i; j < i + 20; ++j)

@@ -43,6 +43,9 @@ struct AttentionTiling {
   index_t q_blocks, tasks, kv_tiles, splits;
   bool bf16 = false;  // Compute::bf16: K and V tiles packed as bf16 pairs, every row count
   index_t dim_even = 0;  // head_dim rounded up to whole pairs (bf16 compute)
+  // kv heads whose queries and scores a worker holds at once: all of them for split few-row fp32
+  // tasks (decode over token-major or paged K/V may interleave the heads), else one.
+  index_t interleave_heads = 1;
 
   AttentionTiling(index_t heads, index_t kv_heads, index_t q_len, index_t d, index_t kv_len, bool split_keys = true,
                   Compute compute = Compute::fp32) {
@@ -59,6 +62,7 @@ struct AttentionTiling {
     splits = split_keys && kv_len > split_len && (rows < few_rows || tasks < min_tasks)
                  ? (kv_len + split_len - 1) / split_len
                  : 1;
+    interleave_heads = !bf16 && splits > 1 && rows < few_rows ? kv_heads : 1;
   }
   /// Many-row tasks keep every transposed K tile of their kv head (reused by the next task of
   /// the same head); few-row tasks read K in place.
@@ -71,12 +75,12 @@ struct AttentionTiling {
                        + Workspace::bytes_for<ctxcomp::bf16>(rows * kv_tile)  // bf16 probabilities
                        + Workspace::bytes_for<ctxcomp::bf16>(dim_padded + dim_even)  // one rounded row
                  : 0) +
-           Workspace::bytes_for<float>(rows * head_dim)                  // packed, pre-scaled queries
+           Workspace::bytes_for<float>(interleave_heads * rows * head_dim)  // packed, pre-scaled queries
            + Workspace::bytes_for<float>(head_dim * kv_tile * kt_tiles())  // transposed K tiles (many rows)
            + Workspace::bytes_for<index_t>(kv_tiles)                     // kv head each transposed tile holds
            + Workspace::bytes_for<float>(kv_tile * dim_padded)           // V tile (padded head_dim) / K row
            + Workspace::bytes_for<float>(2 * kv_tile)                    // K and V scales of a tile (qint8)
-           + Workspace::bytes_for<float>(rows * kv_tile)                 // scores / probabilities
+           + Workspace::bytes_for<float>(interleave_heads * rows * kv_tile)  // scores / probabilities
            + Workspace::bytes_for<float>(rows * dim_padded)              // output accumulator
            + 2 * Workspace::bytes_for<float>(rows);                      // running max and sum
   }
@@ -168,6 +172,10 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   // Paged K/V: the in-place kernels run once per stretch of rows within a page, and decode's
   // prefetch hints go through the page table (paged_pf below), not a fixed stride.
   constexpr bool paged = is_paged_view_v<KView> || is_paged_view_v<VView>;
+  // Hints for a contiguous cache run a tile ahead and go to L2 (in L1 the reads in between would
+  // evict them); paged hints ask for the next page only, into L1 (measured: either choice the
+  // other way round costs 10-15% of a decode step on Zen 5).
+  constexpr simd::PrefetchTo pf_to = paged ? simd::PrefetchTo::l1 : simd::PrefetchTo::l2;
   using OS = std::remove_const_t<O>;
   AttentionTiling<V> tilings[kMaxRowGroups] = {
       {q.heads, k.heads, 1, q.head_dim, k.tokens}, {q.heads, k.heads, 1, q.head_dim, k.tokens},
@@ -180,8 +188,11 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   }
   const index_t kv_len = k.tokens;
   const index_t split_len = splits > 1 ? AttentionTiling<V>::split_len : kv_len;
-  // Every partial slot has room for the largest task (the whole call's tiling).
-  const index_t slot = AttentionTiling<V>(q.heads, k.heads, q.tokens, q.head_dim, k.tokens).partial_floats();
+  // Every partial slot has room for the largest task (the whole call's tiling, whose buffers the
+  // workers have).
+  const AttentionTiling<V> call(q.heads, k.heads, q.tokens, q.head_dim, k.tokens, splits > 1,
+                                 BF16 ? Compute::bf16 : Compute::fp32);
+  const index_t slot = call.partial_floats();
 
   // Which group and block a task is.
   auto locate = [&](index_t task, index_t& gi, index_t& local) {
@@ -190,20 +201,26 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
     while (local >= tilings[gi].q_blocks) local -= tilings[gi++].q_blocks;
   };
 
-  // Token-major K/V (a token's heads side by side: llama.cpp cells, NHD pages) read head by head
-  // would stride through memory kv_heads times. Split decode over such caches runs interleaved
-  // instead: one item is a block and a key split of every kv head, and each tile is read for all
-  // heads in turn. Each head keeps its running state in its own partial slot, and every head's
-  // arithmetic is the per-head path's, in the same order: the same bits.
-  auto token_major = [](const auto& x) { return x.heads > 1 && x.head_stride < x.token_stride; };
-  const bool interleave = !BF16 && splits > 1 && group_count == 1 &&
-                          tilings[0].rows < AttentionTiling<V>::few_rows && token_major(k) && token_major(v);
+  // Token-major K/V (a token's heads side by side: llama.cpp cells, NHD pages) and pages that
+  // hold every head of their tokens (HND) read head by head jump between pages and strides that
+  // restart the hardware prefetchers at every page. Split decode over such caches runs
+  // interleaved instead: one item is a block and a key split of every kv head, and each tile is
+  // read run by run (what lies within one page, at most 16 tokens), every head's rows of a run
+  // in turn, so that memory is read page after page. Each head keeps its queries and scores in
+  // its own rows of the worker's buffers and its running state in its own partial slot; every
+  // head's arithmetic is the per-head path's, in the same order: the same bits.
+  auto heads_together = [](const auto& x) {
+    if constexpr (is_paged_view_v<std::decay_t<decltype(x)>>) return x.heads > 1 && (x.heads - 1) * x.head_stride < x.page_stride;
+    else return x.heads > 1 && x.head_stride < x.token_stride;
+  };
+  const bool interleave = !BF16 && group_count == 1 && call.interleave_heads == k.heads &&
+                          tilings[0].rows < AttentionTiling<V>::few_rows && heads_together(k) && heads_together(v);
 
   exec.parallel_for(interleave ? per_head * splits : k.heads * per_head * splits, [&](index_t item, index_t worker) {
     const AttentionBuffers& b = buf[worker];
     const index_t split = item % splits;
     const index_t task = item / splits;  // interleaved: the block's task of kv head 0
-    index_t kh = task / per_head;        // interleaved: the head being computed
+    index_t kh = task / per_head;        // interleaved: the head being finished
     index_t gi, local;
     locate(task, gi, local);
     const AttentionTiling<V> T = tilings[gi];  // local copies: no reloads after stores in the loops
@@ -217,13 +234,17 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
     // The block's query rows lie within [r0, r1) (all of them when rows_of is null).
     const index_t r0 = row(q0), r1 = row(q1 - 1) + 1;
     const index_t kb = split * split_len, ke = std::min(kv_len, kb + split_len);
+    const index_t h0 = interleave ? 0 : kh, h1 = interleave ? k.heads : kh + 1;  // the heads computed
 
     const index_t d2 = T.dim_even;
-    auto load_queries = [&] {  // the block's queries of kv head kh, pre-scaled
+    // Queries and scores of kv head h: the worker's rows (interleaved: head h's own rows).
+    auto qp_of = [&](index_t h) { return interleave ? b.qp + h * rows * d : b.qp; };
+    auto s_of = [&](index_t h) { return interleave ? b.s + h * rows * Bk : b.s; };
+    auto load_queries = [&](index_t h) {  // the block's queries of kv head h, pre-scaled
       for (index_t qi = 0; qi < nq; ++qi)
         for (index_t hh = 0; hh < g; ++hh) {
-          float* dst = b.qp + (qi * g + hh) * d;
-          kernels::widen<V>(q.row(kh * g + hh, row(q0 + qi)), dst, d);
+          float* dst = qp_of(h) + (qi * g + hh) * d;
+          kernels::widen<V>(q.row(h * g + hh, row(q0 + qi)), dst, d);
           kernels::scale<V>(dst, qscale, d);
           if constexpr (BF16) {  // the pre-scaled query is the rounded operand
             ctxcomp::bf16* qb = b.qb + (qi * g + hh) * d2;
@@ -232,170 +253,215 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           }
         }
     };
-    // The running state of kv head kh: the worker's buffers, or (interleaved) its partial slot.
+    // The running state of kv head h: the worker's buffers, or (interleaved) its partial slot.
     float *m_ = b.m, *l_ = b.l, *o_ = b.o;
-    auto state_of = [&](index_t head) {
+    auto state_of = [&](index_t h) {
       if (!interleave) return;
-      float* p = partial + ((head * per_head + local) * splits + split) * slot;
+      float* p = partial + ((h * per_head + local) * splits + split) * slot;
       m_ = p, l_ = p + rows, o_ = p + 2 * rows;
     };
-    for (index_t h = interleave ? 0 : kh; h < (interleave ? k.heads : kh + 1); ++h) {
+    for (index_t h = h0; h < h1; ++h) {
       state_of(h);
       std::fill(o_, o_ + rows * dp, 0.f);
       std::fill(m_, m_ + rows, kNegInf);
       std::fill(l_, l_ + rows, 0.f);
+      load_queries(h);
     }
-    if (!interleave) load_queries();
     if (dp != d)  // padding columns of V stay zero for the whole task
       for (index_t kk = 0; kk < Bk; ++kk) std::fill(b.vp + kk * dp + d, b.vp + (kk + 1) * dp, 0.f);
+
+    // The scores s of kv head kh over keys [k0, k0 + nk) (tile visibility vis) become
+    // probabilities: qint8 K scales, the mask, the online softmax into the state (m_, l_, o_),
+    // qint8 V scales.
+    auto softmax_tile = [&](float* s_tile, index_t k0, index_t nk, TileVisibility vis) {
+      float* const bm = m_;
+      float* const bl = l_;
+      float* const bo = o_;
+      if constexpr (!BF16 && is_quantized_v<KS>) {
+        if (rows < T.few_rows) {  // the dot-product form leaves the scales to the finished scores
+          for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
+          for (index_t r = 0; r < rows; ++r) kernels::mul<V>(s_tile + r * Bk, b.ks, nk);
+        }
+      }
+      if (vis == TileVisibility::Mixed) {
+        for (index_t qi = 0; qi < nq; ++qi) {
+          const index_t r = row(q0 + qi);
+          for (index_t kk = 0; kk < nk; ++kk)
+            if (!mask.visible(r, k0 + kk))
+              for (index_t hh = 0; hh < g; ++hh) s_tile[(qi * g + hh) * Bk + kk] = kNegInf;
+        }
+      }
+      if (nk < Bk)
+        for (index_t r = 0; r < rows; ++r) std::fill(s_tile + r * Bk + nk, s_tile + (r + 1) * Bk, kNegInf);
+
+      // Online softmax: rescale what was accumulated when the running max grows.
+      for (index_t r = 0; r < rows; ++r) {
+        float* s = s_tile + r * Bk;
+        const float mt = kernels::row_max<V>(s, Bk);
+        // Nothing visible in this tile for this row, unless the maximum is -inf because a NaN
+        // score swallowed the visible ones (max(NaN, -inf) is -inf on some paths): a NaN goes on
+        // and propagates as documented.
+        if (mt == kNegInf && std::none_of(s, s + Bk, [](float x) { return x != x; })) {
+          std::fill(s, s + Bk, 0.f);
+          continue;
+        }
+        const float mnew = std::max(bm[r], mt);
+        const float alpha = simd::ScalarVec::exp2(bm[r] - mnew);
+        const float sum = kernels::exp2_shifted<V>(s, mnew, Bk);
+        bl[r] = bl[r] * alpha + sum;
+        if (alpha != 1.f) kernels::scale<V>(bo + r * dp, alpha, dp);
+        bm[r] = mnew;
+      }
+      if constexpr (is_quantized_v<VS>) {  // p * (scale * q) = (p * scale) * q
+        for (index_t kk = 0; kk < nk; ++kk) b.vs[kk] = v.scale(kh, k0 + kk);
+        for (index_t r = 0; r < rows; ++r)
+          for (index_t kk = 0; kk < nk; ++kk) s_tile[r * Bk + kk] *= b.vs[kk];
+      }
+    };
 
     for (index_t k0 = kb; k0 < ke; k0 += Bk) {
       const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
       const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
-      for (index_t h = interleave ? 0 : kh; h < (interleave ? k.heads : kh + 1); ++h) {
-        if (interleave) {
-          kh = h;
-          state_of(h);
-          load_queries();
-        }
-        float* const bm = m_;
-        float* const bl = l_;
-        float* const bo = o_;
-        // Few-row decode streams K and V from memory: each row read asks for the row one tile on
-        // (within this kv head), so its lines arrive while this tile is computed.
-        const index_t pf =
-            !paged && rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
-        // Paged decode: the rows one tile on lie in other pages, where the hardware prefetchers
-        // start over. Each stretch of rows within a page asks for the stretch one tile on through
-        // the page table (exact when the page size divides the tile; a hint either way).
-        auto paged_pf = [&](const auto& x, index_t t) -> index_t {
-          if (!paged || rows >= T.few_rows || t + Bk >= kv_len) return 0;
-          const index_t off = index_t(x.row(kh, t + Bk) - x.row(kh, t));
-          return off % x.token_stride == 0 ? off / x.token_stride : 0;
-        };
+      // Few-row decode streams K and V from memory: each row read asks for the row one tile on
+      // (within its kv head), so its lines arrive while this tile is computed.
+      const index_t pf =
+          !paged && rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
+      // Paged decode: the rows one tile on lie in other pages, where the hardware prefetchers
+      // start over. Each stretch of rows within a page asks for the stretch one tile on through
+      // the page table (exact when the page size divides the tile; a hint either way).
+      auto rows_to = [](const auto& x, index_t h, index_t t, index_t u) -> index_t {  // row (h, u) - row (h, t)
+        const index_t off = index_t(x.row(h, u) - x.row(h, t));
+        return off % x.token_stride == 0 ? off / x.token_stride : 0;
+      };
+      auto prefetch = [&](const auto& x, index_t h, index_t t) -> index_t {
+        if (!paged) return pf;
+        return rows < T.few_rows && t + Bk < kv_len ? rows_to(x, h, t, t + Bk) : 0;
+      };
+      // Interleaved decode: a run of n rows asks for the next run (the next page), which is read
+      // once every head's share of this run has been.
+      auto next_run = [&](const auto& x, index_t h, index_t t, index_t n) -> index_t {
+        if (t + 2 * n > kv_len) return 0;
+        return paged ? rows_to(x, h, t, t + n) : n;
+      };
 
-        if constexpr (BF16) {
-          // bf16 compute: K and V tiles of this kv head packed as bf16 pairs once per worker
-          // (exact for bf16 storage; others rounded; qint8 K dequantised first, qint8 V kept as
-          // its integers, exact in bf16, its scale going into the probabilities below).
-          const index_t tile = k0 / Bk;
-          ctxcomp::bf16* ktb = b.ktb + tile * Bk * d2;
-          ctxcomp::bf16* vtb = b.vtb + tile * Bk * dp;
-          if (b.kt_head[tile] != kh) {
-            for (index_t kk = 0; kk < Bk; ++kk) {
-              if (kk < nk) {
-                const float ks = is_quantized_v<KS> ? k.scale(kh, k0 + kk) : 1.f;
-                const ctxcomp::bf16* kr = operand_row<V>(k.row(kh, k0 + kk), ks, d, d2, b.vp, b.rowb);
-                for (index_t p = 0; p < d2 / 2; ++p) std::copy(kr + 2 * p, kr + 2 * p + 2, ktb + (p * Bk + kk) * 2);
-                const ctxcomp::bf16* vr = operand_row<V>(v.row(kh, k0 + kk), 1.f, d, dp, b.vp, b.rowb);
-                ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
-                for (index_t j = 0; j < dp; ++j) vd[2 * j] = vr[j];
-              } else {
-                for (index_t p = 0; p < d2 / 2; ++p) std::fill(ktb + (p * Bk + kk) * 2, ktb + (p * Bk + kk) * 2 + 2, ctxcomp::bf16(0.f));
-                ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
-                for (index_t j = 0; j < dp; ++j) vd[2 * j] = ctxcomp::bf16(0.f);
-              }
-            }
-            b.kt_head[tile] = kh;
-          }
-          kernels::tile_gemm_bf16<false, V>(b.qb, d2, ktb, 2 * Bk, b.s, Bk, rows, Bk, d2 / 2);
-        } else if (rows < T.few_rows) {
-          // Dot-product form: K rows read in place from the cache, widened in registers; qint8
-          // scales multiply the finished dot products.
-          for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
-            n = k.run(k0 + j, nk - j);
-            kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d,
-                                     paged ? paged_pf(k, k0 + j) : pf);
-          }
-          if constexpr (is_quantized_v<KS>) {
-            for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
-            for (index_t r = 0; r < rows; ++r) kernels::mul<V>(b.s + r * Bk, b.ks, nk);
-          }
-        } else {
-          // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
-          // and worker: later tasks of the same head reuse it. Rows are widened by vector loads.
-          const index_t tile = k0 / Bk;
-          float* kt = b.kt + tile * d * Bk;
-          if (b.kt_head[tile] != kh) {
-            for (index_t kk = 0; kk < nk; ++kk) {
-              const float* src;
-              if constexpr (std::is_same_v<KS, float>) {
-                src = k.row(kh, k0 + kk);
-              } else {
-                kernels::widen<V>(k.row(kh, k0 + kk), b.vp, d);
-                if constexpr (is_quantized_v<KS>) kernels::scale<V>(b.vp, k.scale(kh, k0 + kk), d);
-                src = b.vp;
-              }
-              for (index_t i = 0; i < d; ++i) kt[i * Bk + kk] = src[i];
-            }
-            if (nk < Bk)
-              for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);
-            b.kt_head[tile] = kh;  // (b.vp's row 0 served as the row buffer; its padding is untouched)
-          }
-          kernels::tile_gemm<false, V>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
-        }
-
-        if (vis == TileVisibility::Mixed) {
-          for (index_t qi = 0; qi < nq; ++qi) {
-            const index_t r = row(q0 + qi);
-            for (index_t kk = 0; kk < nk; ++kk)
-              if (!mask.visible(r, k0 + kk))
-                for (index_t hh = 0; hh < g; ++hh) b.s[(qi * g + hh) * Bk + kk] = kNegInf;
-          }
-        }
-        if (nk < Bk)
-          for (index_t r = 0; r < rows; ++r) std::fill(b.s + r * Bk + nk, b.s + (r + 1) * Bk, kNegInf);
-
-        // Online softmax: rescale what was accumulated when the running max grows.
-        for (index_t r = 0; r < rows; ++r) {
-          float* s = b.s + r * Bk;
-          const float mt = kernels::row_max<V>(s, Bk);
-          // Nothing visible in this tile for this row, unless the maximum is -inf because a NaN
-          // score swallowed the visible ones (max(NaN, -inf) is -inf on some paths): a NaN goes on
-          // and propagates as documented.
-          if (mt == kNegInf && std::none_of(s, s + Bk, [](float x) { return x != x; })) {
-            std::fill(s, s + Bk, 0.f);
-            continue;
-          }
-          const float mnew = std::max(bm[r], mt);
-          const float alpha = simd::ScalarVec::exp2(bm[r] - mnew);
-          const float sum = kernels::exp2_shifted<V>(s, mnew, Bk);
-          bl[r] = bl[r] * alpha + sum;
-          if (alpha != 1.f) kernels::scale<V>(bo + r * dp, alpha, dp);
-          bm[r] = mnew;
-        }
-        if constexpr (is_quantized_v<VS>) {  // p * (scale * q) = (p * scale) * q
-          for (index_t kk = 0; kk < nk; ++kk) b.vs[kk] = v.scale(kh, k0 + kk);
-          for (index_t r = 0; r < rows; ++r)
-            for (index_t kk = 0; kk < nk; ++kk) b.s[r * Bk + kk] *= b.vs[kk];
-        }
-
-        if constexpr (BF16) {  // P rounded to bf16 pairs along the keys; V packed above
-          for (index_t r = 0; r < rows; ++r) simd::round_row_bf16<V>(b.s + r * Bk, b.pb + r * Bk, Bk);
-          kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, bo, dp, rows, dp, Bk / 2);
-          continue;
-        }
-        if (dp == d && paged && rows >= T.few_rows) {
-          // Many rows over paged V: the tile's rows staged contiguously (as stored) in b.vp, free
-          // here, so the output block is loaded and stored once per tile, not once per page.
-          VS* staged = reinterpret_cast<VS*>(b.vp);
-          for (index_t kk = 0; kk < nk; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
-          kernels::tile_gemm<true, V>(b.s, Bk, staged, d, bo, dp, rows, dp, nk);
-          continue;
-        }
-        if (dp == d) {  // V rows used in place, widened in registers
-          // Splitting the keys continues each output's FMA chain in order: the same bits.
+      if constexpr (!BF16) {
+        if (interleave) {  // (few rows: the dot-product form) every head, run by run
+          constexpr index_t kRun = 16;
           for (index_t j = 0, n; j < nk; j += n) {
-            n = v.run(k0 + j, nk - j);
-            kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, bo, dp, rows, dp, n,
-                                        paged ? paged_pf(v, k0 + j) : pf);
+            n = std::min(k.run(k0 + j, nk - j), kRun);
+            for (index_t h = 0; h < k.heads; ++h)
+              kernels::tile_gemm_nt<V>(qp_of(h), d, k.row(h, k0 + j), k.token_stride, s_of(h) + j, Bk, rows, n, d,
+                                       next_run(k, h, k0 + j, n), pf_to);
+          }
+          for (index_t h = 0; h < k.heads; ++h) {
+            kh = h;
+            state_of(h);
+            softmax_tile(s_of(h), k0, nk, vis);
+          }
+          if (dp == d) {
+            for (index_t j = 0, n; j < nk; j += n) {
+              n = std::min(v.run(k0 + j, nk - j), kRun);
+              for (index_t h = 0; h < k.heads; ++h) {
+                state_of(h);
+                kernels::tile_gemm<true, V>(s_of(h) + j, Bk, v.row(h, k0 + j), v.token_stride, o_, dp, rows, dp, n,
+                                            next_run(v, h, k0 + j, n), pf_to);
+              }
+            }
+          } else {
+            for (index_t h = 0; h < k.heads; ++h) {
+              state_of(h);
+              for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(h, k0 + kk), b.vp + kk * dp, d);
+              kernels::tile_gemm<true, V>(s_of(h), Bk, b.vp, dp, o_, dp, rows, dp, nk);
+            }
           }
           continue;
         }
-        for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);
-        kernels::tile_gemm<true, V>(b.s, Bk, b.vp, dp, bo, dp, rows, dp, nk);
-      }  // kv heads (interleaved)
+      }
+
+      if constexpr (BF16) {
+        // bf16 compute: K and V tiles of this kv head packed as bf16 pairs once per worker
+        // (exact for bf16 storage; others rounded; qint8 K dequantised first, qint8 V kept as
+        // its integers, exact in bf16, its scale going into the probabilities below).
+        const index_t tile = k0 / Bk;
+        ctxcomp::bf16* ktb = b.ktb + tile * Bk * d2;
+        ctxcomp::bf16* vtb = b.vtb + tile * Bk * dp;
+        if (b.kt_head[tile] != kh) {
+          for (index_t kk = 0; kk < Bk; ++kk) {
+            if (kk < nk) {
+              const float ks = is_quantized_v<KS> ? k.scale(kh, k0 + kk) : 1.f;
+              const ctxcomp::bf16* kr = operand_row<V>(k.row(kh, k0 + kk), ks, d, d2, b.vp, b.rowb);
+              for (index_t p = 0; p < d2 / 2; ++p) std::copy(kr + 2 * p, kr + 2 * p + 2, ktb + (p * Bk + kk) * 2);
+              const ctxcomp::bf16* vr = operand_row<V>(v.row(kh, k0 + kk), 1.f, d, dp, b.vp, b.rowb);
+              ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
+              for (index_t j = 0; j < dp; ++j) vd[2 * j] = vr[j];
+            } else {
+              for (index_t p = 0; p < d2 / 2; ++p) std::fill(ktb + (p * Bk + kk) * 2, ktb + (p * Bk + kk) * 2 + 2, ctxcomp::bf16(0.f));
+              ctxcomp::bf16* vd = vtb + (kk / 2) * dp * 2 + kk % 2;
+              for (index_t j = 0; j < dp; ++j) vd[2 * j] = ctxcomp::bf16(0.f);
+            }
+          }
+          b.kt_head[tile] = kh;
+        }
+        kernels::tile_gemm_bf16<false, V>(b.qb, d2, ktb, 2 * Bk, b.s, Bk, rows, Bk, d2 / 2);
+      } else if (rows < T.few_rows) {
+        // Dot-product form: K rows read in place from the cache, widened in registers; qint8
+        // scales multiply the finished dot products (softmax_tile).
+        for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
+          n = k.run(k0 + j, nk - j);
+          kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d,
+                                   prefetch(k, kh, k0 + j), pf_to);
+        }
+      } else {
+        // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
+        // and worker: later tasks of the same head reuse it. Rows are widened by vector loads.
+        const index_t tile = k0 / Bk;
+        float* kt = b.kt + tile * d * Bk;
+        if (b.kt_head[tile] != kh) {
+          for (index_t kk = 0; kk < nk; ++kk) {
+            const float* src;
+            if constexpr (std::is_same_v<KS, float>) {
+              src = k.row(kh, k0 + kk);
+            } else {
+              kernels::widen<V>(k.row(kh, k0 + kk), b.vp, d);
+              if constexpr (is_quantized_v<KS>) kernels::scale<V>(b.vp, k.scale(kh, k0 + kk), d);
+              src = b.vp;
+            }
+            for (index_t i = 0; i < d; ++i) kt[i * Bk + kk] = src[i];
+          }
+          if (nk < Bk)
+            for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);
+          b.kt_head[tile] = kh;  // (b.vp's row 0 served as the row buffer; its padding is untouched)
+        }
+        kernels::tile_gemm<false, V>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
+      }
+
+      softmax_tile(b.s, k0, nk, vis);
+
+      if constexpr (BF16) {  // P rounded to bf16 pairs along the keys; V packed above
+        for (index_t r = 0; r < rows; ++r) simd::round_row_bf16<V>(b.s + r * Bk, b.pb + r * Bk, Bk);
+        kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, b.o, dp, rows, dp, Bk / 2);
+        continue;
+      }
+      if (dp == d && paged && rows >= T.few_rows) {
+        // Many rows over paged V: the tile's rows staged contiguously (as stored) in b.vp, free
+        // here, so the output block is loaded and stored once per tile, not once per page.
+        VS* staged = reinterpret_cast<VS*>(b.vp);
+        for (index_t kk = 0; kk < nk; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
+        kernels::tile_gemm<true, V>(b.s, Bk, staged, d, b.o, dp, rows, dp, nk);
+        continue;
+      }
+      if (dp == d) {  // V rows used in place, widened in registers
+        // Splitting the keys continues each output's FMA chain in order: the same bits.
+        for (index_t j = 0, n; j < nk; j += n) {
+          n = v.run(k0 + j, nk - j);
+          kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
+                                      prefetch(v, kh, k0 + j), pf_to);
+        }
+        continue;
+      }
+      for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);
+      kernels::tile_gemm<true, V>(b.s, Bk, b.vp, dp, b.o, dp, rows, dp, nk);
     }
 
     if (interleave) return;  // the state is in the partial slots already
@@ -481,12 +547,12 @@ void attention_impl(HeadsView<Q> q, KView k, VView v, const Mask& mask, HeadsVie
                                           opt.compute));
   detail::AttentionBuffers buf[64];
   for (index_t w = 0; w < workers; ++w) {
-    buf[w].qp = ws.take<float>(T.rows * T.head_dim);
+    buf[w].qp = ws.take<float>(T.interleave_heads * T.rows * T.head_dim);
     buf[w].kt = ws.take<float>(T.head_dim * T.kv_tile * T.kt_tiles());
     buf[w].vp = ws.take<float>(T.kv_tile * T.dim_padded);
     buf[w].ks = ws.take<float>(2 * T.kv_tile);
     buf[w].vs = buf[w].ks + T.kv_tile;
-    buf[w].s = ws.take<float>(T.rows * T.kv_tile);
+    buf[w].s = ws.take<float>(T.interleave_heads * T.rows * T.kv_tile);
     buf[w].o = ws.take<float>(T.rows * T.dim_padded);
     buf[w].m = ws.take<float>(T.rows);
     buf[w].l = ws.take<float>(T.rows);

@@ -197,22 +197,28 @@ using Vec = std::conditional_t<detail::has_arch, XsimdVec<detail::arch>, ScalarV
 using Vec = ScalarVec;
 #endif
 
+/// Where a prefetch hint asks a line to go: L1 (x86 prefetcht0) or L2 (prefetcht1). Data read
+/// soon, in a small window (the next page of a paged cache), goes to L1; data a tile or more
+/// ahead goes to L2, where the reads in between do not evict it.
+enum class PrefetchTo : int { l2 = 2, l1 = 3 };
+
 /// Asks for the cache line holding `p` (a hint: `p` need not be valid; nothing is read
 /// architecturally).
+template <PrefetchTo To = PrefetchTo::l1>
 inline void prefetch(const void* p) noexcept {
 #if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 3);
+  __builtin_prefetch(p, 0, int(To));
 #else
   (void)p;
 #endif
 }
 
 /// Asks for the cache lines of the `Bytes` bytes from `p` (unrolled: no loop in the caller).
-template <int Bytes>
+template <int Bytes, PrefetchTo To = PrefetchTo::l1>
 inline void prefetch_bytes(const void* p) noexcept {
   const char* c = static_cast<const char*>(p);
 #pragma GCC unroll 16
-  for (int b = 0; b < Bytes; b += 64) prefetch(c + b);
+  for (int b = 0; b < Bytes; b += 64) prefetch<To>(c + b);
 }
 
 /// Name of the instruction set the default kernels were compiled for ("avx512bw", "scalar", ...).

@@ -19,7 +19,8 @@ struct TileGemmShape {
   static constexpr int NV = V::registers >= 32 ? 4 : (V::width == 1 ? 4 : 3);  ///< vectors of columns per block
 };
 
-template <class V, int MR, int NV, bool Accumulate, bool Prefetch = false, class TB>
+/// Prefetch: 0 none, else the rows pf on are asked for, into simd::PrefetchTo(Prefetch).
+template <class V, int MR, int NV, bool Accumulate, int Prefetch = 0, class TB>
 inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
                             index_t K, index_t pf = 0) noexcept {
   constexpr int W = V::width;
@@ -28,7 +29,8 @@ inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ld
     for (int j = 0; j < NV; ++j) acc[i][j] = Accumulate ? V::load(C + i * ldc + j * W) : V::zero();
   for (index_t kk = 0; kk < K; ++kk) {
     typename V::type b[NV];
-    if constexpr (Prefetch) simd::prefetch_bytes<NV * W * int(sizeof(TB))>(B + (kk + pf) * ldb);
+    if constexpr (Prefetch != 0)
+      simd::prefetch_bytes<NV * W * int(sizeof(TB)), simd::PrefetchTo(Prefetch)>(B + (kk + pf) * ldb);
     for (int j = 0; j < NV; ++j) b[j] = V::load(B + kk * ldb + j * W);
     for (int i = 0; i < MR; ++i) {
       const auto a = V::broadcast(A[i * lda + kk]);
@@ -40,7 +42,7 @@ inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ld
 }
 
 namespace detail {
-template <class V, int MR, bool Acc, bool PF, int NV = TileGemmShape<V>::NV, class TB>
+template <class V, int MR, bool Acc, int PF, int NV = TileGemmShape<V>::NV, class TB>
 inline void tile_gemm_cols(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
                            index_t nvec, index_t K, index_t pf) noexcept {
   constexpr int W = V::width;
@@ -50,45 +52,50 @@ inline void tile_gemm_cols(const float* A, index_t lda, const TB* B, index_t ldb
     if (j < nvec) tile_gemm_cols<V, MR, Acc, PF, NV - 1>(A, lda, B + j * W, ldb, C + j * W, ldc, nvec - j, K, pf);
   }
 }
-template <class V, bool Acc, bool PF, int MR = TileGemmShape<V>::MR, class TB>
+template <class V, bool Acc, int PF, int MR = TileGemmShape<V>::MR, class TB>
 inline void tile_gemm_rows(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
                            index_t M, index_t nvec, index_t K, index_t pf) noexcept {
   index_t i = 0;
   if (M >= MR) {  // the first block of rows asks for the B rows ahead; the others find B in cache
     tile_gemm_cols<V, MR, Acc, PF>(A, lda, B, ldb, C, ldc, nvec, K, pf);
     for (i = MR; i + MR <= M; i += MR)
-      tile_gemm_cols<V, MR, Acc, false>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K, 0);
+      tile_gemm_cols<V, MR, Acc, 0>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K, 0);
   }
   if constexpr (MR > 1) {
     if (i < M) {
       if (i == 0) tile_gemm_rows<V, Acc, PF, MR - 1>(A, lda, B, ldb, C, ldc, M, nvec, K, pf);
-      else tile_gemm_rows<V, Acc, false, MR - 1>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, M - i, nvec, K, 0);
+      else tile_gemm_rows<V, Acc, 0, MR - 1>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, M - i, nvec, K, 0);
     }
   }
 }
 }  // namespace detail
 
-/// C = A * B (Accumulate = false) or C += A * B. N % V::width == 0. With `prefetch_rows` > 0,
-/// each B row read also asks for the row that many rows further on (a hint for B streamed from
-/// memory, e.g. a V cache; the addresses need not be valid).
+/// C = A * B (Accumulate = false) or C += A * B. N % V::width == 0. With `prefetch_rows` != 0,
+/// each B row read also asks for the row that many rows further on, into cache level `to` (a
+/// hint for B streamed from memory, e.g. a V cache; the addresses need not be valid).
 template <bool Accumulate, class V = simd::Vec, class TB>
 inline void tile_gemm(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
-                      index_t N, index_t K, index_t prefetch_rows = 0) noexcept {
+                      index_t N, index_t K, index_t prefetch_rows = 0,
+                      simd::PrefetchTo to = simd::PrefetchTo::l2) noexcept {
   if (M <= 0 || N <= 0) return;
+  constexpr int L1 = int(simd::PrefetchTo::l1), L2 = int(simd::PrefetchTo::l2);
+  const index_t nvec = N / V::width, pf = prefetch_rows;
   // One row (decode): up to 8 vectors of columns per block, so a B row (e.g. a V row of 128
   // dims) is read whole and 8 independent FMA chains hide the FMA latency.
   if (M == 1 && V::registers >= 32) {
-    if (prefetch_rows) return detail::tile_gemm_cols<V, 1, Accumulate, true, 8>(A, lda, B, ldb, C, ldc, N / V::width, K, prefetch_rows);
-    return detail::tile_gemm_cols<V, 1, Accumulate, false, 8>(A, lda, B, ldb, C, ldc, N / V::width, K, 0);
+    if (pf == 0) return detail::tile_gemm_cols<V, 1, Accumulate, 0, 8>(A, lda, B, ldb, C, ldc, nvec, K, 0);
+    if (to == simd::PrefetchTo::l1) return detail::tile_gemm_cols<V, 1, Accumulate, L1, 8>(A, lda, B, ldb, C, ldc, nvec, K, pf);
+    return detail::tile_gemm_cols<V, 1, Accumulate, L2, 8>(A, lda, B, ldb, C, ldc, nvec, K, pf);
   }
-  if (prefetch_rows) return detail::tile_gemm_rows<V, Accumulate, true>(A, lda, B, ldb, C, ldc, M, N / V::width, K, prefetch_rows);
-  detail::tile_gemm_rows<V, Accumulate, false>(A, lda, B, ldb, C, ldc, M, N / V::width, K, 0);
+  if (pf == 0) return detail::tile_gemm_rows<V, Accumulate, 0>(A, lda, B, ldb, C, ldc, M, nvec, K, 0);
+  if (to == simd::PrefetchTo::l1) return detail::tile_gemm_rows<V, Accumulate, L1>(A, lda, B, ldb, C, ldc, M, nvec, K, pf);
+  detail::tile_gemm_rows<V, Accumulate, L2>(A, lda, B, ldb, C, ldc, M, nvec, K, pf);
 }
 
 namespace detail {
 /// Blocks of RB rows x CB columns of C = A * B^T fill one vector of W partial sums each, reduced
 /// together; rows / columns past the edge repeat the last one and are not stored.
-template <class V, int RB, int CB, class TB>
+template <class V, int RB, int CB, simd::PrefetchTo To, class TB>
 inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
                                 index_t M, index_t N, index_t K, index_t pf) noexcept {
   constexpr int W = V::width;
@@ -124,7 +131,7 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
         for (index_t k = 0; k < kv; k += W) {
           if (pfk && k % line == 0)
 #pragma GCC unroll 16
-            for (int c = 0; c < CB; ++c) simd::prefetch(b[c] + pfk + k);
+            for (int c = 0; c < CB; ++c) simd::prefetch<To>(b[c] + pfk + k);
           typename V::type bv[CB];
 #pragma GCC unroll 16
           for (int c = 0; c < CB; ++c) bv[c] = V::load(b[c] + k);
@@ -164,16 +171,25 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
 
 /// C[M x N] = A[M x K] * B[N x K]^T, both operands row-major along K (dot-product form: no
 /// transposition, for few rows such as decode, where B is read once straight from a cache and
-/// widened in registers). With `prefetch_rows` > 0, the rows that many rows past each B row
-/// read are asked for (a hint for B streamed from memory; the addresses need not be valid).
+/// widened in registers). With `prefetch_rows` != 0, the rows that many rows past each B row
+/// read are asked for into cache level `to` (a hint for B streamed from memory; the addresses
+/// need not be valid).
 /// One row (decode with one query head per kv head) takes W columns per block, several rows
 /// W / 4 rows x 4 columns, so no lane computes a repeated row.
 template <class V = simd::Vec, class TB>
 inline void tile_gemm_nt(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
-                         index_t N, index_t K, index_t prefetch_rows = 0) noexcept {
+                         index_t N, index_t K, index_t prefetch_rows = 0,
+                         simd::PrefetchTo to = simd::PrefetchTo::l2) noexcept {
   constexpr int W = V::width, CB = W >= 4 ? 4 : 1;
-  if (M == 1) detail::tile_gemm_nt_blocks<V, 1, W>(A, lda, B, ldb, C, ldc, M, N, K, prefetch_rows);
-  else detail::tile_gemm_nt_blocks<V, W / CB, CB>(A, lda, B, ldb, C, ldc, M, N, K, prefetch_rows);
+  using P = simd::PrefetchTo;
+  const index_t pf = prefetch_rows;
+  if (M == 1) {
+    if (to == P::l1) detail::tile_gemm_nt_blocks<V, 1, W, P::l1>(A, lda, B, ldb, C, ldc, M, N, K, pf);
+    else detail::tile_gemm_nt_blocks<V, 1, W, P::l2>(A, lda, B, ldb, C, ldc, M, N, K, pf);
+  } else {
+    if (to == P::l1) detail::tile_gemm_nt_blocks<V, W / CB, CB, P::l1>(A, lda, B, ldb, C, ldc, M, N, K, pf);
+    else detail::tile_gemm_nt_blocks<V, W / CB, CB, P::l2>(A, lda, B, ldb, C, ldc, M, N, K, pf);
+  }
 }
 
 // ---- bf16 compute (core/bf16dot.hpp): C (+)= A * B over bf16 pairs, fp32 accumulation ----
