@@ -172,10 +172,6 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   // Paged K/V: the in-place kernels run once per stretch of rows within a page, and decode's
   // prefetch hints go through the page table (paged_pf below), not a fixed stride.
   constexpr bool paged = is_paged_view_v<KView> || is_paged_view_v<VView>;
-  // Hints for a contiguous cache run a tile ahead and go to L2 (in L1 the reads in between would
-  // evict them); paged hints ask for the next page only, into L1 (measured: either choice the
-  // other way round costs 10-15% of a decode step on Zen 5).
-  constexpr simd::PrefetchTo pf_to = paged ? simd::PrefetchTo::l1 : simd::PrefetchTo::l2;
   using OS = std::remove_const_t<O>;
   AttentionTiling<V> tilings[kMaxRowGroups] = {
       {q.heads, k.heads, 1, q.head_dim, k.tokens}, {q.heads, k.heads, 1, q.head_dim, k.tokens},
@@ -215,6 +211,11 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   };
   const bool interleave = !BF16 && group_count == 1 && call.interleave_heads == k.heads &&
                           tilings[0].rows < AttentionTiling<V>::few_rows && heads_together(k) && heads_together(v);
+  // Where decode's prefetch hints send the lines (measured on Zen 5; the other choice costs
+  // 10-20% of the step): L1 for a head-major cache (one tile ahead in the head's own stream) and
+  // for pages (the next page); L2 for interleaved token-major rows, whose next run is far enough
+  // away in the reads of the other heads that L1 would evict it first.
+  const simd::PrefetchTo pf_to = interleave && !paged ? simd::PrefetchTo::l2 : simd::PrefetchTo::l1;
 
   exec.parallel_for(interleave ? per_head * splits : k.heads * per_head * splits, [&](index_t item, index_t worker) {
     const AttentionBuffers& b = buf[worker];
