@@ -5,6 +5,7 @@
 // layouts, and bad input (page tables, pools, strides, metadata) leaving the cache unchanged.
 #include <cstring>
 #include <numeric>
+#include <random>
 
 #include <ctxcomp/io/safetensors.hpp>
 
@@ -224,6 +225,79 @@ TEST_CASE("paged folding is bit-identical to contiguous; cells reuse freed cells
   const auto order = kv::logical_order(cells.kv);
   CHECK_FALSE(std::is_sorted(order.begin(), order.end()));
   CHECK(test::kept_tokens(cells.kv) == test::kept_tokens(contiguous));
+}
+
+TEST_CASE("cell appends take the first free cells without scanning the cache", "[layouts][cells]") {
+  // A brute-force model of the metadata (first free cells counted from cell 0, counts recounted
+  // from scratch) against CellKv over random appends, evictions, truncations, rollbacks and
+  // compactions; the handle's remembered lowest free cell must never change which cells it takes.
+  const KvShape s{1, 2, 8};
+  const index_t cells_n = 300;
+  std::vector<float> k(std::size_t(cells_n * s.kv_heads * s.head_dim)), v(k.size());
+  std::vector<std::int64_t> pos(std::size_t(cells_n), -1);
+  std::vector<index_t> idx(std::size_t(cells_n), 0);
+  CellKv<float> kv(s, KvBuffers<float>::token_major(k.data(), v.data(), s, cells_n), cells_n, pos.data(), idx.data());
+  std::mt19937 rng(11);
+  index_t next = 0;
+  auto free_cells = [&](index_t count) {
+    std::vector<index_t> r;
+    for (index_t c = 0; c < cells_n && index_t(r.size()) < count; ++c)
+      if (pos[std::size_t(c)] < 0) r.push_back(c);
+    return r;
+  };
+  for (int step = 0; step < 3000; ++step) {
+    const int op = int(rng() % 10);
+    if (op < 6) {  // append 1-12 tokens
+      const index_t count = 1 + index_t(rng() % 12);
+      const auto expect = free_cells(count);
+      std::vector<std::int64_t> p(static_cast<std::size_t>(count));
+      std::vector<index_t> t(static_cast<std::size_t>(count)), slots(static_cast<std::size_t>(count), -1);
+      for (index_t i = 0; i < count; ++i) p[std::size_t(i)] = next + i, t[std::size_t(i)] = next + i;
+      if (index_t(expect.size()) < count) {
+        const auto before = pos;
+        CHECK_THROWS_WITH(kv.append(count, p.data(), t.data(), slots.data()), Contains("do not fit"));
+        CHECK(pos == before);
+        continue;
+      }
+      kv.append(count, p.data(), t.data(), slots.data());
+      REQUIRE(slots == expect);
+      next += count;
+      if (op == 5) kv.unappend(slots.data(), count);  // roll it back
+    } else if (op < 9 && kv.slots() > 0) {  // evict a random range of cells
+      const index_t a = index_t(rng() % std::uint32_t(kv.slots())), b = std::min(kv.slots(), a + 1 + index_t(rng() % 25));
+      kv.evict({{a, b}});
+    } else if (kv.slots() > 0) {
+      if (rng() % 2) kv.truncate(index_t(rng() % std::uint32_t(kv.slots())));
+      else kv.compact();
+    }
+    index_t live = 0, used = 0, last = -1;
+    for (index_t c = 0; c < cells_n; ++c)
+      if (pos[std::size_t(c)] >= 0) ++live, used = c + 1, last = std::max(last, idx[std::size_t(c)]);
+    REQUIRE(kv.size() == live);
+    REQUIRE(kv.room() == cells_n - live);
+    REQUIRE(kv.slots() == used);
+    REQUIRE(kv.last_token_index() == last);
+  }
+
+  // Two sequences over the same cells: a handle made before the other sequence freed cells
+  // below its own still finds room (it scans again from cell 0 before giving up).
+  std::vector<std::int64_t> p2(std::size_t(cells_n), -1);
+  std::vector<index_t> i2(std::size_t(cells_n), 0);
+  std::vector<std::int32_t> seq(std::size_t(cells_n), 0);
+  CellKv<float> b(s, KvBuffers<float>::token_major(k.data(), v.data(), s, cells_n), cells_n, p2.data(), i2.data(), seq.data(), 1);
+  std::vector<std::int64_t> pp(static_cast<std::size_t>(cells_n));
+  std::vector<index_t> ti(static_cast<std::size_t>(cells_n)), slots(static_cast<std::size_t>(cells_n));
+  std::iota(pp.begin(), pp.end(), 0);
+  std::iota(ti.begin(), ti.end(), 0);
+  b.append(100, pp.data(), ti.data(), slots.data());  // cells 0-99: sequence 1
+  CHECK(slots[99] == 99);
+  CellKv<float> a2(s, KvBuffers<float>::token_major(k.data(), v.data(), s, cells_n), cells_n, p2.data(), i2.data(), seq.data(), 0);
+  a2.append(200, pp.data(), ti.data(), slots.data());  // cells 100-299: sequence 0, none left
+  CHECK((slots[0] == 100 && slots[199] == 299));
+  b.evict({{0, 40}});  // sequence 1 frees cells 0-39 behind a2's back
+  a2.append(40, pp.data() + 200, ti.data() + 200, slots.data());
+  CHECK((slots[0] == 0 && slots[39] == 39));
+  CHECK(std::count(seq.begin(), seq.begin() + 40, 0) == 40);
 }
 
 TEST_CASE("every sac fixture through the host in every KV layout", "[layouts][sac][fixtures]") {

@@ -254,6 +254,10 @@ TEST_CASE("cell caches: free cells are reused first; bad metadata is refused by 
   index_t more[4] = {-7, -7, -7, -7};
   CHECK_FALSE(cells::find_free(meta, 4, more));
   CHECK(more[0] == -7);
+  CHECK(cells::find_free(meta, 2, more, 3));  // from cell 3 on
+  CHECK((more[0] == 4 && more[1] == 5 && more[2] == -7));
+  CHECK_FALSE(cells::find_free(meta, 3, more, 3));
+  CHECK_THROWS_WITH(cells::find_free(meta, 1, more, 7), Contains("start cell 7 is outside [0, 6]"));
   CHECK_THROWS_WITH(cells::free_range(meta, 4, 7), Contains("[4, 7) is outside the 6 cells"));
   CHECK(pos == std::vector<std::int64_t>{0, 1, -1, 3, -1, -1});
 

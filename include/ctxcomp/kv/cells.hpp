@@ -35,14 +35,17 @@ inline void free_range(const CellMeta& m, index_t begin, index_t end) {
   std::fill(m.pos + begin, m.pos + end, std::int64_t(-1));
 }
 
-/// The first `count` free cells in order into `slots` (appends fill free cells first). Returns
-/// false, writing nothing, when fewer than `count` cells are free.
-inline bool find_free(const CellMeta& m, index_t count, index_t* slots) {
+/// The first `count` free cells from cell `from` on, in order, into `slots` (appends fill free
+/// cells first). Returns false, writing nothing, when fewer than `count` of them are free. Costs
+/// the cells scanned up to the last one taken, so a caller that knows every cell below `from` is
+/// occupied (CellKv) pays for the cells it takes, not for the cache.
+inline bool find_free(const CellMeta& m, index_t count, index_t* slots, index_t from = 0) {
   CTXCOMP_CHECK(m.pos != nullptr && (count == 0 || slots != nullptr), "cells::find_free: null array");
+  CTXCOMP_CHECK(from >= 0 && from <= m.cells, "cells::find_free: start cell ", from, " is outside [0, ", m.cells, "]");
   index_t found = 0;
-  for (index_t c = 0; c < m.cells && found < count; ++c) found += m.pos[c] < 0;
+  for (index_t c = from; c < m.cells && found < count; ++c) found += m.pos[c] < 0;
   if (found < count) return false;
-  for (index_t c = 0, k = 0; k < count; ++c)
+  for (index_t c = from, k = 0; k < count; ++c)
     if (m.pos[c] < 0) slots[k++] = c;
   return true;
 }

@@ -408,6 +408,11 @@ class ContiguousKv {
 /// a logical token index and optionally a sequence id (cells of other sequences are neither
 /// seen nor touched). Evicting marks cells free and moves nothing; appends take the first free
 /// cells; attention covers cells [0, slots()) and masks the rest (CellSentinel, CellOrder).
+/// The handle keeps its counts (size, room, slots, last token index, lowest free cell) up to
+/// date through its own calls, so an append costs the cells it takes, not a scan of the cache.
+/// When the host or another sequence's handle changes the metadata, construct the handle again
+/// (a stale handle stays safe: an append re-scans from cell 0 before it reports "does not fit",
+/// but may take free cells above ones freed behind its back).
 template <class T>
 class CellKv {
   static_assert(is_kv_type_v<T>, "CellKv: the storage type must be float, bf16, fp16 or qint8");
@@ -465,8 +470,11 @@ class CellKv {
     const char* fn = "CellKv::append";
     detail::check_append(count, positions, token_index, last_index_, fn);
     CTXCOMP_CHECK(count == 0 || slots_out != nullptr, fn, ": slots_out is required (free cells are scattered)");
-    CTXCOMP_CHECK(cells::find_free(meta(), count, slots_out), fn, ": ", count, " tokens do not fit (", cells_ - free_,
-                  " of ", cells_, " cells used)");
+    // Every cell below first_free_ is occupied as far as this handle knows; when the metadata
+    // changed behind it (another sequence's handle freed cells below), the scan starts over.
+    const bool fits = cells::find_free(meta(), count, slots_out, first_free_) ||
+                      (first_free_ > 0 && cells::find_free(meta(), count, slots_out, 0));
+    CTXCOMP_CHECK(fits, fn, ": ", count, " tokens do not fit (", cells_ - free_, " of ", cells_, " cells used)");
     for (index_t i = 0; i < count; ++i) {
       const index_t c = slots_out[i];
       pos_[c] = positions[i], idx_[c] = token_index[i];
@@ -474,7 +482,7 @@ class CellKv {
       used_ = std::max(used_, c + 1);
     }
     size_ += count, free_ -= count;
-    if (count > 0) last_index_ = token_index[count - 1];
+    if (count > 0) last_index_ = token_index[count - 1], first_free_ = slots_out[count - 1] + 1;
     return count > 0 ? slots_out[0] : used_;
   }
   /// Frees the cells of an append.
@@ -490,7 +498,7 @@ class CellKv {
     bool newest = false;  // the newest token was freed: last_token_index() must be recomputed
     for (const auto& r : ranges)
       for (index_t c = r.begin; c < r.end; ++c)
-        if (live(c)) pos_[c] = -1, ++st.tokens, newest |= idx_[c] == last_index_;
+        if (live(c)) pos_[c] = -1, ++st.tokens, newest |= idx_[c] == last_index_, first_free_ = std::min(first_free_, c);
     // Costs the freed cells (plus the cells below a freed last one), not the cache.
     size_ -= st.tokens, free_ += st.tokens;
     while (used_ > 0 && !live(used_ - 1)) --used_;
@@ -548,11 +556,12 @@ class CellKv {
     while (c >= 0 && pos_[c] < 0) --c;
     return c;
   }
-  // Recounts the live cells, the free cells, the attention range and the last token index.
+  // Recounts the live cells, the free cells, the first free cell, the attention range and the
+  // last token index.
   void rescan() noexcept {
-    size_ = 0, free_ = 0, used_ = 0, last_index_ = -1;
+    size_ = 0, free_ = 0, used_ = 0, last_index_ = -1, first_free_ = cells_;
     for (index_t c = 0; c < cells_; ++c) {
-      free_ += pos_[c] < 0;
+      if (pos_[c] < 0) ++free_, first_free_ = std::min(first_free_, c);
       if (live(c)) ++size_, used_ = c + 1, last_index_ = std::max(last_index_, idx_[c]);
     }
   }
@@ -560,6 +569,7 @@ class CellKv {
   KvShape s_;
   KvBuffers<T> b_;
   index_t cells_ = 0, size_ = 0, free_ = 0, used_ = 0, last_index_ = -1;
+  index_t first_free_ = 0;  // no free cell below (as far as this handle's own operations tell)
   std::int64_t* pos_ = nullptr;
   index_t* idx_ = nullptr;
   std::int32_t* seq_ = nullptr;
