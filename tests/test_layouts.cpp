@@ -227,6 +227,24 @@ TEST_CASE("paged folding is bit-identical to contiguous; cells reuse freed cells
   CHECK(test::kept_tokens(cells.kv) == test::kept_tokens(contiguous));
 }
 
+TEST_CASE("RangeCollector merges neighbouring slots, in its buffer or past it", "[layouts]") {
+  for (index_t runs : {0, 1, 31, 32, 33, 200}) {
+    RangeCollector c;
+    std::vector<TokenRange> naive;
+    for (index_t r = 0; r < runs; ++r) {
+      const index_t b = 10 * r + r % 3, n = 1 + r % 4;  // runs of 1-4 slots with gaps
+      for (index_t s = b; s < b + n; ++s) c.add(s);
+      naive.push_back({b, b + n});
+    }
+    const TokenRanges got = c.ranges();
+    REQUIRE(got.size() == runs);
+    for (index_t r = 0; r < runs; ++r) {
+      CHECK(got.begin()[r].begin == naive[std::size_t(r)].begin);
+      CHECK(got.begin()[r].end == naive[std::size_t(r)].end);
+    }
+  }
+}
+
 TEST_CASE("cell appends take the first free cells without scanning the cache", "[layouts][cells]") {
   // A brute-force model of the metadata (first free cells counted from cell 0, counts recounted
   // from scratch) against CellKv over random appends, evictions, truncations, rollbacks and

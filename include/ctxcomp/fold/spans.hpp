@@ -98,7 +98,7 @@ class SpanTracker {
 template <class Kv>
 index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, EvictStats* stats = nullptr) {
   CTXCOMP_CHECK(first_span >= 0, "fold: negative first span (", first_span, ")");
-  std::vector<TokenRange> drop;
+  RangeCollector drop;  // no allocation for the runs of a span or a few
   const index_t* idx = cache.token_index();
   if (first_span >= spans.closed_spans()) {
     if (stats) *stats = EvictStats{};
@@ -110,8 +110,7 @@ index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, E
     CTXCOMP_CHECK(idx[s] >= 0 && idx[s] < spans.size(), "fold: cache slot ", s, " holds stream token ", idx[s],
                   " which the tracker has not seen");
     if (idx[s] < since || !spans.evictable(idx[s])) return;
-    if (!drop.empty() && drop.back().end == s) drop.back().end = s + 1;
-    else drop.push_back({s, s + 1});
+    drop.add(s);
   };
   if constexpr (!Kv::has_holes) {  // token indices increase: start at the span's <CL>
     for (index_t s = index_t(std::lower_bound(idx, idx + cache.size(), since) - idx); s < cache.slots(); ++s) visit(s);
@@ -126,7 +125,7 @@ index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, E
           if ((hits >> (s - b)) & 1u) visit(s);
     }
   }
-  const EvictStats st = cache.evict(drop);
+  const EvictStats st = cache.evict(drop.ranges());
   if (stats) *stats = st;
   return st.tokens;
 }

@@ -89,7 +89,7 @@ class KvCache {
   /// Removes the slots of `ranges` (sorted, disjoint, within [0, size())) from every layer and
   /// compacts the rest in place, keeping order, positions and token indices. On error the
   /// cache is unchanged.
-  EvictStats evict(const std::vector<TokenRange>& ranges) {
+  EvictStats evict(TokenRanges ranges) {
     if (capacity_ == 0 && ranges.empty()) return {};
     return update(layout().evict(ranges));
   }

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <iterator>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -44,6 +45,57 @@ namespace ctxcomp {
 struct TokenRange {
   index_t begin = 0;  ///< first slot
   index_t end = 0;    ///< one past the last slot
+};
+
+/// Eviction ranges as passed to evict(): sorted, disjoint ranges the caller owns (a vector, a
+/// braced list, or a pointer and a count). A view: nothing is copied or allocated.
+class TokenRanges {
+ public:
+  TokenRanges() = default;
+  TokenRanges(const TokenRange* data, index_t count) noexcept : data_(data), size_(count) {}
+  TokenRanges(const std::vector<TokenRange>& v) noexcept  // NOLINT: implicit, as a view
+      : data_(v.data()), size_(index_t(v.size())) {}
+  /// A braced list (its array lives until the end of the call the view is passed to).
+  TokenRanges(std::initializer_list<TokenRange> l) noexcept {
+    data_ = std::data(l);
+    size_ = index_t(l.size());
+  }
+  const TokenRange* begin() const noexcept { return data_; }
+  const TokenRange* end() const noexcept { return data_ + size_; }
+  index_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+
+ private:
+  const TokenRange* data_ = nullptr;
+  index_t size_ = 0;
+};
+
+/// Collects increasing slots as ranges (neighbours merged) for evict(): in a fixed buffer, so a
+/// fold or truncation of a few runs never allocates; past kInline ranges it spills to the heap.
+class RangeCollector {
+ public:
+  /// Adds slot s (greater than every slot added before).
+  void add(index_t s) {
+    if (n_ > 0 && back().end == s) {
+      ++back().end;
+      return;
+    }
+    if (n_ < kInline) {
+      local_[n_++] = {s, s + 1};
+      return;
+    }
+    if (heap_.empty()) heap_.assign(local_, local_ + kInline);
+    heap_.push_back({s, s + 1});
+    ++n_;
+  }
+  TokenRanges ranges() const noexcept { return n_ <= kInline ? TokenRanges(local_, n_) : TokenRanges(heap_); }
+
+ private:
+  static constexpr index_t kInline = 32;
+  TokenRange& back() noexcept { return n_ <= kInline ? local_[n_ - 1] : heap_.back(); }
+  TokenRange local_[kInline];
+  std::vector<TokenRange> heap_;
+  index_t n_ = 0;
 };
 
 /// What an eviction did: tokens removed, bytes of K/V (and scales) moved, pages returned.
@@ -171,7 +223,7 @@ inline void check_row_strides(index_t head_dim, std::initializer_list<std::pair<
 }
 
 /// Checks eviction ranges: sorted, disjoint, within [0, limit).
-inline void check_ranges(const std::vector<TokenRange>& ranges, index_t limit, const char* fn) {
+inline void check_ranges(TokenRanges ranges, index_t limit, const char* fn) {
   index_t last = 0;
   for (const auto& r : ranges) {
     CTXCOMP_CHECK(r.begin >= last && r.begin <= r.end && r.end <= limit, fn, ": range [", r.begin, ", ", r.end,
@@ -196,7 +248,7 @@ inline std::vector<TokenRange> ranges_outside(const std::vector<index_t>& keep, 
 /// Calls move(src, dst, n) for each run of kept slots that must move left when `ranges` (checked)
 /// are removed from [0, size); returns the number of slots kept.
 template <class F>
-index_t for_each_moved_run(const std::vector<TokenRange>& ranges, index_t size, F&& move) {
+index_t for_each_moved_run(TokenRanges ranges, index_t size, F&& move) {
   index_t dst = 0, src = 0;
   for (const auto& r : ranges) {
     if (r.begin > src && src != dst) move(src, dst, r.begin - src);
@@ -245,7 +297,7 @@ std::size_t move_tokens(const View& v, index_t src, index_t dst, index_t n) noex
 /// Compacts a dense (hole-free) layout: removes `ranges` (checked) from every layer's K and V
 /// and from the per-slot metadata. Returns the stats; the caller sets its new size.
 template <class Kv>
-EvictStats compact_dense(Kv& kv, const std::vector<TokenRange>& ranges, std::int64_t* pos, index_t* idx) {
+EvictStats compact_dense(Kv& kv, TokenRanges ranges, std::int64_t* pos, index_t* idx) {
   EvictStats st;
   for (index_t l = 0; l < kv.layers(); ++l)
     for (const auto& view : {kv.keys(l), kv.values(l)})
@@ -368,7 +420,7 @@ class ContiguousKv {
   }
   /// Removes the slots of `ranges` (sorted, disjoint, within [0, size())) from every layer,
   /// compacting in place. On error nothing changes.
-  EvictStats evict(const std::vector<TokenRange>& ranges) {
+  EvictStats evict(TokenRanges ranges) {
     detail::check_ranges(ranges, size_, kv_cache_ ? "KvCache::evict" : "ContiguousKv::evict");
     const EvictStats st = detail::compact_dense(*this, ranges, pos_, idx_);
     size_ -= st.tokens;
@@ -492,7 +544,7 @@ class CellKv {
   }
   /// Marks this sequence's live cells in `ranges` (sorted, disjoint, within [0, slots())) free.
   /// Nothing moves.
-  EvictStats evict(const std::vector<TokenRange>& ranges) {
+  EvictStats evict(TokenRanges ranges) {
     detail::check_ranges(ranges, used_, "CellKv::evict");
     EvictStats st;
     bool newest = false;  // the newest token was freed: last_token_index() must be recomputed
@@ -682,7 +734,7 @@ class PagedKv {
   /// Removes `ranges` (sorted, disjoint, within [0, size())), compacting the tokens after the
   /// first range through the page table; pages left empty go back onto the pool's free list
   /// (the top `pages_freed` entries). On error nothing changes.
-  EvictStats evict(const std::vector<TokenRange>& ranges) {
+  EvictStats evict(TokenRanges ranges) {
     detail::check_ranges(ranges, size_, "PagedKv::evict");
     EvictStats st = detail::compact_dense(*this, ranges, pos_, idx_);
     st.pages_freed = shrink_to(size_ - st.tokens);
@@ -764,13 +816,10 @@ EvictStats truncate_logical(Kv& cache, index_t token_index) {
   if constexpr (!Kv::has_holes) {
     return cache.truncate(index_t(std::lower_bound(idx, idx + cache.size(), token_index) - idx));
   } else {
-    std::vector<TokenRange> drop;
+    RangeCollector drop;
     for (index_t c = 0; c < cache.slots(); ++c)
-      if (cache.live(c) && idx[c] >= token_index) {
-        if (!drop.empty() && drop.back().end == c) ++drop.back().end;
-        else drop.push_back({c, c + 1});
-      }
-    return cache.evict(drop);
+      if (cache.live(c) && idx[c] >= token_index) drop.add(c);
+    return cache.evict(drop.ranges());
   }
 }
 
