@@ -307,7 +307,8 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           continue;
         }
         const float mnew = std::max(bm[r], mt);
-        const float alpha = simd::ScalarVec::exp2(bm[r] - mnew);
+        // An unchanged finite maximum rescales by exp2(0) = 1 exactly: no call (most decode tiles).
+        const float alpha = bm[r] == mnew && std::isfinite(mnew) ? 1.f : simd::ScalarVec::exp2(bm[r] - mnew);
         const float sum = kernels::exp2_shifted<V>(s, mnew, Bk);
         bl[r] = bl[r] * alpha + sum;
         if (alpha != 1.f) kernels::scale<V>(bo + r * dp, alpha, dp);
