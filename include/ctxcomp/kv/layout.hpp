@@ -51,8 +51,11 @@ struct TokenRange {
 /// braced list, or a pointer and a count). A view: nothing is copied or allocated.
 class TokenRanges {
  public:
+  /// No ranges.
   TokenRanges() = default;
+  /// `count` ranges starting at `data` (the caller keeps them alive while the view is used).
   TokenRanges(const TokenRange* data, index_t count) noexcept : data_(data), size_(count) {}
+  /// Every range of `v` (a view: `v` must outlive it).
   TokenRanges(const std::vector<TokenRange>& v) noexcept  // NOLINT: implicit, as a view
       : data_(v.data()), size_(index_t(v.size())) {}
   /// A braced list (its array lives until the end of the call the view is passed to).
@@ -60,9 +63,13 @@ class TokenRanges {
     data_ = std::data(l);
     size_ = index_t(l.size());
   }
+  /// First range.
   const TokenRange* begin() const noexcept { return data_; }
+  /// One past the last range.
   const TokenRange* end() const noexcept { return data_ + size_; }
+  /// Number of ranges.
   index_t size() const noexcept { return size_; }
+  /// True when there are no ranges.
   bool empty() const noexcept { return size_ == 0; }
 
  private:
@@ -88,6 +95,7 @@ class RangeCollector {
     heap_.push_back({s, s + 1});
     ++n_;
   }
+  /// The ranges collected so far, as a view valid until the next add() or the collector's end.
   TokenRanges ranges() const noexcept { return n_ <= kInline ? TokenRanges(local_, n_) : TokenRanges(heap_); }
 
  private:
