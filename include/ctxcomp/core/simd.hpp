@@ -56,6 +56,7 @@ struct ScalarVec {
 #endif
   }
   static type max(type a, type b) noexcept { return a > b ? a : b; }
+  static type pin(type v) noexcept { return v; }
   static type exp2(type x) noexcept { return std::exp2(x); }
   static type exp(type x) noexcept { return std::exp(x); }
   static type div(type a, type b) noexcept { return a / b; }
@@ -135,6 +136,18 @@ struct XsimdVec {
     return xsimd::fma(a, b, c);
   }
   static type max(type a, type b) noexcept { return xsimd::max(a, b); }
+  /// v, held in a register from here on: the compiler may not fold its load into each use. A
+  /// row loaded once and used by several FMAs is otherwise re-read from L1 by every one of them
+  /// (GCC does so), and the loads, not the FMAs, then bound the loop.
+  static type pin(type v) noexcept {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    auto r = static_cast<typename type::register_type>(v);
+    __asm__("" : "+v"(r));
+    return type(r);
+#else
+    return v;
+#endif
+  }
   static type exp2(type x) noexcept { return xsimd::exp2(x); }
   static type exp(type x) noexcept { return xsimd::exp(x); }
   static type div(type a, type b) noexcept { return a / b; }

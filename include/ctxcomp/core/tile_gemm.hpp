@@ -137,7 +137,7 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
           for (int c = 0; c < CB; ++c) bv[c] = V::load(b[c] + k);
 #pragma GCC unroll 16
           for (int r = 0; r < RB; ++r) {
-            const auto va = V::load(a[r] + k);
+            const auto va = V::pin(V::load(a[r] + k));  // one load for CB FMAs
 #pragma GCC unroll 16
             for (int c = 0; c < CB; ++c) acc[r * CB + c] = V::fma(va, bv[c], acc[r * CB + c]);
           }
