@@ -33,8 +33,8 @@ namespace ctxcomp::simd {
 struct ScalarVec {
   /// The vector interface every kernel is written against (XsimdVec has the same members):
   /// the register type, its width in floats and the register count, loads (widening bf16 /
-  /// fp16 / qint8), store, broadcast, zero, fma, max, exp2, exp, div, horizontal sum and max,
-  /// and the instruction set's name.
+  /// fp16 / qint8), store, broadcast, zero, fma, max, pin (keep in a register), exp2, exp, div,
+  /// horizontal sum and max, and the instruction set's name.
   ///@{
   using type = float;
   static constexpr int width = 1;
