@@ -61,8 +61,14 @@ struct ScalarVec {
   static type exp(type x) noexcept { return std::exp(x); }
   static type div(type a, type b) noexcept { return a / b; }
   static float reduce_add(type v) noexcept { return v; }
+  /// What reduce_add_lanes needs to put its sums in row order (nothing for one lane).
+  struct LaneOrder {};
+  static const LaneOrder& lane_order() noexcept {
+    static const LaneOrder order{};
+    return order;
+  }
   /// Lane i of the result = horizontal sum of accs[i], for i < width.
-  static type reduce_add_lanes(const type* accs) noexcept { return accs[0]; }
+  static type reduce_add_lanes(const type* accs, const LaneOrder& = {}) noexcept { return accs[0]; }
   static float reduce_max(type v) noexcept { return v; }
   static const char* name() noexcept { return "scalar"; }
   ///@}
@@ -152,38 +158,43 @@ struct XsimdVec {
   static type exp(type x) noexcept { return xsimd::exp(x); }
   static type div(type a, type b) noexcept { return a / b; }
   static float reduce_add(type v) noexcept { return xsimd::hadd(v); }  // xsimd >= 9: reduce_add
-  /// xsimd 8.1's AVX-512 haddp returns its sums in a permuted lane order (lanes 2,3 <-> 4,5 and
-  /// 10,11 <-> 12,13); the order is measured once and undone, so a fixed xsimd works unchanged.
-  static type reduce_add_lanes(const type* accs) noexcept {
-    const type sums = xsimd::haddp(accs);
-#if defined(__AVX512F__)
-    if constexpr (width == 16) {
-      static const __m512i order = [] {
-        alignas(64) std::int32_t idx[16];
-        for (int i = 0; i < 16; ++i) idx[i] = haddp_lane_of_row()[std::size_t(i)];
-        return _mm512_load_si512(idx);
-      }();
-      return type(_mm512_permutexvar_ps(order, sums));
-    }
-#endif
-    alignas(64) float lanes[width], out[width];
-    sums.store_aligned(lanes);
-    const auto& lane = haddp_lane_of_row();
-    for (int i = 0; i < width; ++i) out[i] = lanes[lane[std::size_t(i)]];
-    return xsimd::load_aligned(out);
-  }
-  static const std::array<int, width>& haddp_lane_of_row() noexcept {
-    static const std::array<int, width> lane = [] {
+  /// The lane permutation that puts haddp's sums in row order. xsimd 8.1's AVX-512 haddp returns
+  /// them permuted (lanes 2,3 <-> 4,5 and 10,11 <-> 12,13); the order is measured once and
+  /// undone, so a fixed xsimd works unchanged. A kernel that reduces in a loop fetches it before
+  /// the loop and passes it to reduce_add_lanes: a function-local static's guard inside the loop
+  /// made clang keep every accumulator of the loop in memory (2.5x slower). (A reference: a
+  /// copy held in a register costs GCC a spill in the loop.)
+  struct LaneOrder {
+    alignas(64) std::int32_t lane[width];  ///< result lane i takes haddp's lane lane[i]
+    bool identity;                         ///< haddp already gives row order
+  };
+  static const LaneOrder& lane_order() noexcept {
+    static const LaneOrder order = [] {
       type rows[width];
       for (int i = 0; i < width; ++i) rows[i] = type(static_cast<float>(i));
       alignas(64) float sums[width];
       xsimd::haddp(rows).store_aligned(sums);
-      std::array<int, width> l{};
-      for (int j = 0; j < width; ++j) l[static_cast<int>(sums[j] / width + 0.5f)] = j;
-      return l;
+      LaneOrder o{};
+      for (int j = 0; j < width; ++j) o.lane[static_cast<int>(sums[j] / width + 0.5f)] = j;
+      o.identity = true;
+      for (int i = 0; i < width; ++i) o.identity = o.identity && o.lane[i] == i;
+      return o;
     }();
-    return lane;
+    return order;
   }
+  /// Lane i of the result = horizontal sum of accs[i], for i < width (xsimd's haddp, in row order).
+  static type reduce_add_lanes(const type* accs, const LaneOrder& order) noexcept {
+    const type sums = xsimd::haddp(accs);
+    if (order.identity) return sums;
+#if defined(__AVX512F__)
+    if constexpr (width == 16) return type(_mm512_permutexvar_ps(_mm512_load_si512(order.lane), sums));
+#endif
+    alignas(64) float lanes[width], out[width];
+    sums.store_aligned(lanes);
+    for (int i = 0; i < width; ++i) out[i] = lanes[order.lane[i]];
+    return xsimd::load_aligned(out);
+  }
+  static type reduce_add_lanes(const type* accs) noexcept { return reduce_add_lanes(accs, lane_order()); }
   static float reduce_max(type v) noexcept {                          // xsimd 8.1 has none
     alignas(64) float lanes[width];
     v.store_aligned(lanes);

@@ -101,6 +101,7 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
   constexpr int W = V::width;
   static_assert(RB * CB == W, "one accumulator per lane");
   const index_t kv = K / W * W;
+  const auto& order = V::lane_order();  // fetched here, not in the loop (see lane_order)
   for (index_t i0 = 0; i0 < M; i0 += RB)
     for (index_t j0 = 0; j0 < N; j0 += CB) {
       const float* a[RB];
@@ -143,7 +144,7 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
           }
         }
       }
-      const auto red = V::reduce_add_lanes(acc);
+      const auto red = V::reduce_add_lanes(acc, order);
       if (i0 + RB <= M && j0 + CB <= N && kv == K) {  // a whole block: lanes go straight to C
         if constexpr (RB == 1) {
           V::store(C + i0 * ldc + j0, red);
