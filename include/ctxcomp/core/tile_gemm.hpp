@@ -31,9 +31,11 @@ inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ld
     typename V::type b[NV];
     if constexpr (Prefetch != 0)
       simd::prefetch_bytes<NV * W * int(sizeof(TB)), simd::PrefetchTo(Prefetch)>(B + (kk + pf) * ldb);
-    for (int j = 0; j < NV; ++j) b[j] = V::load(B + kk * ldb + j * W);
+    // pin: one load per vector, not one per FMA (compilers otherwise fold the fp32 B loads and
+    // the broadcasts into every FMA that uses them, and the loads bound the loop).
+    for (int j = 0; j < NV; ++j) b[j] = V::pin(V::load(B + kk * ldb + j * W));
     for (int i = 0; i < MR; ++i) {
-      const auto a = V::broadcast(A[i * lda + kk]);
+      const auto a = V::pin(V::broadcast(A[i * lda + kk]));
       for (int j = 0; j < NV; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
     }
   }
@@ -135,7 +137,7 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
             for (int c = 0; c < CB; ++c) simd::prefetch<To>(b[c] + pfk + k);
           typename V::type bv[CB];
 #pragma GCC unroll 16
-          for (int c = 0; c < CB; ++c) bv[c] = V::load(b[c] + k);
+          for (int c = 0; c < CB; ++c) bv[c] = V::pin(V::load(b[c] + k));  // (fp32 B: not re-read per FMA)
 #pragma GCC unroll 16
           for (int r = 0; r < RB; ++r) {
             const auto va = V::pin(V::load(a[r] + k));  // one load for CB FMAs
