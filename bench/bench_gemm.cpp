@@ -3,7 +3,7 @@
 // ctxcomp's packed GEMM (core/gemm.hpp) against Eigen's GEMM of the same product in the same
 // binary, with the fraction of the FMA peak measured by `peak/fma`. gemm/ctxcomp_bf16dot: the bf16
 // compute path (bf16 weights, activations rounded to bf16, vdpbf16ps), with its fraction of the
-// bf16 pair-dot peak `peak/bf16dot` as well.
+// bf16 pair-dot peak `peak/bf16dot` as well. kernels/...: the decode attention kernels alone (below).
 #include "bench_common.hpp"
 #include "synthetic_llama.hpp"
 
@@ -88,6 +88,77 @@ void bf16dot_peak(benchmark::State& st, int threads) {
   st.counters["native"] = simd::Bf16Dot<simd::Vec>::native ? 1 : 0;
 }
 
+// ---- The decode kernels alone, in cache (core/tile_gemm.hpp) ----
+// kernels/tile_gemm_nt/<rows>x<keys>x128_<kv>: scores = Q K^T of `rows` query rows (1: MHA, 4: a
+// GQA group of 32/8) against fp32 or fp16 keys, one 64-key tile per call as attention makes them;
+// kernels/tile_gemm/<rows>x<keys>x128_<kv>: out += P V over the same tiles. The operands stay in
+// L2, so these time the arithmetic that decode from memory has to hide behind its reads (a kernel
+// that is load-bound or spills shows here first). Baseline: Eigen's fp32 product of the same
+// operands in one call (kernels/eigen_fp32/...).
+constexpr index_t kKernelDim = 128, kKernelTile = 64;
+
+template <class T>
+void decode_qk_kernel(benchmark::State& st, index_t rows, index_t keys) {
+  const index_t d = kKernelDim;
+  auto q = bench::random_buffer(std::size_t(rows * d), 1);
+  const auto kf = bench::random_buffer(std::size_t(keys * d), 2);
+  const std::vector<T> k(kf.begin(), kf.end());
+  std::vector<float> s(std::size_t(rows * keys));
+  bench::LoopClock clock;
+  clock.start();
+  for (auto _ : st) {
+    for (index_t j = 0; j < keys; j += kKernelTile)
+      kernels::tile_gemm_nt(q.data(), d, k.data() + j * d, d, s.data() + j, keys, rows, kKernelTile, d);
+    benchmark::DoNotOptimize(s.data());
+    benchmark::ClobberMemory();
+  }
+  const double f = 2.0 * double(rows) * double(keys) * double(d);
+  st.counters["GFLOPS"] = bench::rate(f * 1e-9);
+  st.counters["peak_fraction"] = bench::peak_fraction(f, 1, st, clock);
+}
+
+template <class T>
+void decode_pv_kernel(benchmark::State& st, index_t rows, index_t keys) {
+  const index_t d = kKernelDim;
+  auto p = bench::random_buffer(std::size_t(rows * keys), 1);
+  const auto vf = bench::random_buffer(std::size_t(keys * d), 2);
+  const std::vector<T> v(vf.begin(), vf.end());
+  std::vector<float> o(std::size_t(rows * d));
+  bench::LoopClock clock;
+  clock.start();
+  for (auto _ : st) {
+    std::fill(o.begin(), o.end(), 0.f);
+    for (index_t j = 0; j < keys; j += kKernelTile)
+      kernels::tile_gemm<true>(p.data() + j, keys, v.data() + j * d, d, o.data(), d, rows, d, kKernelTile);
+    benchmark::DoNotOptimize(o.data());
+    benchmark::ClobberMemory();
+  }
+  const double f = 2.0 * double(rows) * double(keys) * double(d);
+  st.counters["GFLOPS"] = bench::rate(f * 1e-9);
+  st.counters["peak_fraction"] = bench::peak_fraction(f, 1, st, clock);
+}
+
+/// Baseline: Eigen's fp32 GEMM of the same operands (QK: Q K^T; PV: P V), one call.
+void decode_kernel_eigen(benchmark::State& st, index_t rows, index_t keys, bool qk) {
+  using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const index_t d = kKernelDim;
+  const auto a = bench::random_buffer(std::size_t(rows * (qk ? d : keys)), 1);
+  const auto b = bench::random_buffer(std::size_t(keys * d), 2);
+  const Eigen::Map<const Mat> A(a.data(), rows, qk ? d : keys), B(b.data(), keys, d);
+  Mat C(rows, qk ? keys : d);
+  bench::LoopClock clock;
+  clock.start();
+  for (auto _ : st) {
+    if (qk) C.noalias() = A * B.transpose();
+    else C.noalias() = A * B;
+    benchmark::DoNotOptimize(C.data());
+    benchmark::ClobberMemory();
+  }
+  const double f = 2.0 * double(rows) * double(keys) * double(d);
+  st.counters["GFLOPS"] = bench::rate(f * 1e-9);
+  st.counters["peak_fraction"] = bench::peak_fraction(f, 1, st, clock);
+}
+
 const bool registered = [] {
   const bool s = bench::smoke();
   const Shape shapes[] = {{s ? 32 : 128, s ? 256 : 4096, s ? 256 : 4096},
@@ -105,6 +176,17 @@ const bool registered = [] {
       ms(benchmark::RegisterBenchmark(("gemm/ctxcomp_bf16dot/" + name).c_str(), linear_ctxcomp<bf16, Compute::bf16>, sh, t));
       ms(benchmark::RegisterBenchmark(("gemm/eigen_fp32/" + name).c_str(), linear_eigen, sh, t));
     }
+  }
+  const index_t keys = bench::smoke() ? 256 : 1024;
+  for (index_t rows : {index_t(1), index_t(4)}) {
+    const std::string shape = std::to_string(rows) + "x" + std::to_string(keys) + "x" + std::to_string(kKernelDim);
+    auto us = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMicrosecond); };
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_fp32").c_str(), decode_qk_kernel<float>, rows, keys));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_fp16").c_str(), decode_qk_kernel<fp16>, rows, keys));
+    us(benchmark::RegisterBenchmark(("kernels/eigen_fp32/qk_" + shape).c_str(), decode_kernel_eigen, rows, keys, true));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp32").c_str(), decode_pv_kernel<float>, rows, keys));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp16").c_str(), decode_pv_kernel<fp16>, rows, keys));
+    us(benchmark::RegisterBenchmark(("kernels/eigen_fp32/pv_" + shape).c_str(), decode_kernel_eigen, rows, keys, false));
   }
   return true;
 }();
