@@ -97,45 +97,33 @@ void bf16dot_peak(benchmark::State& st, int threads) {
 // operands in one call (kernels/eigen_fp32/...).
 constexpr index_t kKernelDim = 128, kKernelTile = 64;
 
-template <class T>
-void decode_qk_kernel(benchmark::State& st, index_t rows, index_t keys) {
-  const index_t d = kKernelDim;
-  auto q = bench::random_buffer(std::size_t(rows * d), 1);
-  const auto kf = bench::random_buffer(std::size_t(keys * d), 2);
-  const std::vector<T> k(kf.begin(), kf.end());
-  std::vector<float> s(std::size_t(rows * keys));
-  bench::LoopClock clock;
-  clock.start();
-  for (auto _ : st) {
-    for (index_t j = 0; j < keys; j += kKernelTile)
-      kernels::tile_gemm_nt(q.data(), d, k.data() + j * d, d, s.data() + j, keys, rows, kKernelTile, d);
-    benchmark::DoNotOptimize(s.data());
-    benchmark::ClobberMemory();
-  }
-  const double f = 2.0 * double(rows) * double(keys) * double(d);
+/// GFLOPS and peak_fraction of a rows x keys x kKernelDim product per iteration.
+void kernel_counters(benchmark::State& st, index_t rows, index_t keys, const bench::LoopClock& clock) {
+  const double f = 2.0 * double(rows) * double(keys) * double(kKernelDim);
   st.counters["GFLOPS"] = bench::rate(f * 1e-9);
   st.counters["peak_fraction"] = bench::peak_fraction(f, 1, st, clock);
 }
 
+/// qk: scores = Q K^T (tile_gemm_nt); else out += P V (tile_gemm), K / V stored as T.
 template <class T>
-void decode_pv_kernel(benchmark::State& st, index_t rows, index_t keys) {
+void decode_kernel(benchmark::State& st, index_t rows, index_t keys, bool qk) {
   const index_t d = kKernelDim;
-  auto p = bench::random_buffer(std::size_t(rows * keys), 1);
-  const auto vf = bench::random_buffer(std::size_t(keys * d), 2);
-  const std::vector<T> v(vf.begin(), vf.end());
-  std::vector<float> o(std::size_t(rows * d));
+  const auto a = bench::random_buffer(std::size_t(rows * (qk ? d : keys)), 1);  // Q or P
+  const auto bf = bench::random_buffer(std::size_t(keys * d), 2);
+  const std::vector<T> b(bf.begin(), bf.end());  // K or V
+  std::vector<float> c(std::size_t(rows * (qk ? keys : d)));
   bench::LoopClock clock;
   clock.start();
   for (auto _ : st) {
-    std::fill(o.begin(), o.end(), 0.f);
-    for (index_t j = 0; j < keys; j += kKernelTile)
-      kernels::tile_gemm<true>(p.data() + j, keys, v.data() + j * d, d, o.data(), d, rows, d, kKernelTile);
-    benchmark::DoNotOptimize(o.data());
+    if (!qk) std::fill(c.begin(), c.end(), 0.f);
+    for (index_t j = 0; j < keys; j += kKernelTile) {
+      if (qk) kernels::tile_gemm_nt(a.data(), d, b.data() + j * d, d, c.data() + j, keys, rows, kKernelTile, d);
+      else kernels::tile_gemm<true>(a.data() + j, keys, b.data() + j * d, d, c.data(), d, rows, d, kKernelTile);
+    }
+    benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
   }
-  const double f = 2.0 * double(rows) * double(keys) * double(d);
-  st.counters["GFLOPS"] = bench::rate(f * 1e-9);
-  st.counters["peak_fraction"] = bench::peak_fraction(f, 1, st, clock);
+  kernel_counters(st, rows, keys, clock);
 }
 
 /// Baseline: Eigen's fp32 GEMM of the same operands (QK: Q K^T; PV: P V), one call.
@@ -154,9 +142,7 @@ void decode_kernel_eigen(benchmark::State& st, index_t rows, index_t keys, bool 
     benchmark::DoNotOptimize(C.data());
     benchmark::ClobberMemory();
   }
-  const double f = 2.0 * double(rows) * double(keys) * double(d);
-  st.counters["GFLOPS"] = bench::rate(f * 1e-9);
-  st.counters["peak_fraction"] = bench::peak_fraction(f, 1, st, clock);
+  kernel_counters(st, rows, keys, clock);
 }
 
 const bool registered = [] {
@@ -181,11 +167,11 @@ const bool registered = [] {
   for (index_t rows : {index_t(1), index_t(4)}) {
     const std::string shape = std::to_string(rows) + "x" + std::to_string(keys) + "x" + std::to_string(kKernelDim);
     auto us = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMicrosecond); };
-    us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_fp32").c_str(), decode_qk_kernel<float>, rows, keys));
-    us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_fp16").c_str(), decode_qk_kernel<fp16>, rows, keys));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_fp32").c_str(), decode_kernel<float>, rows, keys, true));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_fp16").c_str(), decode_kernel<fp16>, rows, keys, true));
     us(benchmark::RegisterBenchmark(("kernels/eigen_fp32/qk_" + shape).c_str(), decode_kernel_eigen, rows, keys, true));
-    us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp32").c_str(), decode_pv_kernel<float>, rows, keys));
-    us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp16").c_str(), decode_pv_kernel<fp16>, rows, keys));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp32").c_str(), decode_kernel<float>, rows, keys, false));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp16").c_str(), decode_kernel<fp16>, rows, keys, false));
     us(benchmark::RegisterBenchmark(("kernels/eigen_fp32/pv_" + shape).c_str(), decode_kernel_eigen, rows, keys, false));
   }
   return true;

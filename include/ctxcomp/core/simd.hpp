@@ -9,7 +9,6 @@
 // lane; ScalarVec is the scalar twin.
 #pragma once
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -68,7 +67,7 @@ struct ScalarVec {
     return order;
   }
   /// Lane i of the result = horizontal sum of accs[i], for i < width.
-  static type reduce_add_lanes(const type* accs, const LaneOrder& = {}) noexcept { return accs[0]; }
+  static type reduce_add_lanes(const type* accs, const LaneOrder&) noexcept { return accs[0]; }
   static float reduce_max(type v) noexcept { return v; }
   static const char* name() noexcept { return "scalar"; }
   ///@}
@@ -194,7 +193,6 @@ struct XsimdVec {
     for (int i = 0; i < width; ++i) out[i] = lanes[order.lane[i]];
     return xsimd::load_aligned(out);
   }
-  static type reduce_add_lanes(const type* accs) noexcept { return reduce_add_lanes(accs, lane_order()); }
   static float reduce_max(type v) noexcept {                          // xsimd 8.1 has none
     alignas(64) float lanes[width];
     v.store_aligned(lanes);
