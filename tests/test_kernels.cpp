@@ -108,6 +108,96 @@ TEST_CASE("tile GEMM matches a double GEMM on ragged shapes", "[kernels]") {
         }
 }
 
+TEST_CASE("dot-product tile GEMM (decode Q*K^T) matches a double GEMM on ragged shapes", "[kernels]") {
+  const index_t W = simd::Vec::width;
+  for (index_t M : {1, 2, 4, 5, 9})
+    for (index_t N : {index_t(1), index_t(3), W, W + 1, index_t(64)})
+      for (index_t K : {1, 17, 64, 80, 128}) {
+        INFO("M " << M << " N " << N << " K " << K);
+        auto A = random_vector(std::size_t(M * K), 7), Bf = random_vector(std::size_t(N * K), 8);
+        std::vector<fp16> B(Bf.begin(), Bf.end());
+        std::vector<float> C(std::size_t(M * (N + 3)), -7.f);
+        kernels::tile_gemm_nt(A.data(), K, B.data(), K, C.data(), N + 3, M, N, K);
+        for (index_t i = 0; i < M; ++i) {
+          for (index_t j = 0; j < N; ++j) {
+            double r = 0;
+            for (index_t k = 0; k < K; ++k) r += double(A[std::size_t(i * K + k)]) * double(to_float(B[std::size_t(j * K + k)]));
+            REQUIRE(std::abs(C[std::size_t(i * (N + 3) + j)] - r) <= 1e-6 * (1 + std::sqrt(double(K))) * 3);
+          }
+          for (index_t j = N; j < N + 3; ++j) REQUIRE(C[std::size_t(i * (N + 3) + j)] == -7.f);  // ldc padding untouched
+        }
+      }
+}
+
+TEST_CASE("reduce_add_lanes sums each vector into its lane, by xsimd's haddp tree", "[kernels]") {
+  using V = simd::Vec;
+  constexpr int W = V::width;
+  // Values of mixed magnitude, so that the order of the additions shows in the bits.
+  auto x = random_vector(std::size_t(W * W), 9, -1.f, 1.f);
+  for (std::size_t i = 0; i < x.size(); i += 3) x[i] *= 1e6f;
+  typename V::type acc[W];
+  for (int r = 0; r < W; ++r) acc[r] = V::load(x.data() + r * W);
+  alignas(64) float got[W];
+  V::store(got, V::reduce_add_lanes(acc, V::lane_order()));
+  for (int r = 0; r < W; ++r) {
+    double s = 0, a = 0;
+    for (int l = 0; l < W; ++l) s += x[std::size_t(r * W + l)], a += std::abs(x[std::size_t(r * W + l)]);
+    REQUIRE(std::abs(got[r] - s) <= a * W * std::ldexp(1.0, -24));
+  }
+#if defined(CTXCOMP_HAS_XSIMD)
+  if constexpr (W > 1) {  // the same bits as haddp's sums put in row order
+    alignas(64) float h[W];
+    xsimd::haddp(acc).store_aligned(h);
+    const auto& order = V::lane_order();
+    for (int r = 0; r < W; ++r) REQUIRE(std::memcmp(&got[r], &h[order.lane[r]], sizeof(float)) == 0);
+  }
+#endif
+}
+
+namespace {
+template <class T>
+void check_widen_transposed() {
+  const index_t W = simd::Vec::width;
+  for (index_t n : {index_t(0), index_t(1), W - 1, W, W + 1, 2 * W + 3, index_t(64)})
+    for (index_t d : {index_t(1), W - 1, W, index_t(72), index_t(80), index_t(128)})
+      for (bool scaled : {false, true}) {
+        if (scaled && !is_quantized_v<T>) continue;
+        INFO("n " << n << " d " << d << " scaled " << scaled);
+        const index_t lds = d + 5, ldd = n + 2;
+        auto f = random_vector(std::size_t(std::max<index_t>(1, n * lds)), 10, -3.f, 3.f);
+        std::vector<T> src(f.size());
+        for (std::size_t i = 0; i < f.size(); ++i) {
+          if constexpr (is_quantized_v<T>) src[i].v = std::int8_t(std::lround(f[i] * 40.f));
+          else src[i] = T(f[i]);
+        }
+        auto scales = random_vector(std::size_t(std::max<index_t>(1, n)), 11, 0.001f, 0.1f);
+        std::vector<float> dst(std::size_t(std::max<index_t>(1, d * ldd)), -9.f);
+        kernels::widen_transposed(src.data(), lds, n, d, scaled ? scales.data() : nullptr, dst.data(), ldd);
+        for (index_t i = 0; i < d; ++i)
+          for (index_t j = 0; j < ldd; ++j) {
+            const float got = dst[std::size_t(i * ldd + j)];
+            if (j >= n) {
+              REQUIRE(got == -9.f);  // columns past n untouched
+              continue;
+            }
+            const T& e = src[std::size_t(j * lds + i)];
+            double x;
+            if constexpr (is_quantized_v<T>) x = e.v;
+            else x = double(to_float(e));
+            // one fp32 rounding of the exact product (exact when unscaled)
+            REQUIRE(got == float(scaled ? x * double(scales[std::size_t(j)]) : x));
+          }
+      }
+}
+}  // namespace
+
+TEST_CASE("widen_transposed widens, scales and transposes rows exactly", "[kernels]") {
+  check_widen_transposed<float>();
+  check_widen_transposed<fp16>();
+  check_widen_transposed<bf16>();
+  check_widen_transposed<qint8>();
+}
+
 TEST_CASE("packed linear GEMM matches a double GEMM and its scalar FMA chain", "[kernels][gemm][threads]") {
   // Ragged shapes around the panel width (MI rows), the register tile (NJ columns), the task
   // width (96 columns) and the k-blocking; strided operands; fp32 and bf16 weights.

@@ -336,7 +336,11 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         const index_t off = index_t(x.row(h, u) - x.row(h, t));
         return off % x.token_stride == 0 ? off / x.token_stride : 0;
       };
+      // Many rows in one block per kv head (decode with many query heads per kv head): each K
+      // and V tile is used once, streamed from memory; the next one is asked for into L2.
+      const bool stream = !paged && rows >= T.few_rows && T.q_blocks == 1 && k0 + 2 * Bk <= ke;
       auto prefetch = [&](const auto& x, index_t h, index_t t) -> index_t {
+        if (stream) return Bk;
         if (!paged) return pf;
         return rows < T.few_rows && t + Bk < kv_len ? rows_to(x, h, t, t + Bk) : 0;
       };
@@ -420,20 +424,22 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         const index_t tile = k0 / Bk;
         float* kt = b.kt + tile * d * Bk;
         if (b.kt_head[tile] != kh) {
-          for (index_t kk = 0; kk < nk; ++kk) {
-            const float* src;
-            if constexpr (std::is_same_v<KS, float>) {
-              src = k.row(kh, k0 + kk);
-            } else {
-              kernels::widen<V>(k.row(kh, k0 + kk), b.vp, d);
-              if constexpr (is_quantized_v<KS>) kernels::scale<V>(b.vp, k.scale(kh, k0 + kk), d);
-              src = b.vp;
-            }
-            for (index_t i = 0; i < d; ++i) kt[i * Bk + kk] = src[i];
+          if (stream) {  // the next K tile, into L2 while this one is transposed and used
+            const index_t row_bytes = d * index_t(sizeof(KS));
+            for (index_t kk = 0; kk < Bk; ++kk)
+              for (index_t o = 0; o < row_bytes; o += 64)
+                simd::prefetch<simd::PrefetchTo::l2>(reinterpret_cast<const char*>(k.row(kh, k0 + Bk + kk)) + o);
+          }
+          if constexpr (is_quantized_v<KS>)
+            for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
+          for (index_t j = 0, n; j < nk; j += n) {  // one call per run of rows (a page)
+            n = k.run(k0 + j, nk - j);
+            kernels::widen_transposed<V>(k.row(kh, k0 + j), k.token_stride, n, d,
+                                         is_quantized_v<KS> ? b.ks + j : nullptr, kt + j, Bk);
           }
           if (nk < Bk)
             for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);
-          b.kt_head[tile] = kh;  // (b.vp's row 0 served as the row buffer; its padding is untouched)
+          b.kt_head[tile] = kh;
         }
         kernels::tile_gemm<false, V>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
       }
@@ -458,7 +464,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         for (index_t j = 0, n; j < nk; j += n) {
           n = v.run(k0 + j, nk - j);
           kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
-                                      prefetch(v, kh, k0 + j), pf_to);
+                                      prefetch(v, kh, k0 + j), stream ? simd::PrefetchTo::l2 : pf_to);
         }
         continue;
       }

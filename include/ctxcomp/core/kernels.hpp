@@ -137,6 +137,37 @@ inline void widen(const T* src, float* dst, index_t n) noexcept {
   for (; i < n; ++i) dst[i] = simd::ScalarVec::load(src + i);
 }
 
+/// dst[i * ldd + j] = float(src[j * lds + i]) (times scales[j] when scales is not null), for j < n
+/// and i < d: n stored rows of d values widened into the columns of dst (a K tile transposed for
+/// the outer-product GEMM). Blocks of W x W are widened, scaled and transposed in registers; the
+/// edges element by element, with the same products.
+template <class V = simd::Vec, class T>
+inline void widen_transposed(const T* src, index_t lds, index_t n, index_t d, const float* scales, float* dst,
+                             index_t ldd) noexcept {
+  constexpr int W = V::width;
+  auto element = [&](index_t j, index_t i) {
+    const float x = simd::ScalarVec::load(src + j * lds + i);
+    dst[i * ldd + j] = scales ? x * scales[j] : x;
+  };
+  index_t j = 0;
+  for (; j + W <= n; j += W) {
+    index_t i = 0;
+    for (; i + W <= d; i += W) {
+      typename V::type r[W];
+      for (int x = 0; x < W; ++x) {
+        r[x] = V::load(src + (j + x) * lds + i);
+        if (scales) r[x] = r[x] * V::broadcast(scales[j + x]);
+      }
+      V::transpose(r);
+      for (int x = 0; x < W; ++x) V::store(dst + (i + x) * ldd + j, r[x]);
+    }
+    for (; i < d; ++i)
+      for (index_t x = j; x < j + W; ++x) element(x, i);
+  }
+  for (; j < n; ++j)
+    for (index_t i = 0; i < d; ++i) element(j, i);
+}
+
 /// Symmetric int8 quantisation of one row of n values: scale = max|x| / 127 (0 for a zero row),
 /// q[i] = x[i] / scale rounded to nearest even, so |x[i] - scale * q[i]| <= scale / 2 (up to one
 /// fp32 rounding of x[i] / scale). A row holding NaN or Inf gets a NaN scale (its attention

@@ -69,6 +69,8 @@ struct ScalarVec {
   /// Lane i of the result = horizontal sum of accs[i], for i < width.
   static type reduce_add_lanes(const type* accs, const LaneOrder&) noexcept { return accs[0]; }
   static float reduce_max(type v) noexcept { return v; }
+  /// Transposes the width x width block held in r[0..width) (element j of r[i] <-> element i of r[j]).
+  static void transpose(type*) noexcept {}
   static const char* name() noexcept { return "scalar"; }
   ///@}
 };
@@ -181,8 +183,12 @@ struct XsimdVec {
     }();
     return order;
   }
-  /// Lane i of the result = horizontal sum of accs[i], for i < width (xsimd's haddp, in row order).
+  /// Lane i of the result = horizontal sum of accs[i], for i < width (xsimd's haddp, in row order;
+  /// on AVX-512 the same sum tree with half the shuffles, see fold16).
   static type reduce_add_lanes(const type* accs, const LaneOrder& order) noexcept {
+#if defined(__AVX512F__)
+    if constexpr (width == 16) return type(fold16(accs));
+#endif
     const type sums = xsimd::haddp(accs);
     if (order.identity) return sums;
 #if defined(__AVX512F__)
@@ -200,9 +206,88 @@ struct XsimdVec {
     for (int i = 1; i < width; ++i) m = lanes[i] > m ? lanes[i] : m;
     return m;
   }
+  /// Transposes the width x width block held in r[0..width): in registers (AVX-512 16 x 16,
+  /// AVX 8 x 8, SSE 4 x 4), elsewhere through memory.
+  static void transpose(type* r) noexcept {
+#if defined(__AVX512F__)
+    if constexpr (width == 16) {
+      __m512 x[16], t[16];
+      for (int i = 0; i < 16; ++i) x[i] = r[i];
+      for (int i = 0; i < 16; i += 2) {  // pairs of rows: (a0 b0 a1 b1 | a4 b4 a5 b5 | ...), (a2 b2 a3 b3 | ...)
+        t[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {  // quads of rows: (a0 b0 c0 d0 | a4 b4 c4 d4 | ...), ... (a3 .. d3 | ...)
+        const __m512d t0 = _mm512_castps_pd(t[i]), t1 = _mm512_castps_pd(t[i + 1]);
+        const __m512d t2 = _mm512_castps_pd(t[i + 2]), t3 = _mm512_castps_pd(t[i + 3]);
+        x[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        x[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        x[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        x[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+      }
+      for (int h = 0; h < 16; h += 8)  // rows a..h, then i..p: columns c and c + 8 in 128-bit lanes
+        for (int c = 0; c < 4; ++c) {
+          t[h + c] = _mm512_shuffle_f32x4(x[h + c], x[h + 4 + c], 0x88);      // (a..d c, a..d c+8, e..h c, e..h c+8)
+          t[h + 4 + c] = _mm512_shuffle_f32x4(x[h + c], x[h + 4 + c], 0xdd);  // the same for c + 4, c + 12
+        }
+      for (int c = 0; c < 8; ++c) {
+        r[c] = type(_mm512_shuffle_f32x4(t[c], t[8 + c], 0x88));
+        r[c + 8] = type(_mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd));
+      }
+      return;
+    }
+#endif
+#if defined(__AVX__)
+    if constexpr (width == 8) {
+      __m256 t[8], u[8];
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      for (int c = 0; c < 4; ++c) {
+        r[c] = type(_mm256_permute2f128_ps(u[c], u[4 + c], 0x20));
+        r[c + 4] = type(_mm256_permute2f128_ps(u[c], u[4 + c], 0x31));
+      }
+      return;
+    }
+#endif
+    alignas(64) float m[width][width];
+    for (int i = 0; i < width; ++i) r[i].store_aligned(m[i]);
+    for (int i = 0; i < width; ++i)
+      for (int j = 0; j < i; ++j) std::swap(m[i][j], m[j][i]);
+    for (int i = 0; i < width; ++i) r[i] = xsimd::load_aligned(m[i]);
+  }
   static const char* name() noexcept { return arch::name(); }
 
  private:
+#if defined(__AVX512F__)
+  /// One level of the sum tree over two vectors of partial sums: every lane adds its partner lane
+  /// l ^ S; a's sums go to the lanes with bit S clear, b's to those with bit S set. One two-source
+  /// permute and two adds (haddp spends two shuffles per output vector).
+  template <int S>
+  static __m512 fold_pair(__m512 a, __m512 b) noexcept {
+    constexpr auto lane = [](int l) { return (l & S) ? (l ^ S) : (l ^ S) + 16; };  // <16: b, else a
+    const __m512i idx = _mm512_setr_epi32(lane(0), lane(1), lane(2), lane(3), lane(4), lane(5), lane(6), lane(7),
+                                          lane(8), lane(9), lane(10), lane(11), lane(12), lane(13), lane(14), lane(15));
+    constexpr int mask = (S == 8 ? 0xFF00 : S == 4 ? 0xF0F0 : S == 2 ? 0xCCCC : 0xAAAA);  // lanes with bit S
+    const __m512 y = _mm512_permutex2var_ps(b, idx, a);  // each lane's partner
+    return _mm512_mask_add_ps(_mm512_add_ps(a, y), __mmask16(mask), b, y);
+  }
+  /// haddp's sum tree, pair for pair (lanes l, l+8; then l, l+4; then neighbours; then pairs of
+  /// pairs), so the sums are the same bits; the pairing of the inputs puts row i in lane i.
+  static __m512 fold16(const type* r) noexcept {
+    __m512 a[8], b[4];
+    for (int i = 0; i < 8; ++i) a[i] = fold_pair<8>(r[i], r[i + 8]);
+    for (int i = 0; i < 4; ++i) b[i] = fold_pair<4>(a[i], a[i + 4]);
+    return fold_pair<2>(fold_pair<1>(b[0], b[1]), fold_pair<1>(b[2], b[3]));
+  }
+#endif
   template <class T>
   static type widen_lanes(const T* p) noexcept {
     alignas(64) float lanes[width];
