@@ -172,7 +172,8 @@ void check_widen_transposed() {
         }
         auto scales = random_vector(std::size_t(std::max<index_t>(1, n)), 11, 0.001f, 0.1f);
         std::vector<float> dst(std::size_t(std::max<index_t>(1, d * ldd)), -9.f);
-        kernels::widen_transposed(src.data(), lds, n, d, scaled ? scales.data() : nullptr, dst.data(), ldd);
+        // (prefetch hints on some calls: they must not change anything)
+        kernels::widen_transposed(src.data(), lds, n, d, scaled ? scales.data() : nullptr, dst.data(), ldd, n % 2 ? 0 : 1);
         for (index_t i = 0; i < d; ++i)
           for (index_t j = 0; j < ldd; ++j) {
             const float got = dst[std::size_t(i * ldd + j)];

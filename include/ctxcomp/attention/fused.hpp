@@ -338,7 +338,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       };
       // Many rows in one block per kv head (decode with many query heads per kv head): each K
       // and V tile is used once, streamed from memory; the next one is asked for into L2.
-      const bool stream = !paged && rows >= T.few_rows && T.q_blocks == 1 && k0 + 2 * Bk <= ke;
+      const bool stream = !paged && rows >= T.few_rows && T.q_blocks == 1 && k0 + 2 * Bk <= kv_len;
       auto prefetch = [&](const auto& x, index_t h, index_t t) -> index_t {
         if (stream) return Bk;
         if (!paged) return pf;
@@ -424,18 +424,12 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         const index_t tile = k0 / Bk;
         float* kt = b.kt + tile * d * Bk;
         if (b.kt_head[tile] != kh) {
-          if (stream) {  // the next K tile, into L2 while this one is transposed and used
-            const index_t row_bytes = d * index_t(sizeof(KS));
-            for (index_t kk = 0; kk < Bk; ++kk)
-              for (index_t o = 0; o < row_bytes; o += 64)
-                simd::prefetch<simd::PrefetchTo::l2>(reinterpret_cast<const char*>(k.row(kh, k0 + Bk + kk)) + o);
-          }
           if constexpr (is_quantized_v<KS>)
             for (index_t kk = 0; kk < nk; ++kk) b.ks[kk] = k.scale(kh, k0 + kk);
           for (index_t j = 0, n; j < nk; j += n) {  // one call per run of rows (a page)
             n = k.run(k0 + j, nk - j);
             kernels::widen_transposed<V>(k.row(kh, k0 + j), k.token_stride, n, d,
-                                         is_quantized_v<KS> ? b.ks + j : nullptr, kt + j, Bk);
+                                         is_quantized_v<KS> ? b.ks + j : nullptr, kt + j, Bk, stream ? Bk : 0);
           }
           if (nk < Bk)
             for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);

@@ -140,10 +140,12 @@ inline void widen(const T* src, float* dst, index_t n) noexcept {
 /// dst[i * ldd + j] = float(src[j * lds + i]) (times scales[j] when scales is not null), for j < n
 /// and i < d: n stored rows of d values widened into the columns of dst (a K tile transposed for
 /// the outer-product GEMM). Blocks of W x W are widened, scaled and transposed in registers; the
-/// edges element by element, with the same products.
+/// edges element by element, with the same products. With `prefetch_rows` != 0, the rows that
+/// many rows past those read are asked for into L2 as the reads go (a hint for rows streamed from
+/// memory; the addresses need not be valid).
 template <class V = simd::Vec, class T>
 inline void widen_transposed(const T* src, index_t lds, index_t n, index_t d, const float* scales, float* dst,
-                             index_t ldd) noexcept {
+                             index_t ldd, index_t prefetch_rows = 0) noexcept {
   constexpr int W = V::width;
   auto element = [&](index_t j, index_t i) {
     const float x = simd::ScalarVec::load(src + j * lds + i);
@@ -153,6 +155,8 @@ inline void widen_transposed(const T* src, index_t lds, index_t n, index_t d, co
   for (; j + W <= n; j += W) {
     index_t i = 0;
     for (; i + W <= d; i += W) {
+      if (prefetch_rows && (i * index_t(sizeof(T))) % 64 == 0)
+        for (int x = 0; x < W; ++x) simd::prefetch<simd::PrefetchTo::l2>(src + (j + x + prefetch_rows) * lds + i);
       typename V::type r[W];
       for (int x = 0; x < W; ++x) {
         r[x] = V::load(src + (j + x) * lds + i);
