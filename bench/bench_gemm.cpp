@@ -3,7 +3,8 @@
 // ctxcomp's packed GEMM (core/gemm.hpp) against Eigen's GEMM of the same product in the same
 // binary, with the fraction of the FMA peak measured by `peak/fma`. gemm/ctxcomp_bf16dot: the bf16
 // compute path (bf16 weights, activations rounded to bf16, vdpbf16ps), with its fraction of the
-// bf16 pair-dot peak `peak/bf16dot` as well. kernels/...: the decode attention kernels alone (below).
+// bf16 pair-dot peak `peak/bf16dot` as well. kernels/...: the decode attention kernels alone and
+// the many-row K tile transposition (below).
 #include "bench_common.hpp"
 #include "synthetic_llama.hpp"
 
@@ -145,6 +146,24 @@ void decode_kernel_eigen(benchmark::State& st, index_t rows, index_t keys, bool 
   kernel_counters(st, rows, keys, clock);
 }
 
+/// The many-row attention's K tile (kKernelTile keys x kKernelDim, stored as T) widened and
+/// transposed for the outer-product GEMM, in cache: kernels::widen_transposed over V (the
+/// vector kernel: blocks transposed in registers; the scalar twin: element by element, as the
+/// attention did before). GBps counts the fp32 bytes written.
+template <class T, class V>
+void pack_kernel(benchmark::State& st) {
+  const index_t d = kKernelDim, n = kKernelTile;
+  const auto f = bench::random_buffer(std::size_t(n * d), 3);
+  const std::vector<T> src(f.begin(), f.end());
+  std::vector<float> kt(std::size_t(d * n));
+  for (auto _ : st) {
+    kernels::widen_transposed<V>(src.data(), d, n, d, nullptr, kt.data(), n);
+    benchmark::DoNotOptimize(kt.data());
+    benchmark::ClobberMemory();
+  }
+  st.counters["GBps"] = bench::rate(double(n * d) * sizeof(float) * 1e-9);
+}
+
 const bool registered = [] {
   const bool s = bench::smoke();
   const Shape shapes[] = {{s ? 32 : 128, s ? 256 : 4096, s ? 256 : 4096},
@@ -174,6 +193,11 @@ const bool registered = [] {
     us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp16").c_str(), decode_kernel<fp16>, rows, keys, false));
     us(benchmark::RegisterBenchmark(("kernels/eigen_fp32/pv_" + shape).c_str(), decode_kernel_eigen, rows, keys, false));
   }
+  const std::string tile = std::to_string(kKernelTile) + "x" + std::to_string(kKernelDim) + "_fp16";
+  for (auto* b : {benchmark::RegisterBenchmark(("kernels/widen_transposed/" + tile).c_str(), pack_kernel<fp16, simd::Vec>),
+                  benchmark::RegisterBenchmark(("kernels/widen_transposed_scalar/" + tile).c_str(),
+                                               pack_kernel<fp16, simd::ScalarVec>)})
+    b->UseRealTime()->Unit(benchmark::kMicrosecond);
   return true;
 }();
 

@@ -51,6 +51,8 @@ RULES = [
      "decode Q*K^T kernel in cache vs Eigen fp32 (speed-up)"),
     (r"^kernels/tile_gemm/(\w+)_(fp32|fp16)$", lambda m: f"kernels/eigen_fp32/pv_{m[1]}", "time",
      "decode P*V kernel in cache vs Eigen fp32 (speed-up)"),
+    (r"^kernels/widen_transposed/(\w+)$", lambda m: f"kernels/widen_transposed_scalar/{m[1]}", "time",
+     "K tile widened and transposed in registers vs element by element (speed-up)"),
     (r"^gemm/ctxcomp_(fp32|bf16)/(.*)$", lambda m: f"gemm/eigen_fp32/{m[2]}", "time",
      "ctxcomp GEMM vs Eigen (speed-up)"),
     (r"^icformer/(fp32|bf16)/chunk512(_t2)?$",

@@ -174,6 +174,9 @@ void check_widen_transposed() {
         std::vector<float> dst(std::size_t(std::max<index_t>(1, d * ldd)), -9.f);
         // (prefetch hints on some calls: they must not change anything)
         kernels::widen_transposed(src.data(), lds, n, d, scaled ? scales.data() : nullptr, dst.data(), ldd, n % 2 ? 0 : 1);
+        std::vector<float> dst2(dst.size(), -9.f);  // the scalar twin writes the same values
+        kernels::widen_transposed<simd::ScalarVec>(src.data(), lds, n, d, scaled ? scales.data() : nullptr, dst2.data(), ldd);
+        REQUIRE(std::memcmp(dst.data(), dst2.data(), dst.size() * sizeof(float)) == 0);
         for (index_t i = 0; i < d; ++i)
           for (index_t j = 0; j < ldd; ++j) {
             const float got = dst[std::size_t(i * ldd + j)];

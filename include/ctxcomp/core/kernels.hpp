@@ -147,14 +147,9 @@ template <class V = simd::Vec, class T>
 inline void widen_transposed(const T* src, index_t lds, index_t n, index_t d, const float* scales, float* dst,
                              index_t ldd, index_t prefetch_rows = 0) noexcept {
   constexpr int W = V::width;
-  auto element = [&](index_t j, index_t i) {
-    const float x = simd::ScalarVec::load(src + j * lds + i);
-    dst[i * ldd + j] = scales ? x * scales[j] : x;
-  };
-  index_t j = 0;
-  for (; j + W <= n; j += W) {
-    index_t i = 0;
-    for (; i + W <= d; i += W) {
+  const index_t nb = n / W * W, db = d / W * W;  // the rows and dims of whole W x W blocks
+  for (index_t j = 0; j < nb; j += W)
+    for (index_t i = 0; i < db; i += W) {
       if (prefetch_rows && (i * index_t(sizeof(T))) % 64 == 0)
         for (int x = 0; x < W; ++x) simd::prefetch<simd::PrefetchTo::l2>(src + (j + x + prefetch_rows) * lds + i);
       typename V::type r[W];
@@ -165,11 +160,12 @@ inline void widen_transposed(const T* src, index_t lds, index_t n, index_t d, co
       V::transpose(r);
       for (int x = 0; x < W; ++x) V::store(dst + (i + x) * ldd + j, r[x]);
     }
-    for (; i < d; ++i)
-      for (index_t x = j; x < j + W; ++x) element(x, i);
-  }
-  for (; j < n; ++j)
-    for (index_t i = 0; i < d; ++i) element(j, i);
+  // Edges: the dims past db of the block rows, then whole rows past nb.
+  for (index_t j = 0; j < n; ++j)
+    for (index_t i = j < nb ? db : 0; i < d; ++i) {
+      const float x = simd::ScalarVec::load(src + j * lds + i);
+      dst[i * ldd + j] = scales ? x * scales[j] : x;
+    }
 }
 
 /// Symmetric int8 quantisation of one row of n values: scale = max|x| / 127 (0 for a zero row),
