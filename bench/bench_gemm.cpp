@@ -148,8 +148,8 @@ void decode_kernel_eigen(benchmark::State& st, index_t rows, index_t keys, bool 
 
 /// The many-row attention's K tile (kKernelTile keys x kKernelDim, stored as T) widened and
 /// transposed for the outer-product GEMM, in cache: kernels::widen_transposed over V (the
-/// vector kernel: blocks transposed in registers; the scalar twin: element by element, as the
-/// attention did before). GBps counts the fp32 bytes written.
+/// vector kernel: blocks transposed in registers; the scalar twin: one load and one store per
+/// element, as the attention's stores were before). GBps counts the fp32 bytes written.
 template <class T, class V>
 void pack_kernel(benchmark::State& st) {
   const index_t d = kKernelDim, n = kKernelTile;

@@ -191,9 +191,6 @@ struct XsimdVec {
 #endif
     const type sums = xsimd::haddp(accs);
     if (order.identity) return sums;
-#if defined(__AVX512F__)
-    if constexpr (width == 16) return type(_mm512_permutexvar_ps(_mm512_load_si512(order.lane), sums));
-#endif
     alignas(64) float lanes[width], out[width];
     sums.store_aligned(lanes);
     for (int i = 0; i < width; ++i) out[i] = lanes[order.lane[i]];
@@ -207,7 +204,7 @@ struct XsimdVec {
     return m;
   }
   /// Transposes the width x width block held in r[0..width): in registers (AVX-512 16 x 16,
-  /// AVX 8 x 8, SSE 4 x 4), elsewhere through memory.
+  /// AVX 8 x 8), elsewhere through memory.
   static void transpose(type* r) noexcept {
 #if defined(__AVX512F__)
     if constexpr (width == 16) {
@@ -275,7 +272,11 @@ struct XsimdVec {
     constexpr auto lane = [](int l) { return (l & S) ? (l ^ S) : (l ^ S) + 16; };  // <16: b, else a
     const __m512i idx = _mm512_setr_epi32(lane(0), lane(1), lane(2), lane(3), lane(4), lane(5), lane(6), lane(7),
                                           lane(8), lane(9), lane(10), lane(11), lane(12), lane(13), lane(14), lane(15));
-    constexpr int mask = (S == 8 ? 0xFF00 : S == 4 ? 0xF0F0 : S == 2 ? 0xCCCC : 0xAAAA);  // lanes with bit S
+    constexpr int mask = [] {  // the lanes with bit S (where b's sums go)
+      int m = 0;
+      for (int l = 0; l < 16; ++l) m |= (l & S) ? 1 << l : 0;
+      return m;
+    }();
     const __m512 y = _mm512_permutex2var_ps(b, idx, a);  // each lane's partner
     return _mm512_mask_add_ps(_mm512_add_ps(a, y), __mmask16(mask), b, y);
   }
