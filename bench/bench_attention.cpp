@@ -9,8 +9,9 @@
 // attention/fused_bf16/<case>: the bf16 compute path (bf16 K/V, Compute::bf16) for causal_2048,
 // causal_8192 and cross_128x640, beside attention/fused/<case> (fp32), with its share of the bf16
 // pair-dot peak (peak/bf16dot).
-// attention/paged/<case>_fp16: the same fp16 K/V in a pool of 16-token pages (HND; _nhd: NHD),
-// read through shuffled page tables, beside attention/fused/<case>_fp16. attention/cells/
+// attention/paged/<case>_fp16: the same fp16 K/V in a pool of 16-token pages (HND; _nhd: NHD;
+// decode_4096_fp16_p64: HND pages of 64), read through shuffled page tables, beside
+// attention/fused/<case>_fp16. attention/cells/
 // decode_4096_fp16: a llama.cpp-style cell cache, half its 8192 cells freed in spans of 5-25,
 // beside the same live cells compacted (_compacted) and attention/fused/decode_4096_fp16.
 #include <algorithm>
@@ -401,7 +402,8 @@ const bool registered = [] {
       ->UseRealTime()->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("attention/cells/decode_4096_fp16_compacted", cells_decode, true)
       ->UseRealTime()->Unit(benchmark::kMillisecond);
-  // Paged caches (page size 16, HND; _nhd: the NHD order) beside attention/fused/<case>_fp16.
+  // Paged caches (page size 16, HND; _nhd: the NHD order; _p64: HND pages of 64) beside
+  // attention/fused/<case>_fp16.
   for (const TypedCase& c : kTypedCases) {
     const std::string n = c.name;
     if (n != "decode_4096" && n != "causal_2048") continue;
@@ -409,6 +411,9 @@ const bool registered = [] {
         ->UseRealTime()->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("attention/paged/" + n + "_fp16_nhd").c_str(), paged_typed<fp16>, c, index_t(16), false)
         ->UseRealTime()->Unit(benchmark::kMillisecond);
+    if (n == "decode_4096")  // larger HND pages: a whole page per head and run
+      benchmark::RegisterBenchmark(("attention/paged/" + n + "_fp16_p64").c_str(), paged_typed<fp16>, c, index_t(64), true)
+          ->UseRealTime()->Unit(benchmark::kMillisecond);
   }
   return true;
 }();

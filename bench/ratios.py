@@ -35,7 +35,7 @@ RULES = [
     (r"^sac/compress_layer/(chunk\d+)/anchor_r8_bf16dot(_t2)?$",
      lambda m: f"sac/compress_layer/{m[1]}/anchor_r8{m[2] or ''}", "time",
      "SAC layer compression, bf16 compute vs fp32 (speed-up)"),
-    (r"^attention/paged/(\w+?_fp16)(_nhd)?$",
+    (r"^attention/paged/(\w+?_fp16)(_nhd|_p64)?$",
      lambda m: f"attention/fused/{m[1]}", "time", "paged vs contiguous attention (speed-up; >= 0.95 wanted)"),
     (r"^attention/cells/(decode_4096_fp16)$", lambda m: f"attention/cells/{m[1]}_compacted", "time",
      "cell cache with holes vs its live cells compacted (speed-up; the cost of the holes)"),
