@@ -11,8 +11,8 @@
 // pair-dot peak (peak/bf16dot).
 // attention/paged/<case>_fp16: the same fp16 K/V in a pool of 16-token pages (HND; _nhd: NHD;
 // decode_4096_fp16_p64: HND pages of 64), read through shuffled page tables, beside
-// attention/fused/<case>_fp16. attention/cells/
-// decode_4096_fp16: a llama.cpp-style cell cache, half its 8192 cells freed in spans of 5-25,
+// attention/fused/<case>_fp16.
+// attention/cells/decode_4096_fp16: a llama.cpp-style cell cache, half its 8192 cells freed in spans of 5-25,
 // beside the same live cells compacted (_compacted) and attention/fused/decode_4096_fp16.
 #include <algorithm>
 #include <cmath>

@@ -201,7 +201,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   // hold every head of their tokens (HND) read head by head jump between pages and strides that
   // restart the hardware prefetchers at every page. Split decode over such caches runs
   // interleaved instead: one item is a block and a key split of every kv head, and each tile is
-  // read run by run (what lies within one page, at most 16 tokens), every head's rows of a run
+  // read run by run (what lies within one page; see kRun below), every head's rows of a run
   // in turn, so that memory is read page after page. Each head keeps its queries and scores in
   // its own rows of the worker's buffers and its running state in its own partial slot; every
   // head's arithmetic is the per-head path's, in the same order: the same bits.
@@ -357,7 +357,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           // runs of at most 16 tokens keep the heads' reads close together. Head-major pages
           // (HND) hold each head's rows of a page together: a whole page per head is read in
           // order, with a run's output block loaded and stored once (64-token pages, L3-resident
-          // 32/8 x 4096 fp16 decode: 16-token runs took 1.13-1.18x the time of whole pages).
+          // 32/8 x 4096 fp16 decode: 16-token runs took about 1.1x the time of whole pages).
           constexpr index_t kRun = 16;
           const index_t krun = k.token_stride < k.head_stride ? Bk : kRun;
           const index_t vrun = v.token_stride < v.head_stride ? Bk : kRun;
