@@ -1,7 +1,10 @@
 // Vector kernels vs their scalar twins and double-precision references on awkward sizes
 // (0, 1, lane count +- 1, large); transformer pieces (RMSNorm, linear, SwiGLU, RoPE) vs
 // straightforward double loops.
+#include <algorithm>
 #include <cstring>
+#include <numeric>
+#include <random>
 
 #include "catch.hpp"
 #include "common.hpp"
@@ -126,6 +129,64 @@ TEST_CASE("dot-product tile GEMM (decode Q*K^T) matches a double GEMM on ragged 
           }
           for (index_t j = N; j < N + 3; ++j) REQUIRE(C[std::size_t(i * (N + 3) + j)] == -7.f);  // ldc padding untouched
         }
+      }
+}
+
+TEST_CASE("gathered tile GEMMs (rows through a page table) equal the strided ones bit for bit", "[kernels]") {
+  // B rows scattered in a pool at shuffled offsets (as pages leave them), against the same rows
+  // packed contiguously: the same bits from tile_gemm_nt / tile_gemm, with and without hints,
+  // whose rows (next) may be any existing rows. Columns of C past N are untouched.
+  const index_t W = simd::Vec::width;
+  for (index_t M : {1, 2, 4, 7})
+    for (index_t N : {index_t(1), index_t(5), W, index_t(64)})
+      for (index_t K : {index_t(17), index_t(80), index_t(128)}) {
+        INFO("M " << M << " N " << N << " K " << K);
+        const index_t rows = std::max(N, K), stride = K + 3, Np = (K + W - 1) / W * W;
+        auto pool_f = random_vector(std::size_t(3 * rows * stride + Np), 21);
+        std::vector<fp16> pool(pool_f.begin(), pool_f.end());
+        std::vector<index_t> slot(std::size_t(3 * rows));
+        std::iota(slot.begin(), slot.end(), index_t(0));
+        std::shuffle(slot.begin(), slot.end(), std::mt19937(unsigned(M * 131 + N * 7 + K)));
+        std::vector<index_t> off(static_cast<std::size_t>(rows)), next(static_cast<std::size_t>(rows));
+        for (index_t r = 0; r < rows; ++r)
+          off[std::size_t(r)] = slot[std::size_t(r)] * stride, next[std::size_t(r)] = slot[std::size_t(rows + r)] * stride;
+        const auto A = random_vector(std::size_t(M * std::max(K, N)), 22);
+        // Q * K^T over N gathered rows of length K.
+        std::vector<fp16> packed(std::size_t(N * K));
+        for (index_t j = 0; j < N; ++j)
+          std::copy(pool.begin() + off[std::size_t(j)], pool.begin() + off[std::size_t(j)] + K, packed.begin() + j * K);
+        std::vector<float> want(std::size_t(M * (N + 3)), -7.f), got = want, got_pf = want;
+        kernels::tile_gemm_nt(A.data(), K, packed.data(), K, want.data(), N + 3, M, N, K);
+        kernels::tile_gemm_nt_gathered(A.data(), K, pool.data(), off.data(), nullptr, got.data(), N + 3, M, N, K);
+        kernels::tile_gemm_nt_gathered(A.data(), K, pool.data(), off.data(), next.data(), got_pf.data(), N + 3, M, N, K,
+                                       simd::PrefetchTo::l1);
+        REQUIRE(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)) == 0);
+        REQUIRE(std::memcmp(got_pf.data(), want.data(), want.size() * sizeof(float)) == 0);
+        // C += P * V over K gathered rows of Np (padded) columns.
+        std::vector<fp16> vpacked(std::size_t(K * Np));
+        for (index_t k = 0; k < K; ++k)
+          std::copy(pool.begin() + off[std::size_t(k)], pool.begin() + off[std::size_t(k)] + Np, vpacked.begin() + k * Np);
+        const auto C0 = random_vector(std::size_t(M * (Np + W)), 23);
+        auto cw = C0, cg = C0, cgp = C0;
+        kernels::tile_gemm<true>(A.data(), K, vpacked.data(), Np, cw.data(), Np + W, M, Np, K);
+        kernels::tile_gemm_gathered<true>(A.data(), K, pool.data(), off.data(), nullptr, cg.data(), Np + W, M, Np, K);
+        kernels::tile_gemm_gathered<true>(A.data(), K, pool.data(), off.data(), next.data(), cgp.data(), Np + W, M, Np, K,
+                                          simd::PrefetchTo::l1);
+        REQUIRE(std::memcmp(cg.data(), cw.data(), cw.size() * sizeof(float)) == 0);
+        REQUIRE(std::memcmp(cgp.data(), cw.data(), cw.size() * sizeof(float)) == 0);
+        // and the strided form itself against a double GEMM (so the comparison is not circular)
+        for (index_t i = 0; i < M; ++i)
+          for (index_t j = 0; j < Np; ++j) {
+            double r = C0[std::size_t(i * (Np + W) + j)], a = std::abs(r);
+            for (index_t k = 0; k < K; ++k) {
+              const double t = double(A[std::size_t(i * K + k)]) * double(to_float(vpacked[std::size_t(k * Np + j)]));
+              r += t, a += std::abs(t);
+            }
+            REQUIRE(std::abs(double(cw[std::size_t(i * (Np + W) + j)]) - r) <= a * double(K + 1) * std::ldexp(1.0, -24));
+          }
+        for (index_t i = 0; i < M; ++i)
+          for (index_t j = Np; j < Np + W; ++j)
+            REQUIRE(cg[std::size_t(i * (Np + W) + j)] == C0[std::size_t(i * (Np + W) + j)]);  // past N untouched
       }
 }
 

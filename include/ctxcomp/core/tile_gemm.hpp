@@ -4,6 +4,7 @@
 // as float, bf16, fp16 or qint8 (without scales): it is widened in registers as it is loaded.
 #pragma once
 #include <algorithm>
+#include <type_traits>
 
 #include "bf16dot.hpp"
 #include "simd.hpp"
@@ -19,10 +20,40 @@ struct TileGemmShape {
   static constexpr int NV = V::registers >= 32 ? 4 : (V::width == 1 ? 4 : 3);  ///< vectors of columns per block
 };
 
+/// Where the kernels find row k of B: one stride apart (a packed tile, a head-major cache), or
+/// at offsets from a base (a tile gathered through a page table). `ahead` is the row a prefetch
+/// hint names: `pf` rows further on, or the offsets' own list of rows to ask for.
+template <class TB>
+struct StridedRows {
+  const TB* base;  ///< row 0
+  index_t ld;      ///< elements from one row to the next
+  /// Row k.
+  const TB* row(index_t k) const noexcept { return base + k * ld; }
+  /// The row a hint names while row k is read: pf rows on (need not exist; never dereferenced).
+  const TB* ahead(index_t k, index_t pf) const noexcept { return base + (k + pf) * ld; }
+  /// The same rows from column j on.
+  StridedRows cols(index_t j) const noexcept { return {base + j, ld}; }
+};
+/// Rows at base + off[k]; with hints, the rows at base + next[k] are asked for (next non-null).
+template <class TB>
+struct GatheredRows {
+  const TB* base;        ///< what the offsets count from
+  const index_t* off;    ///< off[k]: elements from base to row k
+  const index_t* next;   ///< next[k]: the row a hint names while row k is read, or null
+  /// Row k.
+  const TB* row(index_t k) const noexcept { return base + off[k]; }
+  /// The row a hint names while row k is read.
+  const TB* ahead(index_t k, index_t) const noexcept { return base + next[k]; }
+  /// The same rows from column j on.
+  GatheredRows cols(index_t j) const noexcept { return {base + j, off, next}; }
+};
+
+namespace detail {
 /// Prefetch: 0 none, else the rows pf on are asked for, into simd::PrefetchTo(Prefetch).
-template <class V, int MR, int NV, bool Accumulate, int Prefetch = 0, class TB>
-inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
-                            index_t K, index_t pf = 0) noexcept {
+template <class V, int MR, int NV, bool Accumulate, int Prefetch, class R>
+inline void tile_gemm_block_rows(const float* A, index_t lda, R B, float* C, index_t ldc, index_t K,
+                                 index_t pf) noexcept {
+  using TB = std::remove_const_t<std::remove_pointer_t<decltype(B.row(0))>>;
   constexpr int W = V::width;
   typename V::type acc[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -30,10 +61,11 @@ inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ld
   for (index_t kk = 0; kk < K; ++kk) {
     typename V::type b[NV];
     if constexpr (Prefetch != 0)
-      simd::prefetch_bytes<NV * W * int(sizeof(TB)), simd::PrefetchTo(Prefetch)>(B + (kk + pf) * ldb);
+      simd::prefetch_bytes<NV * W * int(sizeof(TB)), simd::PrefetchTo(Prefetch)>(B.ahead(kk, pf));
     // pin: one load per vector, not one per FMA (compilers otherwise fold the fp32 B loads and
     // the broadcasts into every FMA that uses them, and the loads bound the loop).
-    for (int j = 0; j < NV; ++j) b[j] = V::pin(V::load(B + kk * ldb + j * W));
+    const TB* bk = B.row(kk);
+    for (int j = 0; j < NV; ++j) b[j] = V::pin(V::load(bk + j * W));
     for (int i = 0; i < MR; ++i) {
       const auto a = V::pin(V::broadcast(A[i * lda + kk]));
       for (int j = 0; j < NV; ++j) acc[i][j] = V::fma(a, b[j], acc[i][j]);
@@ -42,33 +74,60 @@ inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ld
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) V::store(C + i * ldc + j * W, acc[i][j]);
 }
+}  // namespace detail
+
+/// One register block: C[MR x NV vectors] (+)= A[MR x K] * B[K x NV vectors].
+/// Prefetch: 0 none, else the rows pf on are asked for, into simd::PrefetchTo(Prefetch).
+template <class V, int MR, int NV, bool Accumulate, int Prefetch = 0, class TB>
+inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
+                            index_t K, index_t pf = 0) noexcept {
+  detail::tile_gemm_block_rows<V, MR, NV, Accumulate, Prefetch>(A, lda, StridedRows<TB>{B, ldb}, C, ldc, K, pf);
+}
 
 namespace detail {
-template <class V, int MR, bool Acc, int PF, int NV = TileGemmShape<V>::NV, class TB>
-inline void tile_gemm_cols(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
-                           index_t nvec, index_t K, index_t pf) noexcept {
+template <class V, int MR, bool Acc, int PF, int NV = TileGemmShape<V>::NV, class R>
+inline void tile_gemm_cols(const float* A, index_t lda, R B, float* C, index_t ldc, index_t nvec, index_t K,
+                           index_t pf) noexcept {
   constexpr int W = V::width;
   index_t j = 0;
-  for (; j + NV <= nvec; j += NV) tile_gemm_block<V, MR, NV, Acc, PF>(A, lda, B + j * W, ldb, C + j * W, ldc, K, pf);
+  for (; j + NV <= nvec; j += NV) tile_gemm_block_rows<V, MR, NV, Acc, PF>(A, lda, B.cols(j * W), C + j * W, ldc, K, pf);
   if constexpr (NV > 1) {
-    if (j < nvec) tile_gemm_cols<V, MR, Acc, PF, NV - 1>(A, lda, B + j * W, ldb, C + j * W, ldc, nvec - j, K, pf);
+    if (j < nvec) tile_gemm_cols<V, MR, Acc, PF, NV - 1>(A, lda, B.cols(j * W), C + j * W, ldc, nvec - j, K, pf);
   }
 }
-template <class V, bool Acc, int PF, int MR = TileGemmShape<V>::MR, class TB>
-inline void tile_gemm_rows(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
-                           index_t M, index_t nvec, index_t K, index_t pf) noexcept {
+template <class V, bool Acc, int PF, int MR = TileGemmShape<V>::MR, class R>
+inline void tile_gemm_rows(const float* A, index_t lda, R B, float* C, index_t ldc, index_t M, index_t nvec,
+                           index_t K, index_t pf) noexcept {
   index_t i = 0;
   if (M >= MR) {  // the first block of rows asks for the B rows ahead; the others find B in cache
-    tile_gemm_cols<V, MR, Acc, PF>(A, lda, B, ldb, C, ldc, nvec, K, pf);
-    for (i = MR; i + MR <= M; i += MR)
-      tile_gemm_cols<V, MR, Acc, 0>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, nvec, K, 0);
+    tile_gemm_cols<V, MR, Acc, PF>(A, lda, B, C, ldc, nvec, K, pf);
+    for (i = MR; i + MR <= M; i += MR) tile_gemm_cols<V, MR, Acc, 0>(A + i * lda, lda, B, C + i * ldc, ldc, nvec, K, 0);
   }
   if constexpr (MR > 1) {
     if (i < M) {
-      if (i == 0) tile_gemm_rows<V, Acc, PF, MR - 1>(A, lda, B, ldb, C, ldc, M, nvec, K, pf);
-      else tile_gemm_rows<V, Acc, 0, MR - 1>(A + i * lda, lda, B, ldb, C + i * ldc, ldc, M - i, nvec, K, 0);
+      if (i == 0) tile_gemm_rows<V, Acc, PF, MR - 1>(A, lda, B, C, ldc, M, nvec, K, pf);
+      else tile_gemm_rows<V, Acc, 0, MR - 1>(A + i * lda, lda, B, C + i * ldc, ldc, M - i, nvec, K, 0);
     }
   }
+}
+
+/// tile_gemm over any row source (StridedRows, GatheredRows); pf != 0 turns the hints on.
+template <bool Accumulate, class V, class R>
+inline void tile_gemm_any(const float* A, index_t lda, R B, float* C, index_t ldc, index_t M, index_t N, index_t K,
+                          index_t pf, simd::PrefetchTo to) noexcept {
+  if (M <= 0 || N <= 0) return;
+  constexpr int L1 = int(simd::PrefetchTo::l1), L2 = int(simd::PrefetchTo::l2);
+  const index_t nvec = N / V::width;
+  // One row (decode): up to 8 vectors of columns per block, so a B row (e.g. a V row of 128
+  // dims) is read whole and 8 independent FMA chains hide the FMA latency.
+  if (M == 1 && V::registers >= 32) {
+    if (pf == 0) return tile_gemm_cols<V, 1, Accumulate, 0, 8>(A, lda, B, C, ldc, nvec, K, 0);
+    if (to == simd::PrefetchTo::l1) return tile_gemm_cols<V, 1, Accumulate, L1, 8>(A, lda, B, C, ldc, nvec, K, pf);
+    return tile_gemm_cols<V, 1, Accumulate, L2, 8>(A, lda, B, C, ldc, nvec, K, pf);
+  }
+  if (pf == 0) return tile_gemm_rows<V, Accumulate, 0>(A, lda, B, C, ldc, M, nvec, K, 0);
+  if (to == simd::PrefetchTo::l1) return tile_gemm_rows<V, Accumulate, L1>(A, lda, B, C, ldc, M, nvec, K, pf);
+  tile_gemm_rows<V, Accumulate, L2>(A, lda, B, C, ldc, M, nvec, K, pf);
 }
 }  // namespace detail
 
@@ -79,27 +138,26 @@ template <bool Accumulate, class V = simd::Vec, class TB>
 inline void tile_gemm(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
                       index_t N, index_t K, index_t prefetch_rows = 0,
                       simd::PrefetchTo to = simd::PrefetchTo::l2) noexcept {
-  if (M <= 0 || N <= 0) return;
-  constexpr int L1 = int(simd::PrefetchTo::l1), L2 = int(simd::PrefetchTo::l2);
-  const index_t nvec = N / V::width, pf = prefetch_rows;
-  // One row (decode): up to 8 vectors of columns per block, so a B row (e.g. a V row of 128
-  // dims) is read whole and 8 independent FMA chains hide the FMA latency.
-  if (M == 1 && V::registers >= 32) {
-    if (pf == 0) return detail::tile_gemm_cols<V, 1, Accumulate, 0, 8>(A, lda, B, ldb, C, ldc, nvec, K, 0);
-    if (to == simd::PrefetchTo::l1) return detail::tile_gemm_cols<V, 1, Accumulate, L1, 8>(A, lda, B, ldb, C, ldc, nvec, K, pf);
-    return detail::tile_gemm_cols<V, 1, Accumulate, L2, 8>(A, lda, B, ldb, C, ldc, nvec, K, pf);
-  }
-  if (pf == 0) return detail::tile_gemm_rows<V, Accumulate, 0>(A, lda, B, ldb, C, ldc, M, nvec, K, 0);
-  if (to == simd::PrefetchTo::l1) return detail::tile_gemm_rows<V, Accumulate, L1>(A, lda, B, ldb, C, ldc, M, nvec, K, pf);
-  detail::tile_gemm_rows<V, Accumulate, L2>(A, lda, B, ldb, C, ldc, M, nvec, K, pf);
+  detail::tile_gemm_any<Accumulate, V>(A, lda, StridedRows<TB>{B, ldb}, C, ldc, M, N, K, prefetch_rows, to);
+}
+
+/// tile_gemm with B row k at `base + off[k]` (K offsets; e.g. a V tile read through a page
+/// table), each C element's FMA chain over k in the same order as the strided form: the same
+/// bits. With `next` non-null, each row read asks for the row at `base + next[k]` into `to`.
+template <bool Accumulate, class V = simd::Vec, class TB>
+inline void tile_gemm_gathered(const float* A, index_t lda, const TB* base, const index_t* off, const index_t* next,
+                               float* C, index_t ldc, index_t M, index_t N, index_t K,
+                               simd::PrefetchTo to = simd::PrefetchTo::l2) noexcept {
+  detail::tile_gemm_any<Accumulate, V>(A, lda, GatheredRows<TB>{base, off, next}, C, ldc, M, N, K, next ? 1 : 0, to);
 }
 
 namespace detail {
 /// Blocks of RB rows x CB columns of C = A * B^T fill one vector of W partial sums each, reduced
 /// together; rows / columns past the edge repeat the last one and are not stored.
-template <class V, int RB, int CB, simd::PrefetchTo To, class TB>
-inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc,
-                                index_t M, index_t N, index_t K, index_t pf) noexcept {
+template <class V, int RB, int CB, simd::PrefetchTo To, class R>
+inline void tile_gemm_nt_blocks(const float* A, index_t lda, R B, float* C, index_t ldc, index_t M, index_t N,
+                                index_t K, index_t pf) noexcept {
+  using TB = std::remove_const_t<std::remove_pointer_t<decltype(B.row(0))>>;
   constexpr int W = V::width;
   static_assert(RB * CB == W, "one accumulator per lane");
   const index_t kv = K / W * W;
@@ -109,7 +167,7 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
       const float* a[RB];
       const TB* b[CB];
       for (int r = 0; r < RB; ++r) a[r] = A + std::min<index_t>(i0 + r, M - 1) * lda;
-      for (int c = 0; c < CB; ++c) b[c] = B + std::min<index_t>(j0 + c, N - 1) * ldb;
+      for (int c = 0; c < CB; ++c) b[c] = B.row(std::min<index_t>(j0 + c, N - 1));
       typename V::type acc[W];
       for (int x = 0; x < W; ++x) acc[x] = V::zero();
       if constexpr (RB == 1) {
@@ -130,11 +188,19 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
         // All CB rows of B at once: per step CB widened B loads and RB A loads feed RB * CB
         // FMAs into RB * CB accumulators, which stay in registers (loops fully unrolled).
         constexpr index_t line = 64 / index_t(sizeof(TB));  // elements of B per cache line
-        const index_t pfk = i0 == 0 ? pf * ldb : 0;  // the first rows' pass asks for B rows pf on
+        // The first rows' pass asks for the B rows ahead: strided rows a fixed distance on,
+        // gathered rows from their own list.
+        constexpr bool strided = std::is_same_v<R, StridedRows<TB>>;
+        const bool ask = i0 == 0 && pf;
+        index_t pfk = 0;
+        const TB* ahead[strided ? 1 : CB];
+        if constexpr (strided) pfk = ask ? pf * B.ld : 0;
+        else
+          for (int c = 0; c < CB; ++c) ahead[c] = ask ? B.ahead(std::min<index_t>(j0 + c, N - 1), pf) : b[c];
         for (index_t k = 0; k < kv; k += W) {
-          if (pfk && k % line == 0)
+          if (ask && k % line == 0)
 #pragma GCC unroll 16
-            for (int c = 0; c < CB; ++c) simd::prefetch<To>(b[c] + pfk + k);
+            for (int c = 0; c < CB; ++c) simd::prefetch<To>(strided ? b[c] + pfk + k : ahead[c] + k);
           typename V::type bv[CB];
 #pragma GCC unroll 16
           for (int c = 0; c < CB; ++c) bv[c] = V::pin(V::load(b[c] + k));  // (fp32 B: not re-read per FMA)
@@ -172,6 +238,22 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, const TB* B, index_
 }
 }  // namespace detail
 
+namespace detail {
+template <class V, class R>
+inline void tile_gemm_nt_any(const float* A, index_t lda, R B, float* C, index_t ldc, index_t M, index_t N, index_t K,
+                             index_t pf, simd::PrefetchTo to) noexcept {
+  constexpr int W = V::width, CB = W >= 4 ? 4 : 1;
+  using P = simd::PrefetchTo;
+  if (M == 1) {
+    if (to == P::l1) tile_gemm_nt_blocks<V, 1, W, P::l1>(A, lda, B, C, ldc, M, N, K, pf);
+    else tile_gemm_nt_blocks<V, 1, W, P::l2>(A, lda, B, C, ldc, M, N, K, pf);
+  } else {
+    if (to == P::l1) tile_gemm_nt_blocks<V, W / CB, CB, P::l1>(A, lda, B, C, ldc, M, N, K, pf);
+    else tile_gemm_nt_blocks<V, W / CB, CB, P::l2>(A, lda, B, C, ldc, M, N, K, pf);
+  }
+}
+}  // namespace detail
+
 /// C[M x N] = A[M x K] * B[N x K]^T, both operands row-major along K (dot-product form: no
 /// transposition, for few rows such as decode, where B is read once straight from a cache and
 /// widened in registers). With `prefetch_rows` != 0, the rows that many rows past each B row
@@ -183,16 +265,17 @@ template <class V = simd::Vec, class TB>
 inline void tile_gemm_nt(const float* A, index_t lda, const TB* B, index_t ldb, float* C, index_t ldc, index_t M,
                          index_t N, index_t K, index_t prefetch_rows = 0,
                          simd::PrefetchTo to = simd::PrefetchTo::l2) noexcept {
-  constexpr int W = V::width, CB = W >= 4 ? 4 : 1;
-  using P = simd::PrefetchTo;
-  const index_t pf = prefetch_rows;
-  if (M == 1) {
-    if (to == P::l1) detail::tile_gemm_nt_blocks<V, 1, W, P::l1>(A, lda, B, ldb, C, ldc, M, N, K, pf);
-    else detail::tile_gemm_nt_blocks<V, 1, W, P::l2>(A, lda, B, ldb, C, ldc, M, N, K, pf);
-  } else {
-    if (to == P::l1) detail::tile_gemm_nt_blocks<V, W / CB, CB, P::l1>(A, lda, B, ldb, C, ldc, M, N, K, pf);
-    else detail::tile_gemm_nt_blocks<V, W / CB, CB, P::l2>(A, lda, B, ldb, C, ldc, M, N, K, pf);
-  }
+  detail::tile_gemm_nt_any<V>(A, lda, StridedRows<TB>{B, ldb}, C, ldc, M, N, K, prefetch_rows, to);
+}
+
+/// tile_gemm_nt with B row j at `base + off[j]` (N offsets; e.g. a K tile read through a page
+/// table): every dot product as in the strided form, the same bits. With `next` non-null, the
+/// row at `base + next[j]` is asked for into cache level `to` as row j is read.
+template <class V = simd::Vec, class TB>
+inline void tile_gemm_nt_gathered(const float* A, index_t lda, const TB* base, const index_t* off, const index_t* next,
+                                  float* C, index_t ldc, index_t M, index_t N, index_t K,
+                                  simd::PrefetchTo to = simd::PrefetchTo::l2) noexcept {
+  detail::tile_gemm_nt_any<V>(A, lda, GatheredRows<TB>{base, off, next}, C, ldc, M, N, K, next ? 1 : 0, to);
 }
 
 // ---- bf16 compute (core/bf16dot.hpp): C (+)= A * B over bf16 pairs, fp32 accumulation ----
