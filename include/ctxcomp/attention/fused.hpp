@@ -221,8 +221,8 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   // Interleaved decode over head-major pages (HND: a head's rows of a page side by side) shorter
   // than a tile reads each head's whole tile in one call through the page table, so a head's
   // output block is loaded and stored once per tile, not once per page (32/8 heads x 4096 fp16
-  // in 16-token pages, paged/contiguous time: 0.80-0.87 -> 0.92-1.0 from memory, 0.84-0.93 ->
-  // 0.86-1.0 L3-resident). Pages of a tile or more keep whole-page runs (one call per page
+  // in 16-token pages, paged/contiguous time: 0.82-0.87 -> 0.92-0.99 from memory, 0.90-0.94 ->
+  // 0.96-1.07 L3-resident). Pages of a tile or more keep whole-page runs (one call per page
   // already). Token-major rows (NHD pages, cells) keep the page-by-page runs: read tile by tile
   // per head, their lines would be fetched once per head (0.80-0.83 -> 0.66-0.69).
   auto short_pages = [&](const auto& x) {
