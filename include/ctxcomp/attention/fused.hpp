@@ -227,7 +227,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   // per head, their lines would be fetched once per head (0.80-0.83 -> 0.66-0.69).
   auto short_pages = [&](const auto& x) {
     if constexpr (is_paged_view_v<std::decay_t<decltype(x)>>)
-      return x.token_stride < x.head_stride && x.page_size < tilings[0].kv_tile;
+      return x.token_stride < x.head_stride && x.page_size < AttentionTiling<V>::kv_tile;
     else
       return (void)x, false;
   };
@@ -354,7 +354,6 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         (void)x, (void)t0, (void)n, (void)off;
       }
     };
-    (void)ko, (void)kn, (void)vo, (void)vn, (void)next_tile, (void)tile_offsets, (void)gather;
 
     for (index_t k0 = kb; k0 < ke; k0 += Bk) {
       const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
@@ -386,48 +385,6 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         return paged ? rows_to(x, h, t, t + n) : n;
       };
 
-      if constexpr (!BF16 && paged) {
-        if (gather) {
-          // Head-major pages: each head's whole tile in one call, its rows gathered through the
-          // page table (offsets from the pool, one lookup per page), so the call's output block
-          // is loaded and stored once per tile, not once per page; each row read asks for the
-          // same head's row one tile on. Per head, every dot product and every output's FMA
-          // chain is the per-head path's: the same bits.
-          if (next_tile == k0) {  // this tile's offsets are the previous tile's next ones
-            std::swap(ko, kn), std::swap(vo, vn);
-          } else {
-            tile_offsets(k, k0, nk, ko);
-            tile_offsets(v, k0, nk, vo);
-          }
-          const index_t nn = std::min(Bk, kv_len - k0 - Bk);  // rows of the next tile (<= 0: none)
-          if (nn > 0) {
-            tile_offsets(k, k0 + Bk, nn, kn);
-            tile_offsets(v, k0 + Bk, nn, vn);
-          }
-          for (index_t i = std::max<index_t>(nn, 0); i < nk; ++i)  // hints name rows that exist
-            kn[i] = nn > 0 ? kn[nn - 1] : ko[i], vn[i] = nn > 0 ? vn[nn - 1] : vo[i];
-          next_tile = nn > 0 ? k0 + Bk : -1;
-          for (index_t h = 0; h < k.heads; ++h)
-            kernels::tile_gemm_nt_gathered<V>(qp_of(h), d, k.pool + h * k.head_stride, ko, kn, s_of(h), Bk, rows, nk, d,
-                                              simd::PrefetchTo::l1);
-          for (index_t h = 0; h < k.heads; ++h) {
-            kh = h;
-            state_of(h);
-            softmax_tile(s_of(h), k0, nk, vis);
-          }
-          for (index_t h = 0; h < k.heads; ++h) {
-            state_of(h);
-            if (dp == d) {
-              kernels::tile_gemm_gathered<true, V>(s_of(h), Bk, v.pool + h * v.head_stride, vo, vn, o_, dp, rows, dp,
-                                                   nk, simd::PrefetchTo::l1);
-            } else {
-              for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(h, k0 + kk), b.vp + kk * dp, d);
-              kernels::tile_gemm<true, V>(s_of(h), Bk, b.vp, dp, o_, dp, rows, dp, nk);
-            }
-          }
-          continue;
-        }
-      }
       if constexpr (!BF16) {
         if (interleave) {  // (few rows: the dot-product form) every head, run by run
           // Token-major rows (cells, NHD pages) hold every head's row of a token side by side:
@@ -435,21 +392,60 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           // (HND) hold each head's rows of a page together: a whole page per head is read in
           // order, with a run's output block loaded and stored once (64-token pages, L3-resident
           // 32/8 x 4096 fp16 decode: 16-token runs took about 1.1x the time of whole pages).
+          // Head-major pages shorter than a tile (gather) take each head's whole tile in one
+          // call, its rows gathered through the page table (offsets from the pool, one lookup
+          // per page), so the call's output block is loaded and stored once per tile, not once
+          // per page; each row read asks for the same head's row one tile on. Per head, every
+          // dot product and every output's FMA chain is the per-head path's: the same bits.
           constexpr index_t kRun = 16;
           auto run_cap = [&](const auto& x) { return x.token_stride < x.head_stride ? Bk : kRun; };
           const index_t krun = run_cap(k), vrun = run_cap(v);
-          for (index_t j = 0, n; j < nk; j += n) {
-            n = std::min(k.run(k0 + j, nk - j), krun);
-            for (index_t h = 0; h < k.heads; ++h)
-              kernels::tile_gemm_nt<V>(qp_of(h), d, k.row(h, k0 + j), k.token_stride, s_of(h) + j, Bk, rows, n, d,
-                                       next_run(k, h, k0 + j, n), pf_to);
+          if (gather) {
+            if (next_tile == k0) {  // this tile's offsets are the previous tile's next ones
+              std::swap(ko, kn), std::swap(vo, vn);
+            } else {
+              tile_offsets(k, k0, nk, ko);
+              tile_offsets(v, k0, nk, vo);
+            }
+            const index_t nn = std::min(Bk, kv_len - k0 - Bk);  // rows of the next tile (<= 0: none)
+            if (nn > 0) {
+              tile_offsets(k, k0 + Bk, nn, kn);
+              tile_offsets(v, k0 + Bk, nn, vn);
+            }
+            for (index_t i = std::max<index_t>(nn, 0); i < nk; ++i)  // hints name rows that exist
+              kn[i] = nn > 0 ? kn[nn - 1] : ko[i], vn[i] = nn > 0 ? vn[nn - 1] : vo[i];
+            next_tile = nn > 0 ? k0 + Bk : -1;
+            if constexpr (paged)
+              for (index_t h = 0; h < k.heads; ++h)
+                kernels::tile_gemm_nt_gathered<V>(qp_of(h), d, k.pool + h * k.head_stride, ko, kn, s_of(h), Bk, rows,
+                                                  nk, d, simd::PrefetchTo::l1);
+          } else {
+            for (index_t j = 0, n; j < nk; j += n) {
+              n = std::min(k.run(k0 + j, nk - j), krun);
+              for (index_t h = 0; h < k.heads; ++h)
+                kernels::tile_gemm_nt<V>(qp_of(h), d, k.row(h, k0 + j), k.token_stride, s_of(h) + j, Bk, rows, n, d,
+                                         next_run(k, h, k0 + j, n), pf_to);
+            }
           }
           for (index_t h = 0; h < k.heads; ++h) {
             kh = h;
             state_of(h);
             softmax_tile(s_of(h), k0, nk, vis);
           }
-          if (dp == d) {
+          if (dp != d) {
+            for (index_t h = 0; h < k.heads; ++h) {
+              state_of(h);
+              for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(h, k0 + kk), b.vp + kk * dp, d);
+              kernels::tile_gemm<true, V>(s_of(h), Bk, b.vp, dp, o_, dp, rows, dp, nk);
+            }
+          } else if (gather) {
+            if constexpr (paged)
+              for (index_t h = 0; h < k.heads; ++h) {
+                state_of(h);
+                kernels::tile_gemm_gathered<true, V>(s_of(h), Bk, v.pool + h * v.head_stride, vo, vn, o_, dp, rows,
+                                                     dp, nk, simd::PrefetchTo::l1);
+              }
+          } else {
             for (index_t j = 0, n; j < nk; j += n) {
               n = std::min(v.run(k0 + j, nk - j), vrun);
               for (index_t h = 0; h < k.heads; ++h) {
@@ -457,12 +453,6 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
                 kernels::tile_gemm<true, V>(s_of(h) + j, Bk, v.row(h, k0 + j), v.token_stride, o_, dp, rows, dp, n,
                                             next_run(v, h, k0 + j, n), pf_to);
               }
-            }
-          } else {
-            for (index_t h = 0; h < k.heads; ++h) {
-              state_of(h);
-              for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(h, k0 + kk), b.vp + kk * dp, d);
-              kernels::tile_gemm<true, V>(s_of(h), Bk, b.vp, dp, o_, dp, rows, dp, nk);
             }
           }
           continue;

@@ -200,7 +200,10 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, R B, float* C, inde
         for (index_t k = 0; k < kv; k += W) {
           if (ask && k % line == 0)
 #pragma GCC unroll 16
-            for (int c = 0; c < CB; ++c) simd::prefetch<To>(strided ? b[c] + pfk + k : ahead[c] + k);
+            for (int c = 0; c < CB; ++c) {
+              if constexpr (strided) simd::prefetch<To>(b[c] + pfk + k);
+              else simd::prefetch<To>(ahead[c] + k);
+            }
           typename V::type bv[CB];
 #pragma GCC unroll 16
           for (int c = 0; c < CB; ++c) bv[c] = V::pin(V::load(b[c] + k));  // (fp32 B: not re-read per FMA)
