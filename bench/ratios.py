@@ -11,6 +11,7 @@ run whose shapes are shrunk).
 """
 import json
 import re
+import signal
 import sys
 
 # (regex on the benchmark name, function of the match giving the baseline name, metric, meaning)
@@ -117,4 +118,6 @@ def main():
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):  # `ratios.py run.json | head` ends quietly, not with a traceback
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     main()

@@ -219,12 +219,15 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   // away in the reads of the other heads that L1 would evict it first.
   const simd::PrefetchTo pf_to = interleave && !paged ? simd::PrefetchTo::l2 : simd::PrefetchTo::l1;
   // Interleaved decode over head-major pages (HND: a head's rows of a page side by side) shorter
-  // than a tile reads each head's whole tile in one call through the page table, so a head's
-  // output block is loaded and stored once per tile, not once per page (32/8 heads x 4096 fp16
-  // in 16-token pages, paged/contiguous time: 0.82-0.87 -> 0.92-0.99 from memory, 0.90-0.94 ->
-  // 0.96-1.07 L3-resident). Pages of a tile or more keep whole-page runs (one call per page
-  // already). Token-major rows (NHD pages, cells) keep the page-by-page runs: read tile by tile
-  // per head, their lines would be fetched once per head (0.80-0.83 -> 0.66-0.69).
+  // than a tile reads each head's whole tile in one call, its rows gathered through the page
+  // table (offsets from the pool, one lookup per page), so a head's output block is loaded and
+  // stored once per tile, not once per page; each row read asks for the same head's row one tile
+  // on. 32/8 heads x 4096 fp16 in 16-token pages, paged speed as a share of contiguous where one
+  // thread reads memory at 21 GB/s: 0.82-0.87 -> 0.92-0.99 from memory, 0.90-0.94 -> 0.96-1.07
+  // L3-resident; where it reads 30 GB/s, 0.79-0.95 (median 0.83) from memory. Pages of a tile or
+  // more keep whole-page runs (one call per page already). Token-major rows (NHD pages, cells)
+  // keep the page-by-page runs: read tile by tile per head, their lines would be fetched once
+  // per head (0.80-0.83 -> 0.66-0.69).
   auto short_pages = [&](const auto& x) {
     if constexpr (is_paged_view_v<std::decay_t<decltype(x)>>)
       return x.token_stride < x.head_stride && x.page_size < AttentionTiling<V>::kv_tile;
@@ -392,11 +395,8 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           // (HND) hold each head's rows of a page together: a whole page per head is read in
           // order, with a run's output block loaded and stored once (64-token pages, L3-resident
           // 32/8 x 4096 fp16 decode: 16-token runs took about 1.1x the time of whole pages).
-          // Head-major pages shorter than a tile (gather) take each head's whole tile in one
-          // call, its rows gathered through the page table (offsets from the pool, one lookup
-          // per page), so the call's output block is loaded and stored once per tile, not once
-          // per page; each row read asks for the same head's row one tile on. Per head, every
-          // dot product and every output's FMA chain is the per-head path's: the same bits.
+          // Head-major pages shorter than a tile: see `gather` above. Per head, every dot
+          // product and every output's FMA chain is the per-head path's: the same bits.
           constexpr index_t kRun = 16;
           auto run_cap = [&](const auto& x) { return x.token_stride < x.head_stride ? Bk : kRun; };
           const index_t krun = run_cap(k), vrun = run_cap(v);
