@@ -87,6 +87,11 @@ TEST_CASE("attention over fp16, bf16 and qint8 caches matches the double referen
   std::vector<index_t> anchors{2, 40, 41, 90};
   check_type<fp16>(8, 2, 60, 100, 64, AnchorBidirectional{anchors.data(), 4, 40}, seed++);
   check_type<qint8>(8, 2, 60, 100, 64, ChunkDiagonal{17, true, 40}, seed++);
+  // One query block per kv head (16 query heads each, 5 queries) in two row groups over five K
+  // tiles: every group's task transposes each tile again into the one tile's room.
+  std::vector<index_t> few{3, 296, 298};
+  check_type<fp16>(32, 2, 5, 300, 64, AnchorBidirectional{few.data(), 3, 295}, seed++);
+  check_type<qint8>(32, 2, 5, 300, 64, AnchorBidirectional{few.data(), 3, 295}, seed++);
 }
 
 TEST_CASE("split-K decode equals one pass within the fp32 reordering bound", "[attention][kv_types]") {
