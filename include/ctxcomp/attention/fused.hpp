@@ -64,12 +64,14 @@ struct AttentionTiling {
                  : 1;
     interleave_heads = !bf16 && splits > 1 && rows < few_rows ? kv_heads : 1;
   }
+  /// Whether workers keep every transposed K tile of a kv head (see kt_tiles).
+  bool keeps_k_tiles() const { return q_blocks > 1; }
   /// Many-row tasks transpose K tiles. With several query blocks per kv head, every transposed
   /// tile of the head is kept (reused by the next task of the same head); with one (decode, short
   /// chunks) no later task can reuse a tile, so one tile's room is re-used tile after tile: a
   /// 32/1-head decode over 4096 fp16 keys needs 0.78 MB of workspace instead of 2.8 (5.4 instead
-  /// of 22 at 32768 keys) and ran 1-5% faster. Few-row tasks read K in place.
-  index_t kt_tiles() const { return rows < few_rows || bf16 ? 0 : q_blocks > 1 ? kv_tiles : 1; }
+  /// of 22 at 32768 keys) and ran 0.5-5% faster. Few-row tasks read K in place.
+  index_t kt_tiles() const { return rows < few_rows || bf16 ? 0 : keeps_k_tiles() ? kv_tiles : 1; }
   /// bf16 compute: every K and V tile of a kv head is packed once per worker and reused.
   index_t packed_tiles() const { return bf16 ? kv_tiles : 0; }
   std::size_t worker_bytes() const {
@@ -195,7 +197,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   const AttentionTiling<V> call(q.heads, k.heads, q.tokens, q.head_dim, k.tokens, splits > 1,
                                  BF16 ? Compute::bf16 : Compute::fp32);
   const index_t slot = call.partial_floats();
-  const bool keep_kt = call.q_blocks > 1;  // the workers' buffers hold every transposed K tile
+  const bool keep_kt = call.keeps_k_tiles();  // the workers' buffers hold every transposed K tile
 
   // Which group and block a task is.
   auto locate = [&](index_t task, index_t& gi, index_t& local) {
@@ -513,7 +515,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           }
           if (nk < Bk)
             for (index_t i = 0; i < d; ++i) std::fill(kt + i * Bk + nk, kt + (i + 1) * Bk, 0.f);
-          b.kt_head[tile] = kh;
+          if (keep_kt) b.kt_head[tile] = kh;
         }
         kernels::tile_gemm<false, V>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
       }
