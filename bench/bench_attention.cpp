@@ -6,6 +6,8 @@
 // causal_2048, beside memread/baseline/<case>_<kv>: one vector pass summing the same K/V bytes
 // (a decode step only reads), so GBps / memread GBps is the share of the memory speed reached.
 // Both cycle through 128 MB of layer copies, so the bytes come from memory, not from L3.
+// attention/fused/decode_4096_fp16_hugepages: the same decode with K/V from HugePageAllocator
+// (KvCache's memory: 2 MB pages where the OS offers them), beside the standard allocator's.
 // attention/fused_bf16/<case>: the bf16 compute path (bf16 K/V, Compute::bf16) for causal_2048,
 // causal_8192 and cross_128x640, beside attention/fused/<case> (fp32), with its share of the bf16
 // pair-dot peak (peak/bf16dot).
@@ -17,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 
@@ -169,11 +172,12 @@ index_t layer_copies(const TypedCase& c, double layer_bytes) {
   return c.q_len == 1 ? std::max<index_t>(1, index_t(std::ceil(kDecodeFootprint / layer_bytes))) : 1;
 }
 
-/// K/V of a case in storage type T (qint8: quantised per row, scales beside), `copies` layers.
-template <class T>
+/// K/V of a case in storage type T (qint8: quantised per row, scales beside), `copies` layers,
+/// in memory from Alloc (HugePageAllocator: as KvCache holds its K/V).
+template <class T, class Alloc = std::allocator<T>>
 struct TypedKv {
   index_t heads, tokens, copies;
-  std::vector<T> k, v;
+  std::vector<T, Alloc> k, v;
   std::vector<float> ks, vs;
   explicit TypedKv(const TypedCase& c)
       : heads(c.kv_heads), tokens(c.kv_len), copies(layer_copies(c, bytes_of(c))),
@@ -207,9 +211,9 @@ struct TypedKv {
   }
 };
 
-template <class T>
+template <class T, class Alloc = std::allocator<T>>
 void fused_typed(benchmark::State& st, TypedCase c, int threads) {
-  const TypedKv<T> kv(c);
+  const TypedKv<T, Alloc> kv(c);
   const auto q = bench::random_buffer(std::size_t(kHeads * c.q_len * kDim), 1);
   std::vector<float> out(q.size());
   Workspace ws;
@@ -396,6 +400,10 @@ const bool registered = [] {
   benchmark::RegisterBenchmark("memcpy/baseline/decode_4096", memcpy_baseline, index_t(4096), 1)->UseRealTime()->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("memcpy/baseline/decode_4096_t2", memcpy_baseline, index_t(4096), 2)->UseRealTime()->Unit(benchmark::kMillisecond);
   register_typed<fp16>("fp16");
+  // The same decode with K/V on 2 MB pages where the OS offers them (KvCache's allocator).
+  benchmark::RegisterBenchmark("attention/fused/decode_4096_fp16_hugepages", fused_typed<fp16, HugePageAllocator<fp16>>,
+                               kTypedCases[0], 1)
+      ->UseRealTime()->Unit(benchmark::kMillisecond);
   register_typed<bf16>("bf16");
   register_typed<qint8>("int8");
   benchmark::RegisterBenchmark("attention/cells/decode_4096_fp16", cells_decode, false)

@@ -21,6 +21,8 @@ RULES = [
      lambda m: f"attention/naive/{m[1]}", "time", "fused vs naive Eigen attention (speed-up)"),
     (r"^attention/fused/(decode\w*_4096)_(fp16|bf16|int8)(_t2)?$",
      lambda m: f"memread/baseline/{m[1]}_{m[2]}{m[3] or ''}", "GBps", "decode read bandwidth vs memread"),
+    (r"^attention/fused/(decode_4096_fp16)_hugepages$", lambda m: f"attention/fused/{m[1]}", "time",
+     "decode with K/V on 2 MB pages (HugePageAllocator) vs the standard allocator (speed-up)"),
     (r"^attention/fused/(causal_2048)_(fp16|bf16|int8)(_t2)?$",
      lambda m: f"attention/fused/{m[1]}{m[3] or ''}", "GFLOPS", "typed-cache prefill vs fp32"),
     (r"^attention/fused/(decode\w*_4096)_int8(_t2)?$",

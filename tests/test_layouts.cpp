@@ -2,10 +2,15 @@
 // caches over caller memory. Eviction in every layout against a naive copy of the kept tokens,
 // paged eviction returning pages and moving only the tail, cells freeing without moving and
 // compact(), the golden sentinel and SAC fixtures through the API and the CLI in all three
-// layouts, and bad input (page tables, pools, strides, metadata) leaving the cache unchanged.
+// layouts, bad input (page tables, pools, strides, metadata) leaving the cache unchanged, and
+// KvCache's K/V in 2 MB aligned memory advised for huge pages.
+#include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <numeric>
 #include <random>
+#include <sstream>
+#include <string>
 
 #include <ctxcomp/io/safetensors.hpp>
 
@@ -464,4 +469,52 @@ TEST_CASE("KV layouts reject bad page tables, pools, strides and metadata, uncha
     CHECK_THROWS_WITH(st.kv.evict({{2, 1}}), Contains("out of"));
     CHECK(st.kv.size() == 4);
   }
+}
+
+namespace {
+/// The VmFlags line of the mapping in /proc/self/smaps that holds address p ("" if none).
+std::string vm_flags_of(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    std::uintptr_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream head(line);
+    if (head >> std::hex >> lo >> dash >> hi && dash == '-') inside = lo <= a && a < hi;
+    else if (inside && line.rfind("VmFlags:", 0) == 0) return line + " ";
+  }
+  return "";
+}
+}  // namespace
+
+TEST_CASE("KvCache's K/V buffers are 2 MB aligned and advised for huge pages", "[layouts][memory]") {
+  constexpr std::size_t huge = HugePageAllocator<float>::huge_page;
+  HugePageAllocator<float> alloc;
+  float* big = alloc.allocate(huge / sizeof(float) * 2 + 100);  // two whole huge pages and a bit
+  float* small = alloc.allocate(1000);
+  float* none = alloc.allocate(0);  // a valid pointer, as std::allocator gives
+  CHECK(none != nullptr);
+  alloc.deallocate(none, 0);
+  CHECK(reinterpret_cast<std::uintptr_t>(big) % huge == 0);
+  CHECK(reinterpret_cast<std::uintptr_t>(small) % HugePageAllocator<float>::alignment == 0);
+  std::fill(big, big + huge / sizeof(float) * 2 + 100, 1.5f);  // all of it is usable
+  CHECK(std::accumulate(big, big + huge / sizeof(float) * 2 + 100, 0.0) == 1.5 * double(huge / sizeof(float) * 2 + 100));
+
+  // 2 layers x 8 heads x 1024 tokens x 128 dims of fp16: 4 MB of keys.
+  KvCache<fp16> cache(2, 8, 128, 1024);
+  const fp16* keys = cache.keys(0).data;
+  CHECK(reinterpret_cast<std::uintptr_t>(keys) % huge == 0);
+  // Where the kernel has transparent huge pages, the advice shows as "hg" in the mapping's flags
+  // (whether the pages are huge depends on the THP mode and free memory; the advice does not).
+  const bool thp = std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled").good();
+  const std::string big_flags = vm_flags_of(big), cache_flags = vm_flags_of(keys);
+  INFO("big: " << big_flags << "\ncache: " << cache_flags);
+  if (thp) {
+    CHECK(big_flags.find(" hg ") != std::string::npos);
+    CHECK(cache_flags.find(" hg ") != std::string::npos);
+  }
+  alloc.deallocate(small, 1000);
+  alloc.deallocate(big, huge / sizeof(float) * 2 + 100);
 }

@@ -8,6 +8,7 @@
 #include "core/executor.hpp"
 #include "core/gemm.hpp"
 #include "core/kernels.hpp"
+#include "core/memory.hpp"
 #include "core/simd.hpp"
 #include "core/tile_gemm.hpp"
 #include "core/types.hpp"

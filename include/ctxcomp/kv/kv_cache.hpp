@@ -3,7 +3,8 @@
 // with it), with each cached token's position id and logical token index (its place in the stream).
 // Appending reserves slots in every layer; eviction removes token ranges and compacts in place
 // by block moves of the kept runs (no reallocation), keeping positions. Semantics: llama.cpp's
-// KV-cache operations; the sentinel and SAC rules decide what to evict or keep.
+// KV-cache operations; the sentinel and SAC rules decide what to evict or keep. K and V live in
+// HugePageAllocator memory (core/memory.hpp): 2 MB pages where the OS offers them.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/memory.hpp"
 #include "../core/views.hpp"
 #include "layout.hpp"
 #include "rows.hpp"
@@ -135,7 +137,7 @@ class KvCache {
   }
 
   index_t layers_ = 0, kv_heads_ = 0, head_dim_ = 0, capacity_ = 0, size_ = 0;
-  std::vector<T> keys_, values_;
+  std::vector<T, HugePageAllocator<T>> keys_, values_;  // 2 MB pages where the OS offers them
   std::vector<float> key_scales_, value_scales_;  // qint8: [layers x kv_heads x capacity]
   std::vector<std::int64_t> positions_;
   std::vector<index_t> token_index_;
