@@ -20,7 +20,8 @@ int main(int argc, char** argv) {
   // The engine's cache: far fewer cells than the stream has tokens, since folding frees cells.
   const index_t kv_size = 320;
   const KvShape shape{c.layers, c.kv_heads, c.head_dim};
-  std::vector<fp16> k(std::size_t(c.layers * kv_size * c.kv_heads * c.head_dim)), v(k.size());
+  // (HugePageAllocator: 2 MB pages where the OS offers them, once the buffers are that large)
+  std::vector<fp16, HugePageAllocator<fp16>> k(std::size_t(c.layers * kv_size * c.kv_heads * c.head_dim)), v(k.size());
   std::vector<std::int64_t> cell_pos(static_cast<std::size_t>(kv_size), -1);
   std::vector<index_t> cell_token(static_cast<std::size_t>(kv_size));
   std::vector<std::int32_t> cell_seq(static_cast<std::size_t>(kv_size), 0);

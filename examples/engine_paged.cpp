@@ -21,7 +21,8 @@ int main(int argc, char** argv) {
   // The engine's pool: 20 pages of 16 tokens (320 tokens), fewer than the stream needs unfolded.
   const index_t page_size = 16, pool_pages = 20;
   const KvShape shape{c.layers, c.kv_heads, c.head_dim};
-  std::vector<fp16> k(std::size_t(c.layers * pool_pages * page_size * c.kv_heads * c.head_dim)), v(k.size());
+  // (HugePageAllocator: 2 MB pages where the OS offers them, once the buffers are that large)
+  std::vector<fp16, HugePageAllocator<fp16>> k(std::size_t(c.layers * pool_pages * page_size * c.kv_heads * c.head_dim)), v(k.size());
   std::vector<index_t> free_list;
   for (index_t p = 0; p < pool_pages; ++p) free_list.push_back((p * 7) % pool_pages);  // any order
   PagePool pool{free_list.data(), pool_pages, pool_pages};
