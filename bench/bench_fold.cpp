@@ -40,6 +40,11 @@ std::vector<TokenRange> half_in_spans(index_t n) {
   return r;
 }
 
+/// Byte buffers of the baselines and pristine copies, in the memory caches use (KvCache and the
+/// example storages hold K/V in HugePageAllocator memory), so both sides of a ratio run on the
+/// same kind of pages.
+using Bytes = std::vector<std::uint8_t, HugePageAllocator<std::uint8_t>>;
+
 KvCache<fp16> filled_cache(const Shape& s) {
   KvCache<fp16> c(s.layers, s.kv_heads, s.head_dim, s.tokens);
   std::vector<std::int64_t> pos(static_cast<std::size_t>(s.tokens));
@@ -85,7 +90,7 @@ void evict(benchmark::State& st) {
 void memcpy_same_bytes(benchmark::State& st) {
   const Shape s = llama7b();
   const std::size_t bytes = moved_bytes(s, half_in_spans(s.tokens));
-  std::vector<std::uint8_t> a(bytes, 1), b(bytes, 2);
+  Bytes a(bytes, 1), b(bytes, 2);
   for (auto _ : st) {
     std::memcpy(b.data(), a.data(), bytes);
     benchmark::DoNotOptimize(b.data());
@@ -102,7 +107,7 @@ void memcpy_same_runs(benchmark::State& st) {
   const auto drop = half_in_spans(s.tokens);
   const std::size_t row = std::size_t(s.head_dim) * sizeof(fp16), region = std::size_t(s.tokens) * row;
   const std::size_t regions = std::size_t(2 * s.layers * s.kv_heads);
-  std::vector<std::uint8_t> a(regions * region, 1), b(regions * region, 2);
+  Bytes a(regions * region, 1), b(regions * region, 2);
   for (auto _ : st) {
     for (std::size_t g = 0; g < regions; ++g) {
       const std::uint8_t* src_base = a.data() + g * region;
@@ -312,7 +317,7 @@ void evict_layout(benchmark::State& st, host::KvLayout layout) {
   c.with([&](auto& kv) {
     append_tokens(kv, s.tokens, 0);
     const std::size_t bytes = c.elements() * sizeof(fp16);
-    std::vector<std::uint8_t> k0(c.keys.as<std::uint8_t>(), c.keys.as<std::uint8_t>() + bytes),
+    Bytes k0(c.keys.as<std::uint8_t>(), c.keys.as<std::uint8_t>() + bytes),
         v0(c.values.as<std::uint8_t>(), c.values.as<std::uint8_t>() + bytes);
     const auto pos0 = c.pos;
     const auto idx0 = c.idx;
@@ -348,7 +353,7 @@ void memcpy_same_runs_layout(benchmark::State& st, host::KvLayout layout) {
   c.with([&](auto& kv) {
     append_tokens(kv, s.tokens, 0);
     const std::size_t bytes = c.elements() * sizeof(fp16);
-    std::vector<std::uint8_t> src_k(c.keys.as<std::uint8_t>(), c.keys.as<std::uint8_t>() + bytes),
+    Bytes src_k(c.keys.as<std::uint8_t>(), c.keys.as<std::uint8_t>() + bytes),
         src_v(c.values.as<std::uint8_t>(), c.values.as<std::uint8_t>() + bytes);
     // Cells compact over the free cells, i.e. the dropped ranges, in the token-major layout.
     const index_t size = kv.slots();

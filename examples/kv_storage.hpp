@@ -31,7 +31,7 @@ inline const char* kv_layout_name(KvLayout l) noexcept {
 /// (-1: free), token index and sequence id; `kv` is the handle (sequence 0).
 template <class C>
 struct CellStorage {
-  std::vector<C> keys, values;                   ///< [layers][cells][kv_heads*head_dim]
+  std::vector<C, HugePageAllocator<C>> keys, values;  ///< [layers][cells][kv_heads*head_dim]
   std::vector<float> key_scales, value_scales;   ///< qint8: [layers][cells][kv_heads]
   std::vector<std::int64_t> pos;                 ///< per cell; -1 free
   std::vector<index_t> token_index;              ///< per cell
@@ -58,7 +58,7 @@ struct CellStorage {
 /// HND pages, else NHD.
 template <class C>
 struct PagedStorage {
-  std::vector<C> keys, values;
+  std::vector<C, HugePageAllocator<C>> keys, values;  ///< the pool
   std::vector<float> key_scales, value_scales;
   std::vector<index_t> free_pages, pages, token_index;
   std::vector<std::int64_t> pos;
