@@ -492,15 +492,16 @@ std::string vm_flags_of(const void* p) {
 TEST_CASE("KvCache's K/V buffers are 2 MB aligned and advised for huge pages", "[layouts][memory]") {
   constexpr std::size_t huge = HugePageAllocator<float>::huge_page;
   HugePageAllocator<float> alloc;
-  float* big = alloc.allocate(huge / sizeof(float) * 2 + 100);  // two whole huge pages and a bit
+  const std::size_t n = huge / sizeof(float) * 2 + 100;  // two whole huge pages and a bit
+  float* big = alloc.allocate(n);
   float* small = alloc.allocate(1000);
   float* none = alloc.allocate(0);  // a valid pointer, as std::allocator gives
   CHECK(none != nullptr);
   alloc.deallocate(none, 0);
   CHECK(reinterpret_cast<std::uintptr_t>(big) % huge == 0);
   CHECK(reinterpret_cast<std::uintptr_t>(small) % HugePageAllocator<float>::alignment == 0);
-  std::fill(big, big + huge / sizeof(float) * 2 + 100, 1.5f);  // all of it is usable
-  CHECK(std::accumulate(big, big + huge / sizeof(float) * 2 + 100, 0.0) == 1.5 * double(huge / sizeof(float) * 2 + 100));
+  std::fill(big, big + n, 1.5f);  // all of it is usable
+  CHECK(std::accumulate(big, big + n, 0.0) == 1.5 * double(n));
 
   // 2 layers x 8 heads x 1024 tokens x 128 dims of fp16: 4 MB of keys.
   KvCache<fp16> cache(2, 8, 128, 1024);
@@ -516,5 +517,5 @@ TEST_CASE("KvCache's K/V buffers are 2 MB aligned and advised for huge pages", "
     CHECK(cache_flags.find(" hg ") != std::string::npos);
   }
   alloc.deallocate(small, 1000);
-  alloc.deallocate(big, huge / sizeof(float) * 2 + 100);
+  alloc.deallocate(big, n);
 }
