@@ -245,6 +245,77 @@ TEST_CASE("attention over a cell cache with holes and two sequences matches the 
   CHECK(m.tile(0, 1, 0, 64) == TileVisibility::Mixed);
 }
 
+namespace {
+/// Decode and prefill over a cell cache whose free and never-written cells hold NaN and Inf
+/// (for qint8: NaN scales), as memory the host never wrote or a freed cell may: the output is
+/// bit for bit the output with zeros there (keys no row sees are never used), finite, and
+/// within the fp32 bound of the double reference; 1 and 2 threads alike.
+template <class T>
+void garbage_in_free_cells(index_t d, index_t q_len, unsigned seed) {
+  const index_t cells_n = 1100, KH = 2, H = 4;  // > 512 cells: decode splits the keys
+  std::vector<std::int64_t> pos(std::size_t(cells_n), -1);
+  for (index_t c = 0; c < 1050; ++c) pos[std::size_t(c)] = c;  // cells 1050.. never written
+  const CellMeta meta{pos.data(), nullptr, cells_n};
+  cells::free_range(meta, 10, 25);
+  cells::free_range(meta, 130, 131);
+  cells::free_range(meta, 600, 700);  // whole tiles and parts of tiles
+  const auto kf = test::random_vector(std::size_t(cells_n * KH * d), seed, -2.f, 2.f);
+  const auto vf = test::random_vector(kf.size(), seed + 1);
+  const auto q = test::random_vector(std::size_t(H * q_len * d), seed + 2);
+  std::vector<std::int64_t> qp(static_cast<std::size_t>(q_len));
+  for (index_t i = 0; i < q_len; ++i) qp[std::size_t(i)] = 1050 - q_len + i;  // sees cells at or before it
+  const CellCausal mask{meta, qp.data(), q_len, 0};
+  auto run = [&](bool garbage, const auto& exec) {
+    std::vector<T> k(kf.size()), v(vf.size());
+    std::vector<float> ks(std::size_t(cells_n * KH)), vs(ks.size());
+    auto view = [&](std::vector<T>& x, std::vector<float>& sc) {
+      auto r = HeadsView<T>::token_major(x.data(), cells_n, KH, d);
+      if constexpr (is_quantized_v<T>) r.scales = sc.data(), r.scale_head_stride = 1, r.scale_token_stride = KH;
+      else (void)sc;
+      return r;
+    };
+    const float bad[2] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()};
+    std::vector<float> row(static_cast<std::size_t>(d));
+    for (index_t c = 0; c < cells_n; ++c)
+      for (index_t h = 0; h < KH; ++h) {
+        const bool hidden = !mask.live(c);
+        for (int which = 0; which < 2; ++which) {
+          const float* src = (which ? vf : kf).data() + (c * KH + h) * d;
+          for (index_t t = 0; t < d; ++t) row[std::size_t(t)] = hidden ? (garbage ? bad[(c + t + which) % 2] : 0.f) : src[t];
+          store_row(which ? view(v, vs) : view(k, ks), h, c, row.data());
+        }
+      }
+    std::vector<float> out(q.size(), 7.f);
+    Workspace ws;
+    attention(HeadsView<const float>::contiguous(q.data(), H, q_len, d), HeadsView<const T>(view(k, ks)),
+              HeadsView<const T>(view(v, vs)), mask, HeadsView<float>::contiguous(out.data(), H, q_len, d), {}, ws, exec);
+    std::vector<float> expect(q.size());
+    reference::attention(HeadsView<const float>::contiguous(q.data(), H, q_len, d), HeadsView<const T>(view(k, ks)),
+                         HeadsView<const T>(view(v, vs)), mask, HeadsView<float>::contiguous(expect.data(), H, q_len, d));
+    return std::make_pair(out, expect);
+  };
+  INFO(type_name<T>() << " head_dim " << d << " query rows " << q_len);
+  const auto clean = run(false, SerialExecutor{});
+  const auto dirty = run(true, SerialExecutor{});
+  const auto dirty2 = run(true, test::two_threads());
+  CHECK(same_bits(dirty.first, clean.first));
+  CHECK(same_bits(dirty2.first, clean.first));
+  CHECK(std::all_of(dirty.first.begin(), dirty.first.end(), [](float x) { return std::isfinite(x); }));
+  CHECK(same_bits(dirty.second, clean.second));  // the reference ignores hidden keys too
+  CHECK(test::relative_error(dirty.first.data(), dirty.second.data(), dirty.first.size()) <= 1e-5);
+}
+}  // namespace
+
+TEST_CASE("free cells may hold anything: NaN and Inf there never reach the output", "[cells][attention][threads]") {
+  unsigned seed = 700;
+  for (index_t d : {64, 72})  // 72: V rows widened into padded rows
+    for (index_t q_len : {1, 3, 40}) {  // decode (split, every head per run), few rows, many rows
+      garbage_in_free_cells<float>(d, q_len, seed++);
+      garbage_in_free_cells<fp16>(d, q_len, seed++);
+      garbage_in_free_cells<qint8>(d, q_len, seed++);
+    }
+}
+
 TEST_CASE("cell caches: free cells are reused first; bad metadata is refused by name", "[cells][errors]") {
   std::vector<std::int64_t> pos{0, 1, -1, 3, -1, -1};
   const CellMeta meta{pos.data(), nullptr, 6};

@@ -84,6 +84,7 @@ struct AttentionTiling {
            + Workspace::bytes_for<float>(head_dim * kv_tile * kt_tiles())  // transposed K tiles (many rows)
            + Workspace::bytes_for<index_t>(kv_tiles)                     // kv head each transposed tile holds
            + Workspace::bytes_for<index_t>(4 * kv_tile)                  // paged: offsets of K / V tile rows
+           + Workspace::bytes_for<index_t>(kv_tile + 2)                  // runs of a tile's seen keys
            + Workspace::bytes_for<float>(kv_tile * dim_padded)           // V tile (padded head_dim) / K row
            + Workspace::bytes_for<float>(2 * kv_tile)                    // K and V scales of a tile (qint8)
            + Workspace::bytes_for<float>(interleave_heads * rows * kv_tile)  // scores / probabilities
@@ -109,6 +110,7 @@ struct AttentionBuffers {
   float *qp, *kt, *vp, *ks, *vs, *s, *o, *m, *l;
   index_t* kt_head;  // kt_head[tile] = kv head whose K tile `tile` is transposed in kt, or -1
   index_t* off;      // paged interleaved decode: row offsets of this and the next K tile, then V's
+  index_t* seen;     // runs [seen[2i], seen[2i+1]) of a tile's keys that some row of the block sees
   // bf16 compute: queries, packed K tiles [dim_even / 2][kv_tile][2], packed V tiles
   // [kv_tile / 2][dim_padded][2] (both cached per kv head, marked in kt_head), probabilities, a row.
   ctxcomp::bf16 *qb, *ktb, *vtb, *pb, *rowb;
@@ -369,6 +371,53 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
       const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
+      // The keys of the tile that some row of the block may see, as runs of tile offsets: the
+      // whole tile unless it is Mixed, where keys the mask hides from every row of the block
+      // (free cells, another sequence's cells, keys past every row's position) are left out.
+      // P V never reads them, and the few-row score paths do not either: what such keys hold
+      // (stale or never-written memory, NaN) does not reach the output, and a decode step over
+      // a cell cache with holes pays for its live cells only. Their probabilities would be 0:
+      // leaving them out keeps every other output's FMA chain, so finite results keep their bits.
+      const index_t* seen = b.seen;
+      index_t nseen = 1;
+      if (vis == TileVisibility::Mixed) {
+        auto key_seen = [&](index_t key) {  // the tile answer for the one key, else row by row
+          const TileVisibility kv = mask.tile(r0, r1, key, key + 1);
+          if (kv != TileVisibility::Mixed) return kv == TileVisibility::All;
+          for (index_t qi = nq; qi-- > 0;)
+            if (mask.visible(row(q0 + qi), key)) return true;
+          return false;
+        };
+        nseen = 0;
+        for (index_t kk = 0; kk < nk;) {
+          while (kk < nk && !key_seen(k0 + kk)) ++kk;
+          if (kk == nk) break;
+          b.seen[2 * nseen] = kk;
+          while (kk < nk && key_seen(k0 + kk)) ++kk;
+          b.seen[2 * nseen++ + 1] = kk;
+        }
+      } else {
+        b.seen[0] = 0, b.seen[1] = nk;
+      }
+      const bool whole = nseen == 1 && seen[0] == 0 && seen[1] == nk;
+      // Calls f(j, n) for consecutive stretches [j, j + n) of the seen keys, each within one
+      // run of the view (a page) and at most `cap` keys long.
+      auto for_seen = [&](const auto& x, index_t cap, auto&& f) {
+        for (index_t i = 0; i < nseen; ++i)
+          for (index_t j = seen[2 * i], e = seen[2 * i + 1], n; j < e; j += n) {
+            n = std::min(x.run(k0 + j, e - j), cap);
+            f(j, n);
+          }
+      };
+      // P V for kv head h with V rows widened into b.vp (head_dim off the vector width: padded
+      // rows), one call per run of seen keys.
+      auto pv_widened = [&](const auto& x, index_t h, const float* p, float* o) {
+        for (index_t i = 0; i < nseen; ++i) {
+          const index_t j0 = seen[2 * i], j1 = seen[2 * i + 1];
+          for (index_t kk = j0; kk < j1; ++kk) kernels::widen<V>(x.row(h, k0 + kk), b.vp + kk * dp, d);
+          kernels::tile_gemm<true, V>(p + j0, Bk, b.vp + j0 * dp, dp, o, dp, rows, dp, j1 - j0);
+        }
+      };
       // Few-row decode streams K and V from memory: each row read asks for the row one tile on
       // (within its kv head), so its lines arrive while this tile is computed.
       const index_t pf =
@@ -407,7 +456,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           constexpr index_t kRun = 16;
           auto run_cap = [&](const auto& x) { return x.token_stride < x.head_stride ? Bk : kRun; };
           const index_t krun = run_cap(k), vrun = run_cap(v);
-          if (gather) {
+          if (gather && whole) {  // (a tile with hidden keys: the stretches of its seen keys below)
             if (next_tile == k0) {  // this tile's offsets are the previous tile's next ones
               std::swap(ko, kn), std::swap(vo, vn);
             } else {
@@ -427,12 +476,11 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
                 kernels::tile_gemm_nt_gathered<V>(qp_of(h), d, k.pool + h * k.head_stride, ko, kn, s_of(h), Bk, rows,
                                                   nk, d, simd::PrefetchTo::l1);
           } else {
-            for (index_t j = 0, n; j < nk; j += n) {
-              n = std::min(k.run(k0 + j, nk - j), krun);
+            for_seen(k, krun, [&](index_t j, index_t n) {
               for (index_t h = 0; h < k.heads; ++h)
                 kernels::tile_gemm_nt<V>(qp_of(h), d, k.row(h, k0 + j), k.token_stride, s_of(h) + j, Bk, rows, n, d,
                                          next_run(k, h, k0 + j, n), pf_to);
-            }
+            });
           }
           for (index_t h = 0; h < k.heads; ++h) {
             kh = h;
@@ -442,10 +490,9 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           if (dp != d) {
             for (index_t h = 0; h < k.heads; ++h) {
               state_of(h);
-              for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(h, k0 + kk), b.vp + kk * dp, d);
-              kernels::tile_gemm<true, V>(s_of(h), Bk, b.vp, dp, o_, dp, rows, dp, nk);
+              pv_widened(v, h, s_of(h), o_);
             }
-          } else if (gather) {
+          } else if (gather && whole) {
             if constexpr (paged)
               for (index_t h = 0; h < k.heads; ++h) {
                 state_of(h);
@@ -453,14 +500,13 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
                                                      dp, nk, simd::PrefetchTo::l1);
               }
           } else {
-            for (index_t j = 0, n; j < nk; j += n) {
-              n = std::min(v.run(k0 + j, nk - j), vrun);
+            for_seen(v, vrun, [&](index_t j, index_t n) {
               for (index_t h = 0; h < k.heads; ++h) {
                 state_of(h);
                 kernels::tile_gemm<true, V>(s_of(h) + j, Bk, v.row(h, k0 + j), v.token_stride, o_, dp, rows, dp, n,
                                             next_run(v, h, k0 + j, n), pf_to);
               }
-            }
+            });
           }
           continue;
         }
@@ -494,11 +540,10 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       } else if (rows < T.few_rows) {
         // Dot-product form: K rows read in place from the cache, widened in registers; qint8
         // scales multiply the finished dot products (softmax_tile).
-        for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
-          n = k.run(k0 + j, nk - j);
+        for_seen(k, nk, [&](index_t j, index_t n) {  // one call for a contiguous view
           kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d,
                                    prefetch(k, kh, k0 + j), pf_to);
-        }
+        });
       } else {
         // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
         // and worker when the buffers keep every tile (kt_tiles): later tasks of the same head
@@ -528,24 +573,26 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         continue;
       }
       if (dp == d && paged && rows >= T.few_rows) {
-        // Many rows over paged V: the tile's rows staged contiguously (as stored) in b.vp, free
-        // here, so the output block is loaded and stored once per tile, not once per page.
+        // Many rows over paged V: the tile's seen rows staged contiguously (as stored) in b.vp,
+        // free here, so the output block is loaded and stored once per run of seen keys (once
+        // per tile for most), not once per page.
         VS* staged = reinterpret_cast<VS*>(b.vp);
-        for (index_t kk = 0; kk < nk; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
-        kernels::tile_gemm<true, V>(b.s, Bk, staged, d, b.o, dp, rows, dp, nk);
+        for (index_t i = 0; i < nseen; ++i) {
+          const index_t j0 = seen[2 * i], j1 = seen[2 * i + 1];
+          for (index_t kk = j0; kk < j1; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
+          kernels::tile_gemm<true, V>(b.s + j0, Bk, staged + j0 * d, d, b.o, dp, rows, dp, j1 - j0);
+        }
         continue;
       }
       if (dp == d) {  // V rows used in place, widened in registers
         // Splitting the keys continues each output's FMA chain in order: the same bits.
-        for (index_t j = 0, n; j < nk; j += n) {
-          n = v.run(k0 + j, nk - j);
+        for_seen(v, nk, [&](index_t j, index_t n) {
           kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
                                       prefetch(v, kh, k0 + j), stream ? simd::PrefetchTo::l2 : pf_to);
-        }
+        });
         continue;
       }
-      for (index_t kk = 0; kk < nk; ++kk) kernels::widen<V>(v.row(kh, k0 + kk), b.vp + kk * dp, d);
-      kernels::tile_gemm<true, V>(b.s, Bk, b.vp, dp, b.o, dp, rows, dp, nk);
+      pv_widened(v, kh, b.s, b.o);
     }
 
     if (interleave) return;  // the state is in the partial slots already
@@ -642,6 +689,7 @@ void attention_impl(HeadsView<Q> q, KView k, VView v, const Mask& mask, HeadsVie
     buf[w].l = ws.take<float>(T.rows);
     buf[w].kt_head = ws.take<index_t>(T.kv_tiles);
     buf[w].off = ws.take<index_t>(4 * T.kv_tile);
+    buf[w].seen = ws.take<index_t>(T.kv_tile + 2);
     std::fill(buf[w].kt_head, buf[w].kt_head + T.kv_tiles, index_t(-1));
     buf[w].qb = buf[w].ktb = buf[w].vtb = buf[w].pb = buf[w].rowb = nullptr;
     if (T.bf16) {

@@ -37,7 +37,8 @@ void attention(HeadsView<Q> q, HeadsView<K> k, HeadsView<V> v, const Mask& mask,
       double sum = 0;
       if (mx > -std::numeric_limits<double>::infinity()) {
         for (index_t j = 0; j < k.tokens; ++j) {
-          const double e = std::exp(p[j] - mx);  // exp(-inf) = 0 for hidden keys
+          if (!mask.visible(i, j)) continue;  // a hidden key adds nothing, whatever it holds
+          const double e = std::exp(p[j] - mx);
           sum += e;
           for (index_t t = 0; t < d; ++t) acc[t] += e * element_value(v, kh, j, t);
         }
