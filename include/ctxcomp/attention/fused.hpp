@@ -148,6 +148,14 @@ template <class M, class = void>
 struct has_row_groups : std::false_type {};
 template <class M>
 struct has_row_groups<M, std::void_t<decltype(std::declval<const M&>().row_groups())>> : std::true_type {};
+/// Whether keys the mask hides may hold memory the host never wrote (masks over cell caches
+/// declare `static constexpr bool hides_unwritten = true`; see attention/masks.hpp).
+template <class M, class = void>
+struct hides_unwritten : std::false_type {};
+template <class M>
+struct hides_unwritten<M, std::void_t<decltype(M::hides_unwritten)>> : std::bool_constant<M::hides_unwritten> {};
+template <class M>
+inline constexpr bool hides_unwritten_v = hides_unwritten<M>::value;
 
 /// A set of query rows with one mask: rows[0, n) (rows == nullptr: 0, 1, ..., n-1).
 template <class Mask>
@@ -371,17 +379,21 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
       const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
-      // The keys of the tile that some row of the block may see, as runs of tile offsets: the
-      // whole tile unless it is Mixed, where keys the mask hides from every row of the block
-      // (free cells, another sequence's cells, keys past every row's position) are left out.
-      // P V never reads them, and the few-row score paths do not either: what such keys hold
-      // (stale or never-written memory, NaN) does not reach the output, and a decode step over
-      // a cell cache with holes pays for its live cells only. Their probabilities would be 0:
-      // leaving them out keeps every other output's FMA chain, so finite results keep their bits.
+      // The keys of the tile that P V reads, as runs of tile offsets: the whole tile, unless the
+      // tile is Mixed under a mask whose hidden keys may be memory the host never wrote (cell
+      // caches: free cells, another sequence's cells). There the keys no row of the block sees
+      // are left out, so what they hold (stale or never-written memory, NaN) does not reach the
+      // output: their probabilities are 0, and 0 times NaN is NaN. Leaving exact zeros out keeps
+      // every other term of each output's FMA chain in order: finite results keep their bits.
+      // Scores are still computed over whole runs (one stream through the cache; a hidden key's
+      // score is replaced by -inf whatever it was). Other masks hide keys the host wrote, and
+      // their tiles stay whole: splitting P V at every hidden key cost a 32-head sentinel-masked
+      // decode step 1.7x (fragmented calls, broken hardware prefetch streams).
       const index_t* seen = b.seen;
       index_t nseen = 1;
-      if (vis == TileVisibility::Mixed) {
+      if (vis == TileVisibility::Mixed && hides_unwritten_v<Mask>) {
         auto key_seen = [&](index_t key) {  // the tile answer for the one key, else row by row
+          if (nq == 1) return mask.visible(r0, key);
           const TileVisibility kv = mask.tile(r0, r1, key, key + 1);
           if (kv != TileVisibility::Mixed) return kv == TileVisibility::All;
           for (index_t qi = nq; qi-- > 0;)
@@ -400,13 +412,14 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         b.seen[0] = 0, b.seen[1] = nk;
       }
       const bool whole = nseen == 1 && seen[0] == 0 && seen[1] == nk;
-      // Calls f(j, n) for consecutive stretches [j, j + n) of the seen keys, each within one
-      // run of the view (a page) and at most `cap` keys long.
+      // Calls f(j, n, a) for consecutive stretches [j, j + n) of the seen keys, each within one
+      // run of the view (a page) and at most `cap` keys long; the next stretch starts a keys on
+      // (a = n for the tile's last one: the next tile's keys follow).
       auto for_seen = [&](const auto& x, index_t cap, auto&& f) {
         for (index_t i = 0; i < nseen; ++i)
           for (index_t j = seen[2 * i], e = seen[2 * i + 1], n; j < e; j += n) {
             n = std::min(x.run(k0 + j, e - j), cap);
-            f(j, n);
+            f(j, n, j + n < e || i + 1 == nseen ? n : seen[2 * i + 2] - j);
           }
       };
       // P V for kv head h with V rows widened into b.vp (head_dim off the vector width: padded
@@ -437,11 +450,12 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         if (!paged) return pf;
         return rows < T.few_rows && t + Bk < kv_len ? rows_to(x, h, t, t + Bk) : 0;
       };
-      // Interleaved decode: a run of n rows asks for the next run (the next page), which is read
-      // once every head's share of this run has been.
-      auto next_run = [&](const auto& x, index_t h, index_t t, index_t n) -> index_t {
-        if (t + 2 * n > kv_len) return 0;
-        return paged ? rows_to(x, h, t, t + n) : n;
+      // Interleaved decode: a run of n rows asks for the next run (the next page, or past hidden
+      // keys the next seen ones, `ahead` keys on), which is read once every head's share of this
+      // run has been.
+      auto next_run = [&](const auto& x, index_t h, index_t t, index_t n, index_t ahead) -> index_t {
+        if (t + ahead + n > kv_len) return 0;
+        return paged ? rows_to(x, h, t, t + ahead) : ahead;
       };
 
       if constexpr (!BF16) {
@@ -476,11 +490,12 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
                 kernels::tile_gemm_nt_gathered<V>(qp_of(h), d, k.pool + h * k.head_stride, ko, kn, s_of(h), Bk, rows,
                                                   nk, d, simd::PrefetchTo::l1);
           } else {
-            for_seen(k, krun, [&](index_t j, index_t n) {
+            for (index_t j = 0, n; j < nk; j += n) {
+              n = std::min(k.run(k0 + j, nk - j), krun);
               for (index_t h = 0; h < k.heads; ++h)
                 kernels::tile_gemm_nt<V>(qp_of(h), d, k.row(h, k0 + j), k.token_stride, s_of(h) + j, Bk, rows, n, d,
-                                         next_run(k, h, k0 + j, n), pf_to);
-            });
+                                         next_run(k, h, k0 + j, n, n), pf_to);
+            }
           }
           for (index_t h = 0; h < k.heads; ++h) {
             kh = h;
@@ -500,11 +515,11 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
                                                      dp, nk, simd::PrefetchTo::l1);
               }
           } else {
-            for_seen(v, vrun, [&](index_t j, index_t n) {
+            for_seen(v, vrun, [&](index_t j, index_t n, index_t a) {
               for (index_t h = 0; h < k.heads; ++h) {
                 state_of(h);
                 kernels::tile_gemm<true, V>(s_of(h) + j, Bk, v.row(h, k0 + j), v.token_stride, o_, dp, rows, dp, n,
-                                            next_run(v, h, k0 + j, n), pf_to);
+                                            next_run(v, h, k0 + j, n, a), pf_to);
               }
             });
           }
@@ -540,10 +555,11 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       } else if (rows < T.few_rows) {
         // Dot-product form: K rows read in place from the cache, widened in registers; qint8
         // scales multiply the finished dot products (softmax_tile).
-        for_seen(k, nk, [&](index_t j, index_t n) {  // one call for a contiguous view
+        for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
+          n = k.run(k0 + j, nk - j);
           kernels::tile_gemm_nt<V>(b.qp, d, k.row(kh, k0 + j), k.token_stride, b.s + j, Bk, rows, n, d,
                                    prefetch(k, kh, k0 + j), pf_to);
-        });
+        }
       } else {
         // K tile, transposed to [d x Bk] (columns past the last key are zero), once per kv head
         // and worker when the buffers keep every tile (kt_tiles): later tasks of the same head
@@ -586,7 +602,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       }
       if (dp == d) {  // V rows used in place, widened in registers
         // Splitting the keys continues each output's FMA chain in order: the same bits.
-        for_seen(v, nk, [&](index_t j, index_t n) {
+        for_seen(v, nk, [&](index_t j, index_t n, index_t) {
           kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
                                       prefetch(v, kh, k0 + j), stream ? simd::PrefetchTo::l2 : pf_to);
         });

@@ -21,6 +21,10 @@ enum class TileVisibility : std::uint8_t { None, Mixed, All };
 ///   bool visible(q, k) const
 ///   void check(q_len, kv_len, fn) const        // throws ctxcomp::Error if the mask cannot
 ///                                              // describe a q_len x kv_len call
+/// and optionally
+///   static constexpr bool hides_unwritten      // true: hidden keys may be memory the host never
+///                                              // wrote (cell caches); P V then leaves out the
+///                                              // keys no row of a query block sees
 
 /// Every key visible to every query (cross-attention to a whole context).
 struct Full {

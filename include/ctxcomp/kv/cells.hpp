@@ -58,6 +58,8 @@ inline bool find_free(const CellMeta& m, index_t count, index_t* slots, index_t 
 /// come after the rows' positions; All when every cell is live for `seq` and at or before the
 /// rows' earliest position; otherwise Mixed (free cells are masked inside the tile).
 struct CellCausal {
+  /// Hidden keys may be free cells the host never wrote: attention leaves them out of P V.
+  static constexpr bool hides_unwritten = true;
   CellMeta meta;                          ///< the cache's cells
   const std::int64_t* q_pos = nullptr;    ///< [q_len] positions of the query rows
   index_t q_len = 0;                      ///< query rows described by q_pos
@@ -93,6 +95,8 @@ struct CellCausal {
 /// None when no cell is live or every live cell comes after the rows; All when every cell is
 /// live, public and at or before the first row, and the rows are ordinary; otherwise Mixed.
 struct CellSentinel {
+  /// Hidden keys may be free cells the host never wrote: attention leaves them out of P V.
+  static constexpr bool hides_unwritten = true;
   const TokenRole* roles = nullptr;      ///< role of every stream token so far
   index_t role_count = 0;                ///< number of roles
   index_t q_offset = 0;                  ///< stream index of the first query
@@ -144,6 +148,8 @@ struct CellSentinel {
 /// sees the live cells of its sequence whose token index is at or before its own. What
 /// Causal(m) is for a compacted cache, for cells filled in any order.
 struct CellOrder {
+  /// Hidden keys may be free cells the host never wrote: attention leaves them out of P V.
+  static constexpr bool hides_unwritten = true;
   CellMeta meta;                         ///< the cells
   const index_t* token_index = nullptr;  ///< [cells] logical index of each cell's token
   const index_t* q_index = nullptr;      ///< [q_len] logical indices of the query rows
