@@ -387,8 +387,9 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       // every other term of each output's FMA chain in order: finite results keep their bits.
       // Scores are still computed over whole runs (one stream through the cache; a hidden key's
       // score is replaced by -inf whatever it was). Other masks hide keys the host wrote, and
-      // their tiles stay whole: splitting P V at every hidden key cost a 32-head sentinel-masked
-      // decode step 1.7x (fragmented calls, broken hardware prefetch streams).
+      // their tiles stay whole: leaving hidden keys out of the scores and P V under every mask
+      // cost a 32-head sentinel-masked decode step 1.7x (fragmented calls, broken hardware
+      // prefetch streams).
       const index_t* seen = b.seen;
       index_t nseen = 1;
       if (vis == TileVisibility::Mixed && hides_unwritten_v<Mask>) {
