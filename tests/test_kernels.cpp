@@ -408,3 +408,23 @@ TEST_CASE("RoPE rotate_half and interleaved match the double formula", "[nn]") {
   std::int64_t bad = -1;
   CHECK_THROWS_WITH(rope.apply(HeadsView<float>::contiguous(z.data(), 1, 1, 8), &bad), Catch::Matchers::Contains("position ids must be in [0, 4194304) (token 0 has -1)"));
 }
+
+TEST_CASE("all_finite finds a NaN or an Inf anywhere, vector body or tail", "[kernels]") {
+  for (index_t n : {1, 15, 16, 17, 100}) {
+    std::vector<float> x(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) x[std::size_t(i)] = (i % 3 == 0 ? -1.f : 1.f) * std::ldexp(1.f, int(i % 120));
+    REQUIRE(kernels::all_finite(x.data(), n));  // large finite values, negative zeros below
+    x[0] = -0.f;
+    REQUIRE(kernels::all_finite(x.data(), n));
+    REQUIRE(kernels::all_finite<simd::ScalarVec>(x.data(), n));
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                      -std::numeric_limits<float>::infinity()})
+      for (index_t at : {index_t(0), n / 2, n - 1}) {
+        auto y = x;
+        y[std::size_t(at)] = bad;
+        INFO("n " << n << " at " << at << " value " << bad);
+        REQUIRE_FALSE(kernels::all_finite(y.data(), n));
+        REQUIRE_FALSE(kernels::all_finite<simd::ScalarVec>(y.data(), n));
+      }
+  }
+}

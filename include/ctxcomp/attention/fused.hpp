@@ -85,6 +85,7 @@ struct AttentionTiling {
            + Workspace::bytes_for<index_t>(kv_tiles)                     // kv head each transposed tile holds
            + Workspace::bytes_for<index_t>(4 * kv_tile)                  // paged: offsets of K / V tile rows
            + Workspace::bytes_for<index_t>(kv_tile + 2)                  // runs of a tile's seen keys
+           + Workspace::bytes_for<float>(interleave_heads * rows * dim_padded)  // outputs before a guarded P V
            + Workspace::bytes_for<float>(kv_tile * dim_padded)           // V tile (padded head_dim) / K row
            + Workspace::bytes_for<float>(2 * kv_tile)                    // K and V scales of a tile (qint8)
            + Workspace::bytes_for<float>(interleave_heads * rows * kv_tile)  // scores / probabilities
@@ -111,6 +112,7 @@ struct AttentionBuffers {
   index_t* kt_head;  // kt_head[tile] = kv head whose K tile `tile` is transposed in kt, or -1
   index_t* off;      // paged interleaved decode: row offsets of this and the next K tile, then V's
   index_t* seen;     // runs [seen[2i], seen[2i+1]) of a tile's keys that some row of the block sees
+  float* o_saved;    // the outputs of the heads being computed, kept across a guarded P V
   // bf16 compute: queries, packed K tiles [dim_even / 2][kv_tile][2], packed V tiles
   // [kv_tile / 2][dim_padded][2] (both cached per kv head, marked in kt_head), probabilities, a row.
   ctxcomp::bf16 *qb, *ktb, *vtb, *pb, *rowb;
@@ -379,20 +381,22 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       const index_t k1 = std::min(ke, k0 + Bk), nk = k1 - k0;
       const TileVisibility vis = mask.tile(r0, r1, k0, k1);
       if (vis == TileVisibility::None) continue;
-      // The keys of the tile that P V reads, as runs of tile offsets: the whole tile, unless the
-      // tile is Mixed under a mask whose hidden keys may be memory the host never wrote (cell
-      // caches: free cells, another sequence's cells). There the keys no row of the block sees
-      // are left out, so what they hold (stale or never-written memory, NaN) does not reach the
-      // output: their probabilities are 0, and 0 times NaN is NaN. Leaving exact zeros out keeps
-      // every other term of each output's FMA chain in order: finite results keep their bits.
-      // Scores are still computed over whole runs (one stream through the cache; a hidden key's
-      // score is replaced by -inf whatever it was). Other masks hide keys the host wrote, and
-      // their tiles stay whole: leaving hidden keys out of the scores and P V under every mask
-      // cost a 32-head sentinel-masked decode step 1.7x (fragmented calls, broken hardware
-      // prefetch streams).
+      // The keys of the tile that P V reads, as runs of tile offsets: the whole tile. Under a
+      // mask whose hidden keys may be memory the host never wrote (cell caches: free cells,
+      // another sequence's cells), a Mixed tile's P V is guarded: if an output it touched turns
+      // non-finite, the outputs are restored and P V runs again over the keys some row of the
+      // block sees (find_seen), so what hidden keys hold (stale or never-written memory, NaN)
+      // does not reach the output (probability 0 times NaN is NaN). Their terms are exact zeros:
+      // without them every output's FMA chain keeps its other terms in order, the same bits for
+      // finite data. Scores are always computed over whole runs (a hidden key's score becomes
+      // -inf whatever it was). Leaving hidden keys out every time cost more than the guard:
+      // 1.5x on a cell-cache decode with half its cells free in spans of 5-25 (V no longer read
+      // as one stream), 1.7x on a sentinel-masked 32-head decode when scores left them out too.
       const index_t* seen = b.seen;
       index_t nseen = 1;
-      if (vis == TileVisibility::Mixed && hides_unwritten_v<Mask>) {
+      b.seen[0] = 0, b.seen[1] = nk;
+      const bool guard = vis == TileVisibility::Mixed && hides_unwritten_v<Mask>;
+      auto find_seen = [&] {
         auto key_seen = [&](index_t key) {  // the tile answer for the one key, else row by row
           if (nq == 1) return mask.visible(r0, key);
           const TileVisibility kv = mask.tile(r0, r1, key, key + 1);
@@ -409,10 +413,30 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           while (kk < nk && key_seen(k0 + kk)) ++kk;
           b.seen[2 * nseen++ + 1] = kk;
         }
-      } else {
-        b.seen[0] = 0, b.seen[1] = nk;
-      }
-      const bool whole = nseen == 1 && seen[0] == 0 && seen[1] == nk;
+      };
+      auto whole = [&] { return nseen == 1 && seen[0] == 0 && seen[1] == nk; };
+      // Runs pv() (P V of kv heads [hb, he)) under the guard described above.
+      auto guarded = [&](index_t hb, index_t he, auto&& pv) {
+        if (!guard) return pv();
+        const index_t n = rows * dp;
+        for (index_t h = hb; h < he; ++h) {
+          state_of(h);
+          std::copy(o_, o_ + n, b.o_saved + (h - hb) * n);
+        }
+        pv();
+        bool finite = true;
+        for (index_t h = hb; h < he && finite; ++h) {
+          state_of(h);
+          finite = kernels::all_finite<V>(o_, n);
+        }
+        if (finite) return;
+        for (index_t h = hb; h < he; ++h) {
+          state_of(h);
+          std::copy(b.o_saved + (h - hb) * n, b.o_saved + (h + 1 - hb) * n, o_);
+        }
+        find_seen();
+        pv();
+      };
       // Calls f(j, n, a) for consecutive stretches [j, j + n) of the seen keys, each within one
       // run of the view (a page) and at most `cap` keys long; the next stretch starts a keys on
       // (a = n for the tile's last one: the next tile's keys follow).
@@ -471,7 +495,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           constexpr index_t kRun = 16;
           auto run_cap = [&](const auto& x) { return x.token_stride < x.head_stride ? Bk : kRun; };
           const index_t krun = run_cap(k), vrun = run_cap(v);
-          if (gather && whole) {  // (a tile with hidden keys: the stretches of its seen keys below)
+          if (gather) {
             if (next_tile == k0) {  // this tile's offsets are the previous tile's next ones
               std::swap(ko, kn), std::swap(vo, vn);
             } else {
@@ -503,27 +527,29 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
             state_of(h);
             softmax_tile(s_of(h), k0, nk, vis);
           }
-          if (dp != d) {
-            for (index_t h = 0; h < k.heads; ++h) {
-              state_of(h);
-              pv_widened(v, h, s_of(h), o_);
+          guarded(0, k.heads, [&] {
+            if (dp != d) {
+              for (index_t h = 0; h < k.heads; ++h) {
+                state_of(h);
+                pv_widened(v, h, s_of(h), o_);
+              }
+            } else if (gather && whole()) {
+              if constexpr (paged)
+                for (index_t h = 0; h < k.heads; ++h) {
+                  state_of(h);
+                  kernels::tile_gemm_gathered<true, V>(s_of(h), Bk, v.pool + h * v.head_stride, vo, vn, o_, dp, rows,
+                                                       dp, nk, simd::PrefetchTo::l1);
+                }
+            } else {
+              for_seen(v, vrun, [&](index_t j, index_t n, index_t a) {
+                for (index_t h = 0; h < k.heads; ++h) {
+                  state_of(h);
+                  kernels::tile_gemm<true, V>(s_of(h) + j, Bk, v.row(h, k0 + j), v.token_stride, o_, dp, rows, dp, n,
+                                              next_run(v, h, k0 + j, n, a), pf_to);
+                }
+              });
             }
-          } else if (gather && whole) {
-            if constexpr (paged)
-              for (index_t h = 0; h < k.heads; ++h) {
-                state_of(h);
-                kernels::tile_gemm_gathered<true, V>(s_of(h), Bk, v.pool + h * v.head_stride, vo, vn, o_, dp, rows,
-                                                     dp, nk, simd::PrefetchTo::l1);
-              }
-          } else {
-            for_seen(v, vrun, [&](index_t j, index_t n, index_t a) {
-              for (index_t h = 0; h < k.heads; ++h) {
-                state_of(h);
-                kernels::tile_gemm<true, V>(s_of(h) + j, Bk, v.row(h, k0 + j), v.token_stride, o_, dp, rows, dp, n,
-                                            next_run(v, h, k0 + j, n, a), pf_to);
-              }
-            });
-          }
+          });
           continue;
         }
       }
@@ -589,27 +615,27 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, b.o, dp, rows, dp, Bk / 2);
         continue;
       }
-      if (dp == d && paged && rows >= T.few_rows) {
-        // Many rows over paged V: the tile's seen rows staged contiguously (as stored) in b.vp,
-        // free here, so the output block is loaded and stored once per run of seen keys (once
-        // per tile for most), not once per page.
-        VS* staged = reinterpret_cast<VS*>(b.vp);
-        for (index_t i = 0; i < nseen; ++i) {
-          const index_t j0 = seen[2 * i], j1 = seen[2 * i + 1];
-          for (index_t kk = j0; kk < j1; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
-          kernels::tile_gemm<true, V>(b.s + j0, Bk, staged + j0 * d, d, b.o, dp, rows, dp, j1 - j0);
+      guarded(kh, kh + 1, [&] {
+        if (dp == d && paged && rows >= T.few_rows) {
+          // Many rows over paged V: the tile's rows staged contiguously (as stored) in b.vp,
+          // free here, so the output block is loaded and stored once per tile (per run of seen
+          // keys when guarded), not once per page.
+          VS* staged = reinterpret_cast<VS*>(b.vp);
+          for (index_t i = 0; i < nseen; ++i) {
+            const index_t j0 = seen[2 * i], j1 = seen[2 * i + 1];
+            for (index_t kk = j0; kk < j1; ++kk) std::copy(v.row(kh, k0 + kk), v.row(kh, k0 + kk) + d, staged + kk * d);
+            kernels::tile_gemm<true, V>(b.s + j0, Bk, staged + j0 * d, d, b.o, dp, rows, dp, j1 - j0);
+          }
+        } else if (dp == d) {  // V rows used in place, widened in registers
+          // Splitting the keys continues each output's FMA chain in order: the same bits.
+          for_seen(v, nk, [&](index_t j, index_t n, index_t) {
+            kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
+                                        prefetch(v, kh, k0 + j), stream ? simd::PrefetchTo::l2 : pf_to);
+          });
+        } else {
+          pv_widened(v, kh, b.s, b.o);
         }
-        continue;
-      }
-      if (dp == d) {  // V rows used in place, widened in registers
-        // Splitting the keys continues each output's FMA chain in order: the same bits.
-        for_seen(v, nk, [&](index_t j, index_t n, index_t) {
-          kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
-                                      prefetch(v, kh, k0 + j), stream ? simd::PrefetchTo::l2 : pf_to);
-        });
-        continue;
-      }
-      pv_widened(v, kh, b.s, b.o);
+      });
     }
 
     if (interleave) return;  // the state is in the partial slots already
@@ -707,6 +733,7 @@ void attention_impl(HeadsView<Q> q, KView k, VView v, const Mask& mask, HeadsVie
     buf[w].kt_head = ws.take<index_t>(T.kv_tiles);
     buf[w].off = ws.take<index_t>(4 * T.kv_tile);
     buf[w].seen = ws.take<index_t>(T.kv_tile + 2);
+    buf[w].o_saved = ws.take<float>(T.interleave_heads * T.rows * T.dim_padded);
     std::fill(buf[w].kt_head, buf[w].kt_head + T.kv_tiles, index_t(-1));
     buf[w].qb = buf[w].ktb = buf[w].vtb = buf[w].pb = buf[w].rowb = nullptr;
     if (T.bf16) {

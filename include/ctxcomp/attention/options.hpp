@@ -9,11 +9,12 @@
 // makes its rows NaN; in K, exactly the rows that see that key; in V, its dimension in the rows
 // that see it, and possibly also in rows of the same query block (up to 96 rows) that evaluate
 // its 64-key tile without seeing it (probability 0 times NaN is NaN). Inputs are not scanned.
-// Under masks over cell caches (CellCausal, CellSentinel, CellOrder: `hides_unwritten`), a
-// key that no row of a query block sees (a free cell, another sequence's cell) is left out of
-// P V, and its score is replaced by -inf, so whatever it holds (stale or never-written memory,
-// NaN) cannot reach the output; the reference ignores hidden keys under every mask. Exception:
-// Compute::bf16 packs whole tiles, and P V over them multiplies such keys by probability 0.
+// Under masks over cell caches (CellCausal, CellSentinel, CellOrder: `hides_unwritten`), what
+// a key that no row of a query block sees (a free cell, another sequence's cell) holds (stale
+// or never-written memory, NaN) cannot reach the output: its score is replaced by -inf, and a
+// tile's P V that turned an output non-finite is redone without such keys (the same bits as
+// zeros there). The reference ignores hidden keys under every mask. Exception: Compute::bf16
+// packs whole tiles, and P V over them multiplies such keys by probability 0.
 #pragma once
 #include <cmath>
 

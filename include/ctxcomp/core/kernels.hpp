@@ -48,6 +48,19 @@ inline void scale(float* x, float alpha, index_t n) noexcept {
   for (; i < n; ++i) x[i] *= alpha;
 }
 
+/// Whether x[0..n) are all finite (no NaN, no Inf): their products with zero sum to zero.
+template <class V = simd::Vec>
+inline bool all_finite(const float* x, index_t n) noexcept {
+  constexpr int W = V::width;
+  auto acc = V::zero();
+  const auto zero = V::zero();
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) acc = V::fma(V::load(x + i), zero, acc);
+  float r = V::reduce_add(acc);
+  for (; i < n; ++i) r += x[i] * 0.f;
+  return r == 0.f;
+}
+
 /// x[i] *= y[i].
 template <class V = simd::Vec>
 inline void mul(float* x, const float* y, index_t n) noexcept {
