@@ -248,8 +248,9 @@ TEST_CASE("attention over a cell cache with holes and two sequences matches the 
 namespace {
 /// Decode and prefill over a cell cache whose free and never-written cells hold NaN and Inf
 /// (for qint8: NaN scales), as memory the host never wrote or a freed cell may: the output is
-/// bit for bit the output with zeros there (keys no row sees are never used), finite, and
-/// within the fp32 bound of the double reference; 1 and 2 threads alike.
+/// bit for bit the output with zeros there (a P V that turned non-finite is redone without the
+/// keys no row sees), finite, and within the fp32 bound of the double reference; 1 and 2
+/// threads alike.
 template <class T>
 void garbage_in_free_cells(index_t d, index_t q_len, unsigned seed) {
   const index_t cells_n = 1100, KH = 2, H = 4;  // > 512 cells: decode splits the keys

@@ -392,9 +392,9 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       // -inf whatever it was). Leaving hidden keys out every time cost more than the guard:
       // 1.5x on a cell-cache decode with half its cells free in spans of 5-25 (V no longer read
       // as one stream), 1.7x on a sentinel-masked 32-head decode when scores left them out too.
-      const index_t* seen = b.seen;
+      index_t* const seen = b.seen;
       index_t nseen = 1;
-      b.seen[0] = 0, b.seen[1] = nk;
+      seen[0] = 0, seen[1] = nk;
       const bool guard = vis == TileVisibility::Mixed && hides_unwritten_v<Mask>;
       auto find_seen = [&] {
         auto key_seen = [&](index_t key) {  // the tile answer for the one key, else row by row
@@ -409,9 +409,9 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         for (index_t kk = 0; kk < nk;) {
           while (kk < nk && !key_seen(k0 + kk)) ++kk;
           if (kk == nk) break;
-          b.seen[2 * nseen] = kk;
+          seen[2 * nseen] = kk;
           while (kk < nk && key_seen(k0 + kk)) ++kk;
-          b.seen[2 * nseen++ + 1] = kk;
+          seen[2 * nseen++ + 1] = kk;
         }
       };
       auto whole = [&] { return nseen == 1 && seen[0] == 0 && seen[1] == nk; };
@@ -437,14 +437,13 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         find_seen();
         pv();
       };
-      // Calls f(j, n, a) for consecutive stretches [j, j + n) of the seen keys, each within one
-      // run of the view (a page) and at most `cap` keys long; the next stretch starts a keys on
-      // (a = n for the tile's last one: the next tile's keys follow).
+      // Calls f(j, n) for consecutive stretches [j, j + n) of the seen keys, each within one
+      // run of the view (a page) and at most `cap` keys long.
       auto for_seen = [&](const auto& x, index_t cap, auto&& f) {
         for (index_t i = 0; i < nseen; ++i)
           for (index_t j = seen[2 * i], e = seen[2 * i + 1], n; j < e; j += n) {
             n = std::min(x.run(k0 + j, e - j), cap);
-            f(j, n, j + n < e || i + 1 == nseen ? n : seen[2 * i + 2] - j);
+            f(j, n);
           }
       };
       // P V for kv head h with V rows widened into b.vp (head_dim off the vector width: padded
@@ -475,12 +474,11 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
         if (!paged) return pf;
         return rows < T.few_rows && t + Bk < kv_len ? rows_to(x, h, t, t + Bk) : 0;
       };
-      // Interleaved decode: a run of n rows asks for the next run (the next page, or past hidden
-      // keys the next seen ones, `ahead` keys on), which is read once every head's share of this
-      // run has been.
-      auto next_run = [&](const auto& x, index_t h, index_t t, index_t n, index_t ahead) -> index_t {
-        if (t + ahead + n > kv_len) return 0;
-        return paged ? rows_to(x, h, t, t + ahead) : ahead;
+      // Interleaved decode: a run of n rows asks for the next run (the next page), which is read
+      // once every head's share of this run has been.
+      auto next_run = [&](const auto& x, index_t h, index_t t, index_t n) -> index_t {
+        if (t + 2 * n > kv_len) return 0;
+        return paged ? rows_to(x, h, t, t + n) : n;
       };
 
       if constexpr (!BF16) {
@@ -519,7 +517,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
               n = std::min(k.run(k0 + j, nk - j), krun);
               for (index_t h = 0; h < k.heads; ++h)
                 kernels::tile_gemm_nt<V>(qp_of(h), d, k.row(h, k0 + j), k.token_stride, s_of(h) + j, Bk, rows, n, d,
-                                         next_run(k, h, k0 + j, n, n), pf_to);
+                                         next_run(k, h, k0 + j, n), pf_to);
             }
           }
           for (index_t h = 0; h < k.heads; ++h) {
@@ -541,11 +539,11 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
                                                        dp, nk, simd::PrefetchTo::l1);
                 }
             } else {
-              for_seen(v, vrun, [&](index_t j, index_t n, index_t a) {
+              for_seen(v, vrun, [&](index_t j, index_t n) {
                 for (index_t h = 0; h < k.heads; ++h) {
                   state_of(h);
                   kernels::tile_gemm<true, V>(s_of(h) + j, Bk, v.row(h, k0 + j), v.token_stride, o_, dp, rows, dp, n,
-                                              next_run(v, h, k0 + j, n, a), pf_to);
+                                              next_run(v, h, k0 + j, n), pf_to);
                 }
               });
             }
@@ -628,7 +626,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           }
         } else if (dp == d) {  // V rows used in place, widened in registers
           // Splitting the keys continues each output's FMA chain in order: the same bits.
-          for_seen(v, nk, [&](index_t j, index_t n, index_t) {
+          for_seen(v, nk, [&](index_t j, index_t n) {
             kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, b.o, dp, rows, dp, n,
                                         prefetch(v, kh, k0 + j), stream ? simd::PrefetchTo::l2 : pf_to);
           });
