@@ -14,6 +14,10 @@
 // attention/paged/<case>_fp16: the same fp16 K/V in a pool of 16-token pages (HND; _nhd: NHD;
 // decode_4096_fp16_p64: HND pages of 64), read through shuffled page tables, beside
 // attention/fused/<case>_fp16.
+// memread/paged/decode_4096_fp16 (_p64): the same pools read page by page through those tables,
+// the read ceiling of a paged decode (a shuffled pool reads slower than one sequential stream).
+// attention/fused/decode_4096_{fp16,int8}_cached: decode over one layer copy that stays in the
+// last-level cache, the compute floor of the step (int8: what its time target can reach).
 // attention/cells/decode_4096_fp16: a llama.cpp-style cell cache, half its 8192 cells freed in spans of 5-25,
 // beside the same live cells compacted (_compacted) and attention/fused/decode_4096_fp16.
 #include <algorithm>
@@ -158,6 +162,7 @@ void memcpy_baseline(benchmark::State& st, index_t kv_len, int threads) {
 struct TypedCase {
   const char* name;
   index_t kv_heads, q_len, kv_len;
+  bool cached = false;  // decode over one layer copy, which stays in the last-level cache
 };
 const TypedCase kTypedCases[] = {{"decode_4096", 8, 1, 4096},
                                  {"decode_mha_4096", 32, 1, 4096},
@@ -169,7 +174,7 @@ const TypedCase kTypedCases[] = {{"decode_4096", 8, 1, 4096},
 /// last-level cache that happens to hold one small layer.
 constexpr double kDecodeFootprint = 128e6;
 index_t layer_copies(const TypedCase& c, double layer_bytes) {
-  return c.q_len == 1 ? std::max<index_t>(1, index_t(std::ceil(kDecodeFootprint / layer_bytes))) : 1;
+  return c.q_len == 1 && !c.cached ? std::max<index_t>(1, index_t(std::ceil(kDecodeFootprint / layer_bytes))) : 1;
 }
 
 /// K/V of a case in storage type T (qint8: quantised per row, scales beside), `copies` layers,
@@ -317,6 +322,42 @@ void paged_typed(benchmark::State& st, TypedCase c, index_t page_size, bool hnd)
   st.counters["page_size"] = double(page_size);
 }
 
+/// Reads the K and V pools of attention/paged/<case>_fp16 once per iteration, whole pages in the
+/// order of the same shuffled page tables (a K page, then its V page), with vector loads summed,
+/// each step asking for the matching lines of the next page into L1 (the fastest plain read of
+/// a shuffled pool found on the Zen 5 machine: 0.72-0.77 of a sequential read for 32 KB pages,
+/// 0.6 without the hints). The read ceiling of a paged decode, beside memread/baseline.
+void memread_paged(benchmark::State& st, TypedCase c, index_t page_size) {
+  using V = simd::Vec;
+  const PagedKv<fp16> kv(c, page_size, true);
+  const std::size_t n = std::size_t(page_size * c.kv_heads * kDim) * sizeof(fp16) / sizeof(float);  // floats a page
+  constexpr std::size_t step = 4 * std::size_t(V::width);
+  float sum = 0.f;
+  index_t layer = 0;
+  for (auto _ : st) {
+    const index_t* table = kv.tables.data() + layer * kv.pages;
+    typename V::type a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+    for (index_t i = 0; i < kv.pages; ++i)
+      for (const fp16* pool : {kv.k.data(), kv.v.data()}) {
+        const auto page = [&](index_t j) { return reinterpret_cast<const float*>(pool) + std::size_t(table[j]) * n; };
+        const float* p = page(i);
+        const char* next = reinterpret_cast<const char*>(page(std::min(i + 1, kv.pages - 1)));
+        std::size_t j = 0;
+        for (; j + step <= n; j += step) {
+          for (std::size_t b = 0; b < step * sizeof(float); b += 64) simd::prefetch<simd::PrefetchTo::l1>(next + j * sizeof(float) + b);
+          a0 = a0 + V::load(p + j), a1 = a1 + V::load(p + j + V::width);
+          a2 = a2 + V::load(p + j + 2 * V::width), a3 = a3 + V::load(p + j + 3 * V::width);
+        }
+        for (; j < n; ++j) sum += p[j];
+      }
+    sum += V::reduce_add((a0 + a1) + (a2 + a3));
+    layer = (layer + 1) % kv.copies;
+    benchmark::DoNotOptimize(sum);
+  }
+  st.counters["GBps"] = bench::rate(TypedKv<fp16>::bytes_of(c) * 1e-9);
+  st.counters["page_size"] = double(page_size);
+}
+
 /// A llama.cpp-style cell cache of 2 x 4096 cells, token-major [cells x kv_heads*head_dim] fp16,
 /// from which half the cells were freed in spans of 5-25 (as folding leaves it): one decode step
 /// of sequence 0 under CellCausal (`compacted`: the same live cells moved together, Causal).
@@ -419,10 +460,22 @@ const bool registered = [] {
         ->UseRealTime()->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("attention/paged/" + n + "_fp16_nhd").c_str(), paged_typed<fp16>, c, index_t(16), false)
         ->UseRealTime()->Unit(benchmark::kMillisecond);
-    if (n == "decode_4096")  // larger HND pages: a whole page per head and run
-      benchmark::RegisterBenchmark(("attention/paged/" + n + "_fp16_p64").c_str(), paged_typed<fp16>, c, index_t(64), true)
+    if (n != "decode_4096") continue;
+    // larger HND pages: a whole page per head and run
+    benchmark::RegisterBenchmark(("attention/paged/" + n + "_fp16_p64").c_str(), paged_typed<fp16>, c, index_t(64), true)
+        ->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (const index_t ps : {index_t(16), index_t(64)})
+      benchmark::RegisterBenchmark(("memread/paged/" + n + "_fp16" + (ps == 16 ? "" : "_p64")).c_str(), memread_paged, c, ps)
           ->UseRealTime()->Unit(benchmark::kMillisecond);
   }
+  // Decode over one layer copy that stays in the last-level cache (32 MB here): the compute floor
+  // of the step, beside the same decode from memory.
+  TypedCase cached = kTypedCases[0];
+  cached.cached = true;
+  benchmark::RegisterBenchmark("attention/fused/decode_4096_fp16_cached", fused_typed<fp16>, cached, 1)
+      ->UseRealTime()->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("attention/fused/decode_4096_int8_cached", fused_typed<qint8>, cached, 1)
+      ->UseRealTime()->Unit(benchmark::kMillisecond);
   return true;
 }();
 

@@ -91,7 +91,8 @@ void bf16dot_peak(benchmark::State& st, int threads) {
 
 // ---- The decode kernels alone, in cache (core/tile_gemm.hpp) ----
 // kernels/tile_gemm_nt/<rows>x<keys>x128_<kv>: scores = Q K^T of `rows` query rows (1: MHA, 4: a
-// GQA group of 32/8) against fp32 or fp16 keys, one 64-key tile per call as attention makes them;
+// GQA group of 32/8) against fp32, fp16 or int8 keys (qint8: the integers; attention applies the
+// scales outside the kernel), one 64-key tile per call as attention makes them;
 // kernels/tile_gemm/<rows>x<keys>x128_<kv>: out += P V over the same tiles. The operands stay in
 // L2, so these time the arithmetic that decode from memory has to hide behind its reads (a kernel
 // that is load-bound or spills shows here first). Baseline: Eigen's fp32 product of the same
@@ -111,7 +112,11 @@ void decode_kernel(benchmark::State& st, index_t rows, index_t keys, bool qk) {
   const index_t d = kKernelDim;
   const auto a = bench::random_buffer(std::size_t(rows * (qk ? d : keys)), 1);  // Q or P
   const auto bf = bench::random_buffer(std::size_t(keys * d), 2);
-  const std::vector<T> b(bf.begin(), bf.end());  // K or V
+  std::vector<T> b(bf.size());  // K or V (qint8: the integers, the scale left to the caller as attention does)
+  std::transform(bf.begin(), bf.end(), b.begin(), [](float x) {
+    if constexpr (is_quantized_v<T>) return qint8{std::int8_t(std::lround(127.f * x))};
+    else return T(x);
+  });
   std::vector<float> c(std::size_t(rows * (qk ? keys : d)));
   bench::LoopClock clock;
   clock.start();
@@ -188,9 +193,11 @@ const bool registered = [] {
     auto us = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMicrosecond); };
     us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_fp32").c_str(), decode_kernel<float>, rows, keys, true));
     us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_fp16").c_str(), decode_kernel<fp16>, rows, keys, true));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm_nt/" + shape + "_int8").c_str(), decode_kernel<qint8>, rows, keys, true));
     us(benchmark::RegisterBenchmark(("kernels/eigen_fp32/qk_" + shape).c_str(), decode_kernel_eigen, rows, keys, true));
     us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp32").c_str(), decode_kernel<float>, rows, keys, false));
     us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_fp16").c_str(), decode_kernel<fp16>, rows, keys, false));
+    us(benchmark::RegisterBenchmark(("kernels/tile_gemm/" + shape + "_int8").c_str(), decode_kernel<qint8>, rows, keys, false));
     us(benchmark::RegisterBenchmark(("kernels/eigen_fp32/pv_" + shape).c_str(), decode_kernel_eigen, rows, keys, false));
   }
   const std::string tile = std::to_string(kKernelTile) + "x" + std::to_string(kKernelDim) + "_fp16";
