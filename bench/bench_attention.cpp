@@ -16,8 +16,9 @@
 // attention/fused/<case>_fp16.
 // memread/paged/decode_4096_fp16 (_p64): the same pools read page by page through those tables,
 // the read ceiling of a paged decode (a shuffled pool reads slower than one sequential stream).
-// attention/fused/decode_4096_{fp16,int8}_cached: decode over one layer copy that stays in the
-// last-level cache, the compute floor of the step (int8: what its time target can reach).
+// attention/fused/decode_4096_{fp16,int8}_cached (and attention/paged/decode_4096_fp16_cached):
+// decode over one layer copy that stays in the last-level cache, the compute floor of the step
+// (int8: what its time target can reach; paged: its page-table overhead without memory).
 // attention/cells/decode_4096_fp16: a llama.cpp-style cell cache, half its 8192 cells freed in spans of 5-25,
 // beside the same live cells compacted (_compacted) and attention/fused/decode_4096_fp16.
 #include <algorithm>
@@ -475,6 +476,8 @@ const bool registered = [] {
   benchmark::RegisterBenchmark("attention/fused/decode_4096_fp16_cached", fused_typed<fp16>, cached, 1)
       ->UseRealTime()->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("attention/fused/decode_4096_int8_cached", fused_typed<qint8>, cached, 1)
+      ->UseRealTime()->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("attention/paged/decode_4096_fp16_cached", paged_typed<fp16>, cached, index_t(16), true)
       ->UseRealTime()->Unit(benchmark::kMillisecond);
   return true;
 }();
