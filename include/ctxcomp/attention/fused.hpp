@@ -458,7 +458,7 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       // Few-row decode streams K and V from memory: each row read asks for the row one tile on
       // (within its kv head), so its lines arrive while this tile is computed.
       const index_t pf =
-          !paged && rows > 1 && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
+          !paged && rows < T.few_rows && k0 + T.prefetch_rows + Bk <= kv_len ? T.prefetch_rows : 0;
       // Paged decode: the rows one tile on lie in other pages, where the hardware prefetchers
       // start over. Each stretch of rows within a page asks for the stretch one tile on through
       // the page table (exact when the page size divides the tile; a hint either way).

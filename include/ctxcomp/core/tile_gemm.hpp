@@ -172,9 +172,15 @@ inline void tile_gemm_nt_blocks(const float* A, index_t lda, R B, float* C, inde
       for (int x = 0; x < W; ++x) acc[x] = V::zero();
       if constexpr (RB == 1) {
         // One row: each B row is read whole before the next (one sequential stream through the
-        // tile; the row chains are independent, so out-of-order execution overlaps them).
+        // tile; the row chains are independent, so out-of-order execution overlaps them). With
+        // hints, each row first asks for the lines of the row it names (decode from memory: an
+        // MHA int8 step read 0.61-0.64 of memread without them, 0.82-0.84 with).
         for (int c = 0; c < CB; ++c) {
           const TB* pb = b[c];
+          if (pf && j0 + c < N) {
+            const char* ahead = reinterpret_cast<const char*>(B.ahead(j0 + c, pf));
+            for (index_t x = 0; x < K * index_t(sizeof(TB)); x += 64) simd::prefetch<To>(ahead + x);
+          }
           auto x0 = V::zero(), x1 = V::zero();
           index_t k = 0;
           for (; k + 2 * W <= kv; k += 2 * W) {
