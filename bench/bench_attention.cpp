@@ -15,7 +15,7 @@
 // decode_4096_fp16_p64: HND pages of 64), read through shuffled page tables, beside
 // attention/fused/<case>_fp16.
 // memread/paged/decode_4096_fp16 (_p64): the same pools read page by page through those tables,
-// the read ceiling of a paged decode (a shuffled pool reads slower than one sequential stream).
+// the read ceiling of a paged decode (what the page order alone costs a plain read).
 // attention/fused/decode_4096_{fp16,int8}_cached (and attention/paged/decode_4096_fp16_cached):
 // decode over one layer copy that stays in the last-level cache, the compute floor of the step
 // (int8: what its time target can reach; paged: its page-table overhead without memory).
@@ -325,9 +325,8 @@ void paged_typed(benchmark::State& st, TypedCase c, index_t page_size, bool hnd)
 
 /// Reads the K and V pools of attention/paged/<case>_fp16 once per iteration, whole pages in the
 /// order of the same shuffled page tables (a K page, then its V page), with vector loads summed,
-/// each step asking for the matching lines of the next page into L1 (the fastest plain read of
-/// a shuffled pool found on the Zen 5 machine: 0.72-0.77 of a sequential read for 32 KB pages,
-/// 0.6 without the hints). The read ceiling of a paged decode, beside memread/baseline.
+/// each step asking for the matching lines of the next page into L1, as paged decode asks for
+/// the pages one tile on. The read ceiling of a paged decode, beside memread/baseline.
 void memread_paged(benchmark::State& st, TypedCase c, index_t page_size) {
   using V = simd::Vec;
   const PagedKv<fp16> kv(c, page_size, true);
