@@ -241,8 +241,27 @@ void fused_typed(benchmark::State& st, TypedCase c, int threads) {
 
 /// Reads `bytes` once per iteration with vector loads (as floats) and sums them, cycling through
 /// `copies` such blocks like the decode benchmark it stands beside: the read-bandwidth reference.
-void memread(benchmark::State& st, double bytes, index_t copies, int threads) {
+/// Sum of the floats p[0, n) by vector loads into four accumulators, then the tail. With Hint,
+/// each step also asks for the matching lines from `next` on into L1 (reading one block while
+/// the next is on its way).
+template <bool Hint>
+float read_sum(const float* p, std::size_t n, const char* next) {
   using V = simd::Vec;
+  constexpr std::size_t step = 4 * std::size_t(V::width);
+  typename V::type a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+  std::size_t j = 0;
+  for (; j + step <= n; j += step) {
+    if constexpr (Hint)
+      for (std::size_t b = 0; b < step * sizeof(float); b += 64) simd::prefetch<simd::PrefetchTo::l1>(next + j * sizeof(float) + b);
+    a0 = a0 + V::load(p + j), a1 = a1 + V::load(p + j + V::width);
+    a2 = a2 + V::load(p + j + 2 * V::width), a3 = a3 + V::load(p + j + 3 * V::width);
+  }
+  float s = V::reduce_add((a0 + a1) + (a2 + a3));
+  for (; j < n; ++j) s += p[j];
+  return s;
+}
+
+void memread(benchmark::State& st, double bytes, index_t copies, int threads) {
   const std::size_t n = std::size_t(bytes / sizeof(float)) / 64 * 64;
   const std::vector<float> src = bench::random_buffer(n * std::size_t(copies), 4);
   const index_t chunks = 64;
@@ -252,16 +271,7 @@ void memread(benchmark::State& st, double bytes, index_t copies, int threads) {
   bench::with_executor(threads, [&](const auto& exec) {
     for (auto _ : st) {
       exec.parallel_for(chunks, [&](index_t i, index_t) {
-        const float* p = src.data() + std::size_t(layer) * n + i * per;
-        typename V::type a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
-        std::size_t j = 0;
-        for (; j + 4 * V::width <= per; j += 4 * V::width) {
-          a0 = a0 + V::load(p + j), a1 = a1 + V::load(p + j + V::width);
-          a2 = a2 + V::load(p + j + 2 * V::width), a3 = a3 + V::load(p + j + 3 * V::width);
-        }
-        float s = V::reduce_add((a0 + a1) + (a2 + a3));
-        for (; j < per; ++j) s += p[j];
-        sums[i] = s;
+        sums[i] = read_sum<false>(src.data() + std::size_t(layer) * n + i * per, per, nullptr);
       });
       layer = (layer + 1) % copies;
       benchmark::DoNotOptimize(sums);
@@ -328,29 +338,17 @@ void paged_typed(benchmark::State& st, TypedCase c, index_t page_size, bool hnd)
 /// each step asking for the matching lines of the next page into L1, as paged decode asks for
 /// the pages one tile on. The read ceiling of a paged decode, beside memread/baseline.
 void memread_paged(benchmark::State& st, TypedCase c, index_t page_size) {
-  using V = simd::Vec;
   const PagedKv<fp16> kv(c, page_size, true);
   const std::size_t n = std::size_t(page_size * c.kv_heads * kDim) * sizeof(fp16) / sizeof(float);  // floats a page
-  constexpr std::size_t step = 4 * std::size_t(V::width);
   float sum = 0.f;
   index_t layer = 0;
   for (auto _ : st) {
     const index_t* table = kv.tables.data() + layer * kv.pages;
-    typename V::type a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
     for (index_t i = 0; i < kv.pages; ++i)
       for (const fp16* pool : {kv.k.data(), kv.v.data()}) {
         const auto page = [&](index_t j) { return reinterpret_cast<const float*>(pool) + std::size_t(table[j]) * n; };
-        const float* p = page(i);
-        const char* next = reinterpret_cast<const char*>(page(std::min(i + 1, kv.pages - 1)));
-        std::size_t j = 0;
-        for (; j + step <= n; j += step) {
-          for (std::size_t b = 0; b < step * sizeof(float); b += 64) simd::prefetch<simd::PrefetchTo::l1>(next + j * sizeof(float) + b);
-          a0 = a0 + V::load(p + j), a1 = a1 + V::load(p + j + V::width);
-          a2 = a2 + V::load(p + j + 2 * V::width), a3 = a3 + V::load(p + j + 3 * V::width);
-        }
-        for (; j < n; ++j) sum += p[j];
+        sum += read_sum<true>(page(i), n, reinterpret_cast<const char*>(page(std::min(i + 1, kv.pages - 1))));
       }
-    sum += V::reduce_add((a0 + a1) + (a2 + a3));
     layer = (layer + 1) % kv.copies;
     benchmark::DoNotOptimize(sum);
   }

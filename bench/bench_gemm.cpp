@@ -112,11 +112,11 @@ void decode_kernel(benchmark::State& st, index_t rows, index_t keys, bool qk) {
   const index_t d = kKernelDim;
   const auto a = bench::random_buffer(std::size_t(rows * (qk ? d : keys)), 1);  // Q or P
   const auto bf = bench::random_buffer(std::size_t(keys * d), 2);
-  std::vector<T> b(bf.size());  // K or V (qint8: the integers, the scale left to the caller as attention does)
-  std::transform(bf.begin(), bf.end(), b.begin(), [](float x) {
-    if constexpr (is_quantized_v<T>) return qint8{std::int8_t(std::lround(127.f * x))};
-    else return T(x);
-  });
+  std::vector<T> b(bf.size());  // K or V (qint8: quantised per row, the scale left out as attention leaves it)
+  for (index_t r = 0; r < keys; ++r) {
+    if constexpr (is_quantized_v<T>) kernels::quantize_row(bf.data() + r * d, b.data() + r * d, d);
+    else std::transform(bf.begin() + r * d, bf.begin() + (r + 1) * d, b.begin() + r * d, [](float x) { return T(x); });
+  }
   std::vector<float> c(std::size_t(rows * (qk ? keys : d)));
   bench::LoopClock clock;
   clock.start();
