@@ -7,7 +7,9 @@
 // (a decode step only reads), so GBps / memread GBps is the share of the memory speed reached.
 // Both cycle through 128 MB of layer copies, so the bytes come from memory, not from L3.
 // attention/fused/decode_4096_fp16_hugepages: the same decode with K/V from HugePageAllocator
-// (KvCache's memory: 2 MB pages where the OS offers them), beside the standard allocator's.
+// (KvCache's memory: 2 MB pages where the OS offers them), beside the standard allocator's;
+// attention/paged/decode_4096_fp16_hugepages: the paged decode with its pools on 2 MB pages,
+// beside it (what of the paged gap the TLB makes).
 // attention/fused_bf16/<case>: the bf16 compute path (bf16 K/V, Compute::bf16) for causal_2048,
 // causal_8192 and cross_128x640, beside attention/fused/<case> (fp32), with its share of the bf16
 // pair-dot peak (peak/bf16dot).
@@ -283,11 +285,11 @@ void memread(benchmark::State& st, double bytes, index_t copies, int threads) {
 /// The same K/V in a page pool of `page_size`-token pages, HND ([page][head][slot][dim]) or NHD,
 /// each layer copy with its own shuffled page table (a fragmented pool, as an engine's allocator
 /// leaves it).
-template <class T>
+template <class T, class Alloc = std::allocator<T>>
 struct PagedKv {
   index_t heads, tokens, page_size, pages, copies;
   bool hnd;
-  std::vector<T> k, v;
+  std::vector<T, Alloc> k, v;
   std::vector<index_t> tables;  // [copies x pages]
   PagedKv(const TypedCase& c, index_t ps, bool hnd_layout)
       : heads(c.kv_heads), tokens(c.kv_len), page_size(ps), pages((c.kv_len + ps - 1) / ps),
@@ -313,9 +315,9 @@ struct PagedKv {
   }
 };
 
-template <class T>
+template <class T, class Alloc = std::allocator<T>>
 void paged_typed(benchmark::State& st, TypedCase c, index_t page_size, bool hnd) {
-  const PagedKv<T> kv(c, page_size, hnd);
+  const PagedKv<T, Alloc> kv(c, page_size, hnd);
   const auto q = bench::random_buffer(std::size_t(kHeads * c.q_len * kDim), 1);
   std::vector<float> out(q.size());
   Workspace ws;
@@ -475,6 +477,9 @@ const bool registered = [] {
   benchmark::RegisterBenchmark("attention/fused/decode_4096_int8_cached", fused_typed<qint8>, cached, 1)
       ->UseRealTime()->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark("attention/paged/decode_4096_fp16_cached", paged_typed<fp16>, cached, index_t(16), true)
+      ->UseRealTime()->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("attention/paged/decode_4096_fp16_hugepages", paged_typed<fp16, HugePageAllocator<fp16>>,
+                               kTypedCases[0], index_t(16), true)
       ->UseRealTime()->Unit(benchmark::kMillisecond);
   return true;
 }();
