@@ -3,7 +3,8 @@
 // contiguous memcpy, and one memcpy per kept run);
 // the same in every KV layout (contiguous, cells, paged) against a memcpy of the same runs;
 // folding one just-closed 20-token span at the end of a 4096- and a 16384-token cache in every
-// layout (time and bytes moved per fold);
+// layout (time and bytes moved per fold; cells: the host lists the span's cells, and
+// kv/fold_span/cells_scan_* lets fold scan every cell for them);
 // decode attention over the folded vs the unfolded cache; tokens/s of the reference host.
 // CTXCOMP_BENCH_SMOKE=1 shrinks every shape.
 #include <cstdlib>
@@ -269,8 +270,10 @@ void append_tokens(Kv& kv, index_t n, index_t from) {
 
 /// Folding the span that just closed: a cache of `n` tokens whose last 20 are <CL>, 18 inner
 /// tokens and <CR>; one fold evicts the 19 and keeps the <CR> (moved down in a compacted
-/// layout, left in place in cells). Between iterations (untimed) the 19 come back.
-void fold_span(benchmark::State& st, host::KvLayout layout, index_t n) {
+/// layout, left in place in cells). Between iterations (untimed) the 19 come back. Cells: the
+/// host lists the span's 20 cells (fold's cell-list overload), or with `scan` fold finds them
+/// by scanning every cell's metadata.
+void fold_span(benchmark::State& st, host::KvLayout layout, index_t n, bool scan) {
   Shape s = llama7b();
   if (smoke()) n /= 8;
   LayoutCache c(layout, {s.layers, s.kv_heads, s.head_dim}, n);
@@ -282,14 +285,19 @@ void fold_span(benchmark::State& st, host::KvLayout layout, index_t n) {
   EvictStats es;
   c.with([&](auto& kv) {
     append_tokens(kv, n, n - 40);
-    std::vector<index_t> cells;  // cells: where the 19 evicted tokens live
-    for (index_t i = n - 20; i < n - 1; ++i) cells.push_back(i);
+    std::vector<index_t> cells;  // cells: where the span's 20 tokens live (the 19 evicted and <CR>)
+    for (index_t i = n - 20; i < n; ++i) cells.push_back(i);
     for (auto _ : st) {
       es = {};
-      fold::fold(kv, spans, last, &es);
+      if constexpr (std::decay_t<decltype(kv)>::has_holes) {
+        if (!scan) fold::fold(kv, spans, last, cells.data(), index_t(cells.size()), &es);
+        else fold::fold(kv, spans, last, &es);
+      } else {
+        fold::fold(kv, spans, last, &es);
+      }
       st.PauseTiming();
       if constexpr (std::decay_t<decltype(kv)>::has_holes) {
-        for (index_t cell : cells) c.pos[std::size_t(cell)] = cell;
+        for (index_t i = 0; i + 1 < index_t(cells.size()); ++i) c.pos[std::size_t(cells[std::size_t(i)])] = cells[std::size_t(i)];
         kv = c.cells();
       } else {
         std::vector<std::int64_t> p(20);
@@ -397,9 +405,13 @@ const bool registered = [] {
     ms(benchmark::RegisterBenchmark(("kv/evict/" + name + "_4096_fp16").c_str(), evict_layout, layout));
     ms(benchmark::RegisterBenchmark(("memcpy/baseline_same_runs/evict_" + name + "_4096_fp16").c_str(),
                                     memcpy_same_runs_layout, layout));
-    for (index_t n : {4096, 16384})
+    for (index_t n : {4096, 16384}) {
       us(benchmark::RegisterBenchmark(("kv/fold_span/" + name + "_" + std::to_string(n) + "_fp16").c_str(), fold_span,
-                                      layout, n));
+                                      layout, n, false));
+      if (layout == host::KvLayout::cells)  // fold finding the span's cells itself
+        us(benchmark::RegisterBenchmark(("kv/fold_span/cells_scan_" + std::to_string(n) + "_fp16").c_str(), fold_span,
+                                        layout, n, true));
+    }
   }
   ms(benchmark::RegisterBenchmark("attention/decode_unfolded/llama7b_4096_fp16", decode, false));
   ms(benchmark::RegisterBenchmark("attention/decode_folded/llama7b_4096_fp16", decode, true));

@@ -65,6 +65,8 @@ RULES = [
      lambda m: f"attention/decode_unfolded/{m[1]}", "time", "folded vs unfolded decode (speed-up)"),
     (r"^kv/fold_span/(\w+)_16384_fp16$", lambda m: f"kv/fold_span/{m[1]}_4096_fp16", "time",
      "folding a just-closed span at 16384 vs 4096 cached tokens (speed-up; ~1 = does not grow)"),
+    (r"^kv/fold_span/cells_(\d+)_fp16$", lambda m: f"kv/fold_span/cells_scan_{m[1]}_fp16", "time",
+     "cell fold given the span's cells vs scanning every cell for them (speed-up)"),
     (r"^kv/evict/(.*)$", lambda m: f"memcpy/baseline_same_runs/evict_{m[1]}", "GBps",
      "eviction vs memcpy of the same runs"),
     (r"^kernels/tile_gemm_nt/(\w+)_(fp32|fp16|int8)$", lambda m: f"kernels/eigen_fp32/qk_{m[1]}", "time",

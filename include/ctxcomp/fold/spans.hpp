@@ -87,6 +87,20 @@ class SpanTracker {
   std::int64_t ordinary_ = 0;
 };
 
+namespace detail {
+/// Whether cache slot s holds a live token of span `first_span`'s `<CL>` or later that folding
+/// evicts (`since`: that `<CL>`'s stream index); a live slot whose token the tracker has not seen
+/// is an error.
+template <class Kv>
+bool fold_evicts(const Kv& cache, const SpanTracker& spans, index_t since, index_t s) {
+  if (!cache.live(s)) return false;
+  const index_t t = cache.token_index()[s];
+  CTXCOMP_CHECK(t >= 0 && t < spans.size(), "fold: cache slot ", s, " holds stream token ", t,
+                " which the tracker has not seen");
+  return t >= since && spans.evictable(t);
+}
+}  // namespace detail
+
 /// Evicts from every layer the cached `<CL>` and inner tokens of every closed span from span
 /// `first_span` on (the spans before it are taken as folded already), keeping each `<CR>`.
 /// Works on any KV layout (kv/layout.hpp): a compacted cache moves the tokens after the first
@@ -94,7 +108,8 @@ class SpanTracker {
 /// many tokens were evicted (`stats`, when given, receives the whole EvictStats). Folding after
 /// each `<CR>` or in one batch later evicts the same tokens. A compacted cache is searched from
 /// span `first_span`'s `<CL>` on (binary search, then the tail), so folding the span that just
-/// closed costs the tail, not the cache; a cell cache scans its cells' metadata.
+/// closed costs the tail, not the cache; a cell cache scans its cells' metadata (the overload
+/// below takes the cells from the host instead).
 template <class Kv>
 index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, EvictStats* stats = nullptr) {
   CTXCOMP_CHECK(first_span >= 0, "fold: negative first span (", first_span, ")");
@@ -106,11 +121,7 @@ index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, E
   }
   const index_t since = spans.span_begin(first_span);
   auto visit = [&](index_t s) {
-    if (!cache.live(s)) return;
-    CTXCOMP_CHECK(idx[s] >= 0 && idx[s] < spans.size(), "fold: cache slot ", s, " holds stream token ", idx[s],
-                  " which the tracker has not seen");
-    if (idx[s] < since || !spans.evictable(idx[s])) return;
-    drop.add(s);
+    if (detail::fold_evicts(cache, spans, since, s)) drop.add(s);
   };
   if constexpr (!Kv::has_holes) {  // token indices increase: start at the span's <CL>
     for (index_t s = index_t(std::lower_bound(idx, idx + cache.size(), since) - idx); s < cache.slots(); ++s) visit(s);
@@ -125,6 +136,46 @@ index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, E
           if ((hits >> (s - b)) & 1u) visit(s);
     }
   }
+  const EvictStats st = cache.evict(drop.ranges());
+  if (stats) *stats = st;
+  return st.tokens;
+}
+
+/// fold for a cell cache whose host knows where the tokens from span `first_span`'s `<CL>` on
+/// live: `cells[0, count)` (in any order, repeats allowed), e.g. the slots its appends returned
+/// since that `<CL>` was appended. Only those cells are visited, so folding the span that just
+/// closed costs the span, not a scan of every cell. Listed cells that are free, of another
+/// sequence, or hold a token that folding keeps are left alone; an evictable cell missing from
+/// the list stays (list every cell written since that `<CL>`). The same tokens are evicted as by
+/// fold() when the list is complete. A cell outside [0, capacity()) is an error; on any error
+/// nothing is evicted.
+template <class T>
+index_t fold(CellKv<T>& cache, const SpanTracker& spans, std::int32_t first_span, const index_t* cells,
+             index_t count, EvictStats* stats = nullptr) {
+  CTXCOMP_CHECK(first_span >= 0, "fold: negative first span (", first_span, ")");
+  CTXCOMP_CHECK(count >= 0, "fold: negative count of listed cells (", count, ")");
+  CTXCOMP_CHECK(count == 0 || cells != nullptr, "fold: ", count, " cells listed in a null array");
+  if (first_span >= spans.closed_spans()) {
+    if (stats) *stats = EvictStats{};
+    return 0;
+  }
+  const index_t since = spans.span_begin(first_span);
+  constexpr index_t kInline = 64;  // a span's cells or a few spans': no allocation
+  index_t local[kInline];
+  std::vector<index_t> heap;
+  index_t* hit = local;
+  if (count > kInline) heap.resize(std::size_t(count)), hit = heap.data();
+  index_t hits = 0;
+  for (index_t i = 0; i < count; ++i) {
+    const index_t c = cells[i];
+    CTXCOMP_CHECK(c >= 0 && c < cache.capacity(), "fold: listed cell ", c, " (entry ", i, ") is outside the ",
+                  cache.capacity(), " cells");
+    if (c < cache.slots() && detail::fold_evicts(cache, spans, since, c)) hit[hits++] = c;
+  }
+  std::sort(hit, hit + hits);
+  RangeCollector drop;
+  for (index_t i = 0; i < hits; ++i)
+    if (i == 0 || hit[i] != hit[i - 1]) drop.add(hit[i]);
   const EvictStats st = cache.evict(drop.ranges());
   if (stats) *stats = st;
   return st.tokens;
