@@ -2,7 +2,9 @@
 // decodes. The engine owns everything: per layer one K and one V buffer of [kv_size x
 // kv_heads*head_dim] fp16 cells, and per cell its position (-1: free), token index and sequence.
 // ctxcomp::CellKv is only a handle over that memory: folding marks the span's cells free (no
-// K/V moves), the next tokens go into the freed cells, and attention hides free cells.
+// K/V moves; the engine names the cells its appends took since the span's <CL>, so a fold costs
+// the span, not a scan of the cells), the next tokens go into the freed cells, and attention
+// hides free cells.
 //   engine_cells [--quiet]
 #include <cstring>
 

@@ -50,6 +50,7 @@ LoopResult stream_fold_decode(host::LlamaHost<T, C>& host, Kv& cache, const std:
   std::vector<std::int64_t> pos;
   std::vector<index_t> idx;
   std::int32_t unfolded = 0;  // spans before this one are folded
+  std::vector<index_t> cell_of;  // a cell cache: the cell of each stream token (the host's appends)
   auto run = [&](const std::int64_t* tok, index_t t, bool want_logits) {
     const index_t first = spans.size();
     pos.resize(std::size_t(t)), idx.resize(std::size_t(t)), x.resize(std::size_t(t * c.hidden));
@@ -58,11 +59,17 @@ LoopResult stream_fold_decode(host::LlamaHost<T, C>& host, Kv& cache, const std:
     auto xv = matrix_view(x.data(), t, c.hidden);
     host.embed(tok, t, xv);
     host.forward(xv, pos.data(), idx.data(), spans.mask(first, cache), cache);  // K/V appended
+    if constexpr (Kv::has_holes) cell_of.insert(cell_of.end(), host.last_slots().begin(), host.last_slots().end());
     if (want_logits) host.logits(matrix_view<const float>(x.data() + (t - 1) * c.hidden, 1, c.hidden),
                                  matrix_view(logits.data(), 1, c.vocab));
     if (spans.closed_spans() > unfolded) {  // a span closed in this piece: fold it now
       EvictStats st;
-      r.folded += fold::fold(cache, spans, unfolded, &st);
+      if constexpr (Kv::has_holes) {  // the cells written since the span's <CL>: no scan of the cache
+        const index_t since = spans.span_begin(unfolded);
+        r.folded += fold::fold(cache, spans, unfolded, cell_of.data() + since, index_t(cell_of.size()) - since, &st);
+      } else {
+        r.folded += fold::fold(cache, spans, unfolded, &st);
+      }
       if (verbose)
         std::printf("  after token %td: folded %d span(s), %td tokens evicted, %zu bytes moved, %td pages freed; "
                     "cache %td tokens\n",

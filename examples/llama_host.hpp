@@ -202,6 +202,10 @@ class LlamaHost {
     linear(hidden, m_.lm_head, out, lin_ws_, exec, compute_);
   }
 
+  /// The cache slots the last forward() put its tokens in, in token order (a cell cache: the
+  /// cells it took, which a host keeps to fold a span over cells without a scan).
+  const std::vector<index_t>& last_slots() const noexcept { return slots_; }
+
  private:
   const LlamaModel<T>& m_;
   Rope rope_;
