@@ -113,10 +113,10 @@ void decode_kernel(benchmark::State& st, index_t rows, index_t keys, bool qk) {
   const auto a = bench::random_buffer(std::size_t(rows * (qk ? d : keys)), 1);  // Q or P
   const auto bf = bench::random_buffer(std::size_t(keys * d), 2);
   std::vector<T> b(bf.size());  // K or V (qint8: quantised per row, the scale left out as attention leaves it)
-  for (index_t r = 0; r < keys; ++r) {
-    if constexpr (is_quantized_v<T>) kernels::quantize_row(bf.data() + r * d, b.data() + r * d, d);
-    else std::transform(bf.begin() + r * d, bf.begin() + (r + 1) * d, b.begin() + r * d, [](float x) { return T(x); });
-  }
+  if constexpr (is_quantized_v<T>)
+    for (index_t r = 0; r < keys; ++r) kernels::quantize_row(bf.data() + r * d, b.data() + r * d, d);
+  else
+    std::transform(bf.begin(), bf.end(), b.begin(), [](float x) { return T(x); });
   std::vector<float> c(std::size_t(rows * (qk ? keys : d)));
   bench::LoopClock clock;
   clock.start();

@@ -43,9 +43,10 @@ RULES = [
     (r"^attention/paged/(decode_4096_fp16)(_nhd|_p64)?$",
      lambda m: f"memread/paged/{m[1]}{'_p64' if m[2] == '_p64' else ''}", "GBps",
      "paged decode read bandwidth vs memread through the same page tables (NHD: beside the HND read of 16-token pages)"),
-    (r"^attention/paged/(decode_4096_fp16)_(cached|hugepages)$", lambda m: f"attention/fused/{m[1]}_{m[2]}", "time",
-     "paged vs contiguous decode, both from the last-level cache (the compute alone) or both on 2 MB pages "
-     "(without the TLB) (speed-up)"),
+    (r"^attention/paged/(decode_4096_fp16)_cached$", lambda m: f"attention/fused/{m[1]}_cached", "time",
+     "paged vs contiguous decode, both from the last-level cache (speed-up; the compute alone)"),
+    (r"^attention/paged/(decode_4096_fp16)_hugepages$", lambda m: f"attention/fused/{m[1]}_hugepages", "time",
+     "paged vs contiguous decode, both on 2 MB pages (speed-up; the gap without the TLB)"),
     (r"^memread/paged/(decode_4096_fp16)(_p64)?$", lambda m: f"memread/baseline/{m[1]}", "GBps",
      "reading a shuffled page pool vs one sequential pass (the memory system's own paged cost)"),
     (r"^attention/fused/(decode\w*_4096_(?:fp16|bf16|int8))_t2$", lambda m: f"attention/fused/{m[1]}", "time",

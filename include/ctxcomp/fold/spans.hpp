@@ -99,6 +99,22 @@ bool fold_evicts(const Kv& cache, const SpanTracker& spans, index_t since, index
                 " which the tracker has not seen");
   return t >= since && spans.evictable(t);
 }
+
+/// The frame both folds share: nothing to do before span `first_span` has closed; otherwise
+/// `collect(since, drop)` adds the slots to evict (in increasing order, checking before anything
+/// changes) and the cache evicts them in one call.
+template <class Kv, class Collect>
+index_t fold_slots(Kv& cache, const SpanTracker& spans, std::int32_t first_span, EvictStats* stats, Collect collect) {
+  CTXCOMP_CHECK(first_span >= 0, "fold: negative first span (", first_span, ")");
+  EvictStats st;
+  if (first_span < spans.closed_spans()) {
+    RangeCollector drop;  // no allocation for the runs of a span or a few
+    collect(spans.span_begin(first_span), drop);
+    st = cache.evict(drop.ranges());
+  }
+  if (stats) *stats = st;
+  return st.tokens;
+}
 }  // namespace detail
 
 /// Evicts from every layer the cached `<CL>` and inner tokens of every closed span from span
@@ -112,33 +128,25 @@ bool fold_evicts(const Kv& cache, const SpanTracker& spans, index_t since, index
 /// below takes the cells from the host instead).
 template <class Kv>
 index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, EvictStats* stats = nullptr) {
-  CTXCOMP_CHECK(first_span >= 0, "fold: negative first span (", first_span, ")");
-  RangeCollector drop;  // no allocation for the runs of a span or a few
-  const index_t* idx = cache.token_index();
-  if (first_span >= spans.closed_spans()) {
-    if (stats) *stats = EvictStats{};
-    return 0;
-  }
-  const index_t since = spans.span_begin(first_span);
-  auto visit = [&](index_t s) {
-    if (detail::fold_evicts(cache, spans, since, s)) drop.add(s);
-  };
-  if constexpr (!Kv::has_holes) {  // token indices increase: start at the span's <CL>
-    for (index_t s = index_t(std::lower_bound(idx, idx + cache.size(), since) - idx); s < cache.slots(); ++s) visit(s);
-  } else {  // cells in any order: a branch-free pass over blocks of 64 token indices finds candidates
-    const index_t n = cache.slots();
-    for (index_t b = 0; b < n; b += 64) {
-      const index_t e = std::min(n, b + 64);
-      std::uint64_t hits = 0;
-      for (index_t s = b; s < e; ++s) hits |= std::uint64_t(idx[s] >= since) << (s - b);
-      if (hits)
-        for (index_t s = b; s < e; ++s)
-          if ((hits >> (s - b)) & 1u) visit(s);
+  return detail::fold_slots(cache, spans, first_span, stats, [&](index_t since, RangeCollector& drop) {
+    const index_t* idx = cache.token_index();
+    auto visit = [&](index_t s) {
+      if (detail::fold_evicts(cache, spans, since, s)) drop.add(s);
+    };
+    if constexpr (!Kv::has_holes) {  // token indices increase: start at the span's <CL>
+      for (index_t s = index_t(std::lower_bound(idx, idx + cache.size(), since) - idx); s < cache.slots(); ++s) visit(s);
+    } else {  // cells in any order: a branch-free pass over blocks of 64 token indices finds candidates
+      const index_t n = cache.slots();
+      for (index_t b = 0; b < n; b += 64) {
+        const index_t e = std::min(n, b + 64);
+        std::uint64_t hits = 0;
+        for (index_t s = b; s < e; ++s) hits |= std::uint64_t(idx[s] >= since) << (s - b);
+        if (hits)
+          for (index_t s = b; s < e; ++s)
+            if ((hits >> (s - b)) & 1u) visit(s);
+      }
     }
-  }
-  const EvictStats st = cache.evict(drop.ranges());
-  if (stats) *stats = st;
-  return st.tokens;
+  });
 }
 
 /// fold for a cell cache whose host knows where the tokens from span `first_span`'s `<CL>` on
@@ -152,33 +160,25 @@ index_t fold(Kv& cache, const SpanTracker& spans, std::int32_t first_span = 0, E
 template <class T>
 index_t fold(CellKv<T>& cache, const SpanTracker& spans, std::int32_t first_span, const index_t* cells,
              index_t count, EvictStats* stats = nullptr) {
-  CTXCOMP_CHECK(first_span >= 0, "fold: negative first span (", first_span, ")");
   CTXCOMP_CHECK(count >= 0, "fold: negative count of listed cells (", count, ")");
   CTXCOMP_CHECK(count == 0 || cells != nullptr, "fold: ", count, " cells listed in a null array");
-  if (first_span >= spans.closed_spans()) {
-    if (stats) *stats = EvictStats{};
-    return 0;
-  }
-  const index_t since = spans.span_begin(first_span);
-  constexpr index_t kInline = 64;  // a span's cells or a few spans': no allocation
-  index_t local[kInline];
-  std::vector<index_t> heap;
-  index_t* hit = local;
-  if (count > kInline) heap.resize(std::size_t(count)), hit = heap.data();
-  index_t hits = 0;
-  for (index_t i = 0; i < count; ++i) {
-    const index_t c = cells[i];
-    CTXCOMP_CHECK(c >= 0 && c < cache.capacity(), "fold: listed cell ", c, " (entry ", i, ") is outside the ",
-                  cache.capacity(), " cells");
-    if (c < cache.slots() && detail::fold_evicts(cache, spans, since, c)) hit[hits++] = c;
-  }
-  std::sort(hit, hit + hits);
-  RangeCollector drop;
-  for (index_t i = 0; i < hits; ++i)
-    if (i == 0 || hit[i] != hit[i - 1]) drop.add(hit[i]);
-  const EvictStats st = cache.evict(drop.ranges());
-  if (stats) *stats = st;
-  return st.tokens;
+  return detail::fold_slots(cache, spans, first_span, stats, [&](index_t since, RangeCollector& drop) {
+    constexpr index_t kInline = 64;  // a span's cells or a few spans': no allocation
+    index_t local[kInline];
+    std::vector<index_t> heap;
+    index_t* hit = local;
+    if (count > kInline) heap.resize(std::size_t(count)), hit = heap.data();
+    index_t hits = 0;
+    for (index_t i = 0; i < count; ++i) {
+      const index_t c = cells[i];
+      CTXCOMP_CHECK(c >= 0 && c < cache.capacity(), "fold: listed cell ", c, " (entry ", i, ") is outside the ",
+                    cache.capacity(), " cells");
+      if (c < cache.slots() && detail::fold_evicts(cache, spans, since, c)) hit[hits++] = c;
+    }
+    std::sort(hit, hit + hits);  // RangeCollector takes increasing slots
+    for (index_t i = 0; i < hits; ++i)
+      if (i == 0 || hit[i] != hit[i - 1]) drop.add(hit[i]);
+  });
 }
 
 }  // namespace ctxcomp::fold
