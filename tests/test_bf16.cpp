@@ -117,7 +117,7 @@ TEST_CASE("bf16 pair dot: known answers, and every path equal to the definition"
       REQUIRE(same(sc, def));
     }
   }
-  WARN("bf16 pair dot: " << (simd::Bf16Dot<simd::Vec>::native ? "vdpbf16ps (AVX512-BF16)" : "emulated") << " on "
+  UNSCOPED_INFO("bf16 pair dot: " << (simd::Bf16Dot<simd::Vec>::native ? "vdpbf16ps (AVX512-BF16)" : "emulated") << " on "
                          << simd::active_isa());
 }
 
@@ -228,7 +228,7 @@ TEST_CASE("bf16 linear layers stay within the a-priori bound (random and fixture
     for (auto& v : w) v = nd(g) * 0.02f;
     const double r = gemm_bound_ratio(x, M, WeightView<float>{w.data(), N, K});
     CHECK(r <= 1.0);
-    WARN("bf16 linear, random 9 x 64 x 4096: error / a-priori bound = " << r);
+    UNSCOPED_INFO("bf16 linear, random 9 x 64 x 4096: error / a-priori bound = " << r);
   }
   {  // IC-Former fixture: every projection of every layer on the fixture's context embeddings
     auto ckpt = io::IcformerCheckpoint<float>::load(test::fixtures_dir() + "/icformer/icformer_gqa_selfattn/model");
@@ -240,7 +240,7 @@ TEST_CASE("bf16 linear layers stay within the a-priori bound (random and fixture
     for (const auto& l : w.layers)
       for (const auto* lin : {&l.q, &l.k, &l.v, &l.mlp.gate, &l.mlp.up}) worst = std::max(worst, gemm_bound_ratio(ctx, M, *lin));
     CHECK(worst <= 1.0);
-    WARN("bf16 linear, IC-Former fixture projections: error / a-priori bound = " << worst);
+    UNSCOPED_INFO("bf16 linear, IC-Former fixture projections: error / a-priori bound = " << worst);
   }
   {  // The SAC / sentinel host model: every projection on its embeddings of tokens 0..127
     const auto model = host::LlamaModel<float>::load(test::fixtures_dir() + "/models/llama");
@@ -251,7 +251,7 @@ TEST_CASE("bf16 linear layers stay within the a-priori bound (random and fixture
     for (const auto& l : model.layers)
       for (const auto* lin : {&l.q, &l.k, &l.v, &l.mlp.gate, &l.mlp.up}) worst = std::max(worst, gemm_bound_ratio(x, M, *lin));
     CHECK(worst <= 1.0);
-    WARN("bf16 linear, host model projections: error / a-priori bound = " << worst);
+    UNSCOPED_INFO("bf16 linear, host model projections: error / a-priori bound = " << worst);
   }
 }
 
@@ -371,7 +371,7 @@ TEST_CASE("bf16-compute attention stays within its a-priori bound; native = emul
   check_bf16_attention<float>(64, 32, 160, CrossWithCausalTail(128), 7, worst);
   const index_t anchors[] = {3, 9, 40, 77};
   check_bf16_attention<bf16>(128, 100, 100, AnchorBidirectional{anchors, 4, 0}, 8, worst);
-  WARN("bf16-compute attention: largest error / a-priori bound = " << worst);
+  UNSCOPED_INFO("bf16-compute attention: largest error / a-priori bound = " << worst);
 }
 
 TEST_CASE("bf16 compute is opt-in: the default options give the fp32 results", "[bf16][attention]") {

@@ -48,7 +48,7 @@ TEST_CASE("IC-Former reproduces the official fixtures layer by layer", "[icforme
     enc.compress(cv, matrix_view<const float>(dig.data(), k, cfg.hidden), matrix_view(out.data(), k, cfg.hidden));
     const double err = test::relative_error(out.data(), soft.data(), out.size());
     CHECK(err <= 1e-5);
-    WARN(c << ": relative error vs float64 " << err);
+    UNSCOPED_INFO(c << ": relative error vs float64 " << err);
   }
 }
 
@@ -72,7 +72,7 @@ TEST_CASE("IC-Former chunked compression reproduces the official fixture", "[icf
                        [&](index_t done, index_t) { seen.push_back(done); });
   const double err = test::relative_error(out.data(), soft.data(), out.size());
   CHECK(err <= 1e-5);
-  WARN("icformer_chunked: relative error vs float64 " << err);
+  UNSCOPED_INFO("icformer_chunked: relative error vs float64 " << err);
   CHECK(seen == std::vector<index_t>{1, 2, 3, 4});
   enc.compress_chunked(matrix_view<const float>(ctx.data(), n, cfg.hidden), matrix_view<const float>(dig.data(), k, cfg.hidden),
                        max_len, matrix_view(out2.data(), ch.count * k, cfg.hidden), test::two_threads());
@@ -219,6 +219,6 @@ TEST_CASE("IC-Former in bf16 compute: every fixture within the bf16 budget, any 
     CHECK(err < 5e-2);
     CHECK(err > 1e-6);  // really computed in bf16
     CHECK(err16 < 5e-2);
-    WARN(c << ": bf16 compute, relative error vs float64 " << err << " (fp32 weights), " << err16 << " (bf16 weights)");
+    UNSCOPED_INFO(c << ": bf16 compute, relative error vs float64 " << err << " (fp32 weights), " << err16 << " (bf16 weights)");
   }
 }

@@ -162,7 +162,7 @@ TEST_CASE("qint8 attention stays within its a-priori bound of the fp32 cache", "
           CHECK(err <= bound);
         }
       }
-    WARN("qint8 heads " << sh.heads << "/" << sh.kvh << " q " << sh.q_len << " kv " << sh.kv_len << " d " << sh.d
+    UNSCOPED_INFO("qint8 heads " << sh.heads << "/" << sh.kvh << " q " << sh.q_len << " kv " << sh.kv_len << " d " << sh.d
                         << ": worst error / a-priori bound " << worst);
   }
   // quantize_row itself: |x - s q| <= s / 2 (one fp32 rounding of x / s aside), zero and

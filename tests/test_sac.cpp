@@ -134,7 +134,7 @@ TEST_CASE("every sac fixture through the host", "[sac][fixtures]") {
     REQUIRE(logits.size() == expect.size());
     const double err = test::relative_error(logits.data(), expect.data(), logits.size());
     CHECK(err <= 1e-5);
-    WARN(c << ": decode logits relative error vs float64 " << err << " (official fp32 run "
+    UNSCOPED_INFO(c << ": decode logits relative error vs float64 " << err << " (official fp32 run "
            << test::relative_error(f.st.read<float>("decode_logits_f32run").data(), expect.data(), expect.size())
            << ")");
     CHECK(cache.size() == kept);  // decoding leaves the compressed cache as it was
@@ -314,7 +314,7 @@ TEST_CASE("sac in bf16 compute: every fixture within the bf16 budget; the host k
     CHECK(worst < 5e-2);
     CHECK(worst > 1e-6);  // really computed in bf16
     CHECK(err < 5e-2);
-    WARN(c << ": bf16 compute, anchors' K/V relative error vs float64 " << worst << ", decode logits " << err);
+    UNSCOPED_INFO(c << ": bf16 compute, anchors' K/V relative error vs float64 " << worst << ", decode logits " << err);
   }
 }
 

@@ -12,9 +12,9 @@
 
 #include "../core/executor.hpp"
 #include "../core/kernels.hpp"
+#include "../core/kv_views.hpp"
 #include "../core/tile_gemm.hpp"
 #include "../core/workspace.hpp"
-#include "../kv/paged.hpp"
 #include "masks.hpp"
 #include "options.hpp"
 
@@ -68,9 +68,8 @@ struct AttentionTiling {
   bool keeps_k_tiles() const { return q_blocks > 1; }
   /// Many-row tasks transpose K tiles. With several query blocks per kv head, every transposed
   /// tile of the head is kept (reused by the next task of the same head); with one (decode, short
-  /// chunks) no later task can reuse a tile, so one tile's room is re-used tile after tile: a
-  /// 32/1-head decode over 4096 fp16 keys needs 0.78 MB of workspace instead of 2.8 (5.4 instead
-  /// of 22 at 32768 keys) and ran 0.5-5% faster. Few-row tasks read K in place.
+  /// chunks) no later task can reuse a tile, so one tile's room is re-used tile after tile (a
+  /// fraction of the workspace; docs/performance.md). Few-row tasks read K in place.
   index_t kt_tiles() const { return rows < few_rows || bf16 ? 0 : keeps_k_tiles() ? kv_tiles : 1; }
   /// bf16 compute: every K and V tile of a kv head is packed once per worker and reused.
   index_t packed_tiles() const { return bf16 ? kv_tiles : 0; }
@@ -182,10 +181,10 @@ index_t max_tasks(const AttentionTiling<V>& T, index_t kv_heads) {
 /// max, sum and unnormalised output in `partial`; a log-sum-exp merge then writes `out`.
 /// K and V of any storage type are widened in registers (qint8: scales folded into the scores
 /// and the probabilities).
-template <class V, bool BF16, class Q, class KView, class VView, class O, class Mask, class Exec>
+template <class V, bool BF16, class Q, class KView, class VView, class O, class Mask>
 void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* groups,
                     index_t group_count, HeadsView<O> out, float qscale, const AttentionBuffers* buf,
-                    index_t splits, float* partial, const Exec& exec) {
+                    index_t splits, float* partial, ExecutorRef exec) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   using KS = std::remove_const_t<typename KView::element_type>;
   using VS = std::remove_const_t<typename VView::element_type>;
@@ -232,21 +231,18 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
   };
   const bool interleave = !BF16 && group_count == 1 && call.interleave_heads == k.heads &&
                           tilings[0].rows < AttentionTiling<V>::few_rows && heads_together(k) && heads_together(v);
-  // Where decode's prefetch hints send the lines (measured on Zen 5; the other choice costs
-  // 10-20% of the step): L1 for a head-major cache (one tile ahead in the head's own stream) and
-  // for pages (the next page); L2 for interleaved token-major rows, whose next run is far enough
-  // away in the reads of the other heads that L1 would evict it first.
+  // Where decode's prefetch hints send the lines (docs/performance.md): L1 for a head-major cache
+  // (one tile ahead in the head's own stream) and for pages (the next page); L2 for interleaved
+  // token-major rows, whose next run is far enough away in the reads of the other heads that L1
+  // would evict it first.
   const simd::PrefetchTo pf_to = interleave && !paged ? simd::PrefetchTo::l2 : simd::PrefetchTo::l1;
   // Interleaved decode over head-major pages (HND: a head's rows of a page side by side) shorter
   // than a tile reads each head's whole tile in one call, its rows gathered through the page
   // table (offsets from the pool, one lookup per page), so a head's output block is loaded and
   // stored once per tile, not once per page; each row read asks for the same head's row one tile
-  // on. 32/8 heads x 4096 fp16 in 16-token pages, paged speed as a share of contiguous where one
-  // thread reads memory at 21 GB/s: 0.82-0.87 -> 0.92-0.99 from memory, 0.90-0.94 -> 0.96-1.07
-  // L3-resident; where it reads 30 GB/s, 0.79-0.95 (median 0.83) from memory. Pages of a tile or
-  // more keep whole-page runs (one call per page already). Token-major rows (NHD pages, cells)
-  // keep the page-by-page runs: read tile by tile per head, their lines would be fetched once
-  // per head (0.80-0.83 -> 0.66-0.69).
+  // on. Pages of a tile or more keep whole-page runs (one call per page already). Token-major
+  // rows (NHD pages, cells) keep the page-by-page runs: read tile by tile per head, their lines
+  // would be fetched once per head. Figures: docs/performance.md.
   auto short_pages = [&](const auto& x) {
     if constexpr (is_paged_view_v<std::decay_t<decltype(x)>>)
       return x.token_stride < x.head_stride && x.page_size < AttentionTiling<V>::kv_tile;
@@ -389,9 +385,8 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
       // does not reach the output (probability 0 times NaN is NaN). Their terms are exact zeros:
       // without them every output's FMA chain keeps its other terms in order, the same bits for
       // finite data. Scores are always computed over whole runs (a hidden key's score becomes
-      // -inf whatever it was). Leaving hidden keys out every time cost more than the guard:
-      // 1.5x on a cell-cache decode with half its cells free in spans of 5-25 (V no longer read
-      // as one stream), 1.7x on a sentinel-masked 32-head decode when scores left them out too.
+      // -inf whatever it was). Leaving hidden keys out every time cost more than the guard: V
+      // was no longer read as one stream (docs/performance.md).
       index_t* const seen = b.seen;
       index_t nseen = 1;
       seen[0] = 0, seen[1] = nk;
@@ -486,8 +481,8 @@ void attention_rows(HeadsView<Q> q, KView k, VView v, const RowGroup<Mask>* grou
           // Token-major rows (cells, NHD pages) hold every head's row of a token side by side:
           // runs of at most 16 tokens keep the heads' reads close together. Head-major pages
           // (HND) hold each head's rows of a page together: a whole page per head is read in
-          // order, with a run's output block loaded and stored once (64-token pages, L3-resident
-          // 32/8 x 4096 fp16 decode: 16-token runs took about 1.1x the time of whole pages).
+          // order, with a run's output block loaded and stored once (shorter runs cost more:
+          // docs/performance.md).
           // Head-major pages shorter than a tile: see `gather` above. Per head, every dot
           // product and every output's FMA chain is the per-head path's: the same bits.
           constexpr index_t kRun = 16;
@@ -702,9 +697,9 @@ std::size_t attention_workspace_bytes(index_t heads, index_t kv_heads, index_t q
 
 namespace detail {
 /// The body of both `attention` overloads (K / V as HeadsView or PagedHeadsView).
-template <class V, class Q, class KView, class VView, class O, class Mask, class Exec>
+template <class V, class Q, class KView, class VView, class O, class Mask>
 void attention_impl(HeadsView<Q> q, KView k, VView v, const Mask& mask, HeadsView<O> out, const AttentionOptions& opt,
-                    Workspace& ws, const Exec& exec) {
+                    Workspace& ws, ExecutorRef exec) {
   static_assert(!std::is_const_v<O>, "attention: out must be writable");
   detail::check_attention_args(q, k, v, out, mask, opt, "attention");
   constexpr float kLog2e = 1.4426950408889634f;

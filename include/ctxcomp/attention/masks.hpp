@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/kv_views.hpp"
 #include "../core/types.hpp"
 
 namespace ctxcomp {
@@ -23,8 +24,10 @@ enum class TileVisibility : std::uint8_t { None, Mixed, All };
 ///                                              // describe a q_len x kv_len call
 /// and optionally
 ///   static constexpr bool hides_unwritten      // true: hidden keys may be memory the host never
-///                                              // wrote (cell caches); P V then leaves out the
-///                                              // keys no row of a query block sees
+///                                              // wrote (cell caches); P V then keeps what
+///                                              // they hold out of the outputs: a tile whose
+///                                              // outputs turn non-finite is redone over the
+///                                              // keys some row of the block sees
 
 /// Every key visible to every query (cross-attention to a whole context).
 struct Full {
@@ -189,41 +192,6 @@ inline bool sentinel_visible(const TokenRole& rq, const TokenRole& rk, index_t q
   }
 }
 
-/// Role assignment one token at a time, carrying an open span across calls (a stream):
-/// `cl` opens a span, `cr` closes it. Errors name the token's index `at` and the caller `fn`.
-struct SentinelRoleState {
-  bool open = false;      ///< a span is open
-  std::int32_t span = 0;  ///< number of the open span, or of the next one (= spans closed so far)
-
-  /// The role of the next token `id` (stream index `at`); errors name `fn`.
-  template <class Id>
-  TokenRole next(Id id, Id cl, Id cr, index_t at, const char* fn) {
-    if (id == cl) {
-      CTXCOMP_CHECK(!open, fn, ": <CL> at index ", at, " opens a span inside the span opened before it",
-                    " (nested spans are not supported)");
-      open = true;
-      return {SpanRole::Open, span};
-    }
-    if (id == cr) {
-      CTXCOMP_CHECK(open, fn, ": <CR> at index ", at, " closes no open span");
-      open = false;
-      return {SpanRole::Close, span++};
-    }
-    return open ? TokenRole{SpanRole::Inner, span} : TokenRole{};
-  }
-};
-
-/// Assigns sentinel roles to a token sequence: `cl` opens a span, `cr` closes it. Errors name
-/// the offending index: a `<CR>` with no open span, a `<CL>` inside an open span (nested spans are
-/// not part of the scheme). A span still open at the end is allowed (text still streaming).
-template <class Id>
-std::vector<TokenRole> sentinel_roles(const Id* ids, index_t n, Id cl, Id cr, std::int32_t first_span = 0) {
-  std::vector<TokenRole> roles(static_cast<std::size_t>(n));
-  SentinelRoleState state{false, first_span};
-  for (index_t i = 0; i < n; ++i) roles[std::size_t(i)] = state.next(ids[i], cl, cr, i, "sentinel_roles");
-  return roles;
-}
-
 /// Sentinel-token mask over a sequence of roles indexed by logical token position. Query q is
 /// logical token q + q_offset; key k is logical token key_index[k] (strictly increasing; the
 /// cache's kept tokens after folding), or k itself when key_index is null. Arrays are the
@@ -325,5 +293,134 @@ index_t count_visible(const Mask& mask, index_t q_len, index_t kv_len, index_t t
     }
   return n;
 }
+
+/// llama.cpp's KQ mask over a cell cache: query row i, of sequence `seq` at position q_pos[i],
+/// sees cell c iff the cell is live, holds a token of `seq` (or the cache has one sequence), and
+/// pos[c] <= q_pos[i]. Per tile: None when no cell of the tile is live for `seq` or all of them
+/// come after the rows' positions; All when every cell is live for `seq` and at or before the
+/// rows' earliest position; otherwise Mixed (free cells are masked inside the tile).
+struct CellCausal {
+  /// Hidden keys may be free cells the host never wrote: what they hold never reaches the outputs.
+  static constexpr bool hides_unwritten = true;
+  CellMeta meta;                          ///< the cache's cells
+  const std::int64_t* q_pos = nullptr;    ///< [q_len] positions of the query rows
+  index_t q_len = 0;                      ///< query rows described by q_pos
+  std::int32_t seq = 0;                   ///< the queries' sequence
+
+  /// Whether cell c holds a token of this sequence.
+  bool live(index_t c) const noexcept { return meta.live(c, seq); }
+  /// The mask concept (attention/masks.hpp): tile and element visibility, and the call check.
+  ///@{
+  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
+    std::int64_t qmin = std::numeric_limits<std::int64_t>::max(), qmax = std::numeric_limits<std::int64_t>::min();
+    for (index_t q = q0; q < q1; ++q) qmin = std::min(qmin, q_pos[q]), qmax = std::max(qmax, q_pos[q]);
+    index_t n = 0;
+    std::int64_t pmin = std::numeric_limits<std::int64_t>::max(), pmax = std::numeric_limits<std::int64_t>::min();
+    for (index_t c = k0; c < k1; ++c)
+      if (live(c)) ++n, pmin = std::min(pmin, meta.pos[c]), pmax = std::max(pmax, meta.pos[c]);
+    if (n == 0 || pmin > qmax) return TileVisibility::None;
+    if (n == k1 - k0 && pmax <= qmin) return TileVisibility::All;
+    return TileVisibility::Mixed;
+  }
+  bool visible(index_t q, index_t k) const noexcept { return live(k) && meta.pos[k] <= q_pos[q]; }
+  void check(index_t rows, index_t kv_len, const char* fn) const {
+    CTXCOMP_CHECK(meta.pos != nullptr && q_pos != nullptr, fn, ": CellCausal needs the cells' and the queries' positions");
+    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
+                  kv_len);
+    CTXCOMP_CHECK(rows <= q_len, fn, ": ", rows, " query rows but positions for ", q_len);
+  }
+  ///@}
+};
+
+/// The sentinel-token mask over a cell cache: as SentinelSpans, with key k the cell k (its
+/// stream index token_index[k], in any order), free cells and other sequences hidden. Per tile:
+/// None when no cell is live or every live cell comes after the rows; All when every cell is
+/// live, public and at or before the first row, and the rows are ordinary; otherwise Mixed.
+struct CellSentinel {
+  /// Hidden keys may be free cells the host never wrote: what they hold never reaches the outputs.
+  static constexpr bool hides_unwritten = true;
+  const TokenRole* roles = nullptr;      ///< role of every stream token so far
+  index_t role_count = 0;                ///< number of roles
+  index_t q_offset = 0;                  ///< stream index of the first query
+  CellMeta meta;                         ///< the cells (positions: negative = free; sequences)
+  const index_t* token_index = nullptr;  ///< [cells] stream index of each cell's token
+  std::int32_t seq = 0;                  ///< the queries' sequence
+
+  /// Whether cell c holds a token of this sequence.
+  bool live(index_t c) const noexcept { return meta.live(c, seq); }
+  /// The mask concept (attention/masks.hpp).
+  ///@{
+  bool visible(index_t q, index_t k) const noexcept {
+    if (!live(k)) return false;
+    const index_t tq = q + q_offset, tk = token_index[k];
+    return sentinel_visible(roles[tq], roles[tk], tq, tk);
+  }
+  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
+    const index_t t0 = q0 + q_offset, t1 = q1 - 1 + q_offset;
+    index_t n = 0, kmin = std::numeric_limits<index_t>::max(), kmax = -1;
+    bool hidden_role = false;
+    for (index_t c = k0; c < k1; ++c)
+      if (live(c)) {
+        ++n, kmin = std::min(kmin, token_index[c]), kmax = std::max(kmax, token_index[c]);
+        const SpanRole r = roles[token_index[c]].role;
+        hidden_role |= r != SpanRole::Ordinary && r != SpanRole::Close;
+      }
+    if (n == 0 || kmin > t1) return TileVisibility::None;
+    if (n < k1 - k0 || kmax > t0 || hidden_role) return TileVisibility::Mixed;
+    for (index_t t = t0; t <= t1; ++t)
+      if (roles[t].role != SpanRole::Ordinary) return TileVisibility::Mixed;
+    return TileVisibility::All;
+  }
+  void check(index_t q_len, index_t kv_len, const char* fn) const {
+    CTXCOMP_CHECK(meta.pos != nullptr && token_index != nullptr && (roles != nullptr || role_count == 0), fn,
+                  ": CellSentinel needs the roles and the cells' positions and token indices");
+    CTXCOMP_CHECK(q_offset >= 0 && q_offset + q_len <= role_count, fn, ": CellSentinel covers ", role_count,
+                  " tokens but queries reach token ", q_offset + q_len - 1);
+    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
+                  kv_len);
+    for (index_t c = 0; c < kv_len; ++c)
+      if (live(c))
+        CTXCOMP_CHECK(token_index[c] >= 0 && token_index[c] < role_count, fn, ": cell ", c, " holds stream token ",
+                      token_index[c], ", outside the ", role_count, " tokens of the roles");
+  }
+  ///@}
+};
+
+/// Causal order by logical token index over a cell cache: query row i (token index q_index[i])
+/// sees the live cells of its sequence whose token index is at or before its own. What
+/// Causal(m) is for a compacted cache, for cells filled in any order.
+struct CellOrder {
+  /// Hidden keys may be free cells the host never wrote: what they hold never reaches the outputs.
+  static constexpr bool hides_unwritten = true;
+  CellMeta meta;                         ///< the cells
+  const index_t* token_index = nullptr;  ///< [cells] logical index of each cell's token
+  const index_t* q_index = nullptr;      ///< [q_len] logical indices of the query rows
+  index_t q_len = 0;                     ///< query rows described by q_index
+  std::int32_t seq = 0;                  ///< the queries' sequence
+
+  /// Whether cell c holds a token of this sequence.
+  bool live(index_t c) const noexcept { return meta.live(c, seq); }
+  /// The mask concept (attention/masks.hpp).
+  ///@{
+  bool visible(index_t q, index_t k) const noexcept { return live(k) && token_index[k] <= q_index[q]; }
+  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
+    index_t qmin = std::numeric_limits<index_t>::max(), qmax = -1;
+    for (index_t q = q0; q < q1; ++q) qmin = std::min(qmin, q_index[q]), qmax = std::max(qmax, q_index[q]);
+    index_t n = 0, kmin = std::numeric_limits<index_t>::max(), kmax = -1;
+    for (index_t c = k0; c < k1; ++c)
+      if (live(c)) ++n, kmin = std::min(kmin, token_index[c]), kmax = std::max(kmax, token_index[c]);
+    if (n == 0 || kmin > qmax) return TileVisibility::None;
+    if (n == k1 - k0 && kmax <= qmin) return TileVisibility::All;
+    return TileVisibility::Mixed;
+  }
+  void check(index_t rows, index_t kv_len, const char* fn) const {
+    CTXCOMP_CHECK(meta.pos != nullptr && token_index != nullptr && q_index != nullptr, fn,
+                  ": CellOrder needs the cells' positions and token indices and the queries' indices");
+    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
+                  kv_len);
+    CTXCOMP_CHECK(rows <= q_len, fn, ": ", rows, " query rows but indices for ", q_len);
+  }
+  ///@}
+};
 
 }  // namespace ctxcomp

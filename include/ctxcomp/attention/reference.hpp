@@ -6,7 +6,7 @@
 #include <limits>
 #include <vector>
 
-#include "../kv/rows.hpp"
+#include "../core/rows.hpp"
 #include "masks.hpp"
 #include "options.hpp"
 

@@ -4,6 +4,7 @@
 // OpenMPExecutor (when compiled with OpenMP) and HostExecutor (the host's own thread pool).
 #pragma once
 #include <functional>
+#include <type_traits>
 #include <utility>
 
 #include "error.hpp"
@@ -67,6 +68,38 @@ struct HostExecutor {
     }
     run(n, Task(std::ref(f)));
   }
+};
+
+/// A non-owning, type-erased reference to any executor, itself an executor. Kernels take their
+/// executor through it, so each kernel is compiled once for every executor type (SerialExecutor,
+/// OpenMPExecutor, HostExecutor, a host's own) instead of once per type. Dispatch costs one
+/// indirect call per task, not per tile. The referenced executor must outlive the reference.
+class ExecutorRef {
+ public:
+  /// References `exec` (any type modelling the executor concept).
+  template <class Exec, class = std::enable_if_t<!std::is_same_v<std::decay_t<Exec>, ExecutorRef>>>
+  ExecutorRef(const Exec& exec) noexcept  // NOLINT: implicit, as a reference
+      : exec_(&exec), concurrency_(exec.concurrency()), run_(&run_with<Exec>) {}
+
+  /// The referenced executor's worker slots.
+  index_t concurrency() const noexcept { return concurrency_; }
+  /// Calls f(task, worker) for every task in [0, n) through the referenced executor.
+  template <class F>
+  void parallel_for(index_t n, F&& f) const {
+    using Fn = std::remove_reference_t<F>;
+    run_(exec_, n, [](void* fn, index_t task, index_t worker) { (*static_cast<Fn*>(fn))(task, worker); },
+         const_cast<void*>(static_cast<const void*>(&f)));
+  }
+
+ private:
+  using Body = void (*)(void* fn, index_t task, index_t worker);
+  template <class Exec>
+  static void run_with(const void* exec, index_t n, Body body, void* fn) {
+    static_cast<const Exec*>(exec)->parallel_for(n, [body, fn](index_t task, index_t worker) { body(fn, task, worker); });
+  }
+  const void* exec_;
+  index_t concurrency_;
+  void (*run_)(const void* exec, index_t n, Body body, void* fn);
 };
 
 }  // namespace ctxcomp

@@ -112,11 +112,11 @@ std::size_t gemm_nt_workspace_bytes(index_t M, index_t N, index_t K, index_t con
          static_cast<std::size_t>(workers) * Workspace::bytes_for<float>(detail::kGemmTaskCols * mpad);
 }
 
-/// C = A * B^T: A [M x K] (row stride lda), B [N x K] weights (row stride ldb), C [M x N] (row
-/// stride ldc). Reserves and uses `ws`; no other allocation.
-template <class T, class V = simd::Vec, class Exec = SerialExecutor>
-void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, index_t ldc, index_t M, index_t N,
-             index_t K, Workspace& ws, const Exec& exec = {}) {
+namespace detail {
+/// The body of gemm_nt (the executor type-erased: compiled once for every executor).
+template <class T, class V>
+void gemm_nt_impl(const float* A, index_t lda, const T* B, index_t ldb, float* C, index_t ldc, index_t M, index_t N,
+                  index_t K, Workspace& ws, ExecutorRef exec) {
   using S = GemmNtShape<V>;
   constexpr int MV = S::MV, NJ = S::NJ, MI = S::MI;
   if (M <= 0 || N <= 0) return;
@@ -170,6 +170,15 @@ void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, ind
     }
     detail::store_ct(cw, mpad, C, ldc, M, o0, nb);  // C^T tile -> C
   });
+}
+}  // namespace detail
+
+/// C = A * B^T: A [M x K] (row stride lda), B [N x K] weights (row stride ldb), C [M x N] (row
+/// stride ldc). Reserves and uses `ws`; no other allocation.
+template <class T, class V = simd::Vec, class Exec = SerialExecutor>
+void gemm_nt(const float* A, index_t lda, const T* B, index_t ldb, float* C, index_t ldc, index_t M, index_t N,
+             index_t K, Workspace& ws, const Exec& exec = {}) {
+  detail::gemm_nt_impl<T, V>(A, lda, B, ldb, C, ldc, M, N, K, ws, exec);
 }
 
 /// Scalar reference of gemm_nt: the same sequential FMA chain per element (bit-identical).
@@ -240,12 +249,11 @@ std::size_t gemm_nt_bf16_workspace_bytes(index_t M, index_t N, index_t K, index_
          static_cast<std::size_t>(workers) * (Workspace::bytes_for<float>(detail::kGemmTaskCols * mpad) + wblock);
 }
 
-/// C = A * B^T in bf16 compute: A [M x K] float (row stride lda) rounded to bf16, B [N x K]
-/// weights (row stride ldb), C [M x N] (row stride ldc). Reserves and uses `ws`; no other
-/// allocation. Tasks are fixed blocks of output columns, as gemm_nt's.
-template <class T, class V = simd::Vec, class Exec = SerialExecutor>
-void gemm_nt_bf16(const float* A, index_t lda, const T* B, index_t ldb, float* C, index_t ldc, index_t M, index_t N,
-                  index_t K, Workspace& ws, const Exec& exec = {}) {
+namespace detail {
+/// The body of gemm_nt_bf16 (the executor type-erased: compiled once for every executor).
+template <class T, class V>
+void gemm_nt_bf16_impl(const float* A, index_t lda, const T* B, index_t ldb, float* C, index_t ldc, index_t M, index_t N,
+                       index_t K, Workspace& ws, ExecutorRef exec) {
   using S = GemmNtShape<V>;
   constexpr int MV = S::MV, NJ = S::NJ, MI = S::MI;
   if (M <= 0 || N <= 0) return;
@@ -318,6 +326,16 @@ void gemm_nt_bf16(const float* A, index_t lda, const T* B, index_t ldb, float* C
     }
     detail::store_ct(cw, mpad, C, ldc, M, o0, nb);
   });
+}
+}  // namespace detail
+
+/// C = A * B^T in bf16 compute: A [M x K] float (row stride lda) rounded to bf16, B [N x K]
+/// weights (row stride ldb), C [M x N] (row stride ldc). Reserves and uses `ws`; no other
+/// allocation. Tasks are fixed blocks of output columns, as gemm_nt's.
+template <class T, class V = simd::Vec, class Exec = SerialExecutor>
+void gemm_nt_bf16(const float* A, index_t lda, const T* B, index_t ldb, float* C, index_t ldc, index_t M, index_t N,
+                  index_t K, Workspace& ws, const Exec& exec = {}) {
+  detail::gemm_nt_bf16_impl<T, V>(A, lda, B, ldb, C, ldc, M, N, K, ws, exec);
 }
 
 /// Scalar definition of gemm_nt_bf16: per element, simd::dot_bf16_pair over the pairs in order

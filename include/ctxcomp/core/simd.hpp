@@ -163,7 +163,7 @@ struct XsimdVec {
   /// them permuted (lanes 2,3 <-> 4,5 and 10,11 <-> 12,13); the order is measured once and
   /// undone, so a fixed xsimd works unchanged. A kernel that reduces in a loop fetches it before
   /// the loop and passes it to reduce_add_lanes: a function-local static's guard inside the loop
-  /// made clang keep every accumulator of the loop in memory (2.5x slower). (A reference: a
+  /// made clang keep every accumulator of the loop in memory (docs/performance.md). (A reference: a
   /// copy held in a register costs GCC a spill in the loop.)
   struct LaneOrder {
     alignas(64) std::int32_t lane[width];  ///< result lane i takes haddp's lane lane[i]

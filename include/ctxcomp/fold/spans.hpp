@@ -12,6 +12,7 @@
 #include "../kv/cells.hpp"
 #include "../kv/kv_cache.hpp"
 #include "../kv/layout.hpp"
+#include "roles.hpp"
 
 namespace ctxcomp::fold {
 

@@ -1,29 +1,25 @@
 // A llama.cpp-style cell cache, as the engine owns it: per layer one K and one V buffer of
-// [kv_size x kv_heads*head_dim] cells (viewed with HeadsView::token_major), and per cell its
-// position (negative: free) and sequence id. Removing tokens only marks their cells free; new
-// tokens go into free cells wherever they are; attention hides free cells and other sequences
-// through `CellCausal`, which answers per 64-key tile so that tiles without a live cell of the
-// sequence cost nothing. Nothing here owns memory: the metadata arrays are the engine's.
+// [kv_size x kv_heads*head_dim] cells (viewed with KvBuffers::token_major), and per cell its
+// position (negative: free), logical token index and sequence id (CellMeta, core/kv_views.hpp).
+// Removing tokens only marks their cells free; new tokens go into free cells wherever they are;
+// attention hides free cells and other sequences through the cell masks (CellCausal,
+// CellSentinel, CellOrder in attention/masks.hpp), which answer per 64-key tile so that tiles
+// without a live cell of the sequence cost nothing. Nothing here owns memory: the metadata
+// arrays are the engine's.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
-#include "../attention/masks.hpp"
 #include "../core/error.hpp"
+#include "../core/kv_views.hpp"
 #include "../core/types.hpp"
+#include "../core/views.hpp"
+#include "buffers.hpp"
+#include "compact.hpp"
 
 namespace ctxcomp {
-
-/// Per-cell metadata of a cell cache (the engine's arrays).
-struct CellMeta {
-  std::int64_t* pos = nullptr;        ///< [cells] position of the cell's token; negative: free
-  const std::int32_t* seq = nullptr;  ///< [cells] sequence of the cell's token, or null (one sequence)
-  index_t cells = 0;                  ///< number of cells (kv_size)
-
-  /// Whether cell c holds a token of sequence `s` (live, and of that sequence when there are several).
-  bool live(index_t c, std::int32_t s) const noexcept { return pos[c] >= 0 && (!seq || seq[c] == s); }
-};
 
 namespace cells {
 
@@ -52,133 +48,177 @@ inline bool find_free(const CellMeta& m, index_t count, index_t* slots, index_t 
 
 }  // namespace cells
 
-/// llama.cpp's KQ mask over a cell cache: query row i, of sequence `seq` at position q_pos[i],
-/// sees cell c iff the cell is live, holds a token of `seq` (or the cache has one sequence), and
-/// pos[c] <= q_pos[i]. Per tile: None when no cell of the tile is live for `seq` or all of them
-/// come after the rows' positions; All when every cell is live for `seq` and at or before the
-/// rows' earliest position; otherwise Mixed (free cells are masked inside the tile).
-struct CellCausal {
-  /// Hidden keys may be free cells the host never wrote: attention leaves them out of P V.
-  static constexpr bool hides_unwritten = true;
-  CellMeta meta;                          ///< the cache's cells
-  const std::int64_t* q_pos = nullptr;    ///< [q_len] positions of the query rows
-  index_t q_len = 0;                      ///< query rows described by q_pos
-  std::int32_t seq = 0;                   ///< the queries' sequence
+/// A llama.cpp-style cell cache over caller memory: `cells` slots per layer (any strides,
+/// token-major as llama.cpp by KvBuffers::token_major), per cell a position (negative: free),
+/// a logical token index and optionally a sequence id (cells of other sequences are neither
+/// seen nor touched). Evicting marks cells free and moves nothing; appends take the first free
+/// cells; attention covers cells [0, slots()) and masks the rest (CellSentinel, CellOrder).
+/// The handle keeps its counts (size, room, slots, last token index, lowest free cell) up to
+/// date through its own calls, so an append costs the cells it takes, not a scan of the cache.
+/// When the host or another sequence's handle changes the metadata, construct the handle again
+/// (a stale handle stays safe: an append re-scans from cell 0 before it reports "does not fit",
+/// but may take free cells above ones freed behind its back).
+template <class T>
+class CellKv {
+  static_assert(is_kv_type_v<T>, "CellKv: the storage type must be float, bf16, fp16 or qint8");
 
-  /// Whether cell c holds a token of this sequence.
-  bool live(index_t c) const noexcept { return meta.live(c, seq); }
-  /// The mask concept (attention/masks.hpp): tile and element visibility, and the call check.
+ public:
+  static constexpr bool has_holes = true;  ///< free cells may lie between live ones
+
+  CellKv() = default;
+  /// The engine's cells: K/V `buf`, and arrays of `cells` entries: positions (negative: free),
+  /// token indices, sequence ids (or null: one sequence). This cache is sequence `seq_id`.
+  CellKv(KvShape shape, KvBuffers<T> buf, index_t cells, std::int64_t* positions, index_t* token_index,
+         std::int32_t* seq = nullptr, std::int32_t seq_id = 0)
+      : s_(shape), b_(buf), cells_(cells), pos_(positions), idx_(token_index), seq_(seq), seq_id_(seq_id) {
+    const char* fn = "CellKv";
+    detail::check_shape(shape, cells, fn);
+    detail::check_buffers(buf, shape, cells, fn);
+    CTXCOMP_CHECK(positions != nullptr && token_index != nullptr, fn, ": null positions or token_index array");
+    for (index_t c = 0; c < cells; ++c)
+      CTXCOMP_CHECK(positions[c] < 0 || token_index[c] >= 0, fn, ": cell ", c, " is live (position ", positions[c],
+                    ") but has no token index (", token_index[c], ")");
+    rescan();
+  }
+
+  /// Shape and occupancy (see the top of this file); room() is how many tokens an append can
+  /// still take, last_token_index() the largest cached token index (-1: empty).
   ///@{
-  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
-    std::int64_t qmin = std::numeric_limits<std::int64_t>::max(), qmax = std::numeric_limits<std::int64_t>::min();
-    for (index_t q = q0; q < q1; ++q) qmin = std::min(qmin, q_pos[q]), qmax = std::max(qmax, q_pos[q]);
-    index_t n = 0;
-    std::int64_t pmin = std::numeric_limits<std::int64_t>::max(), pmax = std::numeric_limits<std::int64_t>::min();
-    for (index_t c = k0; c < k1; ++c)
-      if (live(c)) ++n, pmin = std::min(pmin, meta.pos[c]), pmax = std::max(pmax, meta.pos[c]);
-    if (n == 0 || pmin > qmax) return TileVisibility::None;
-    if (n == k1 - k0 && pmax <= qmin) return TileVisibility::All;
-    return TileVisibility::Mixed;
-  }
-  bool visible(index_t q, index_t k) const noexcept { return live(k) && meta.pos[k] <= q_pos[q]; }
-  void check(index_t rows, index_t kv_len, const char* fn) const {
-    CTXCOMP_CHECK(meta.pos != nullptr && q_pos != nullptr, fn, ": CellCausal needs the cells' and the queries' positions");
-    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
-                  kv_len);
-    CTXCOMP_CHECK(rows <= q_len, fn, ": ", rows, " query rows but positions for ", q_len);
-  }
+  index_t layers() const noexcept { return s_.layers; }
+  index_t kv_heads() const noexcept { return s_.kv_heads; }
+  index_t head_dim() const noexcept { return s_.head_dim; }
+  index_t capacity() const noexcept { return cells_; }
+  index_t size() const noexcept { return size_; }
+  index_t slots() const noexcept { return used_; }
+  index_t room() const noexcept { return free_; }
+  bool live(index_t c) const noexcept { return meta().live(c, seq_id_); }
+  index_t last_token_index() const noexcept { return last_index_; }
   ///@}
-};
-
-/// The sentinel-token mask over a cell cache: as SentinelSpans, with key k the cell k (its
-/// stream index token_index[k], in any order), free cells and other sequences hidden. Per tile:
-/// None when no cell is live or every live cell comes after the rows; All when every cell is
-/// live, public and at or before the first row, and the rows are ordinary; otherwise Mixed.
-struct CellSentinel {
-  /// Hidden keys may be free cells the host never wrote: attention leaves them out of P V.
-  static constexpr bool hides_unwritten = true;
-  const TokenRole* roles = nullptr;      ///< role of every stream token so far
-  index_t role_count = 0;                ///< number of roles
-  index_t q_offset = 0;                  ///< stream index of the first query
-  CellMeta meta;                         ///< the cells (positions: negative = free; sequences)
-  const index_t* token_index = nullptr;  ///< [cells] stream index of each cell's token
-  std::int32_t seq = 0;                  ///< the queries' sequence
-
-  /// Whether cell c holds a token of this sequence.
-  bool live(index_t c) const noexcept { return meta.live(c, seq); }
-  /// The mask concept (attention/masks.hpp).
+  /// The cells' metadata (for CellCausal and the engine's own masks).
+  CellMeta meta() const noexcept { return {pos_, seq_, cells_}; }
+  /// This cache's sequence id.
+  std::int32_t sequence() const noexcept { return seq_id_; }
+  /// Keys or values of layer l, cells [0, slots()).
   ///@{
-  bool visible(index_t q, index_t k) const noexcept {
-    if (!live(k)) return false;
-    const index_t tq = q + q_offset, tk = token_index[k];
-    return sentinel_visible(roles[tq], roles[tk], tq, tk);
+  HeadsView<T> keys(index_t l) const noexcept { return b_.view(false, l, s_, used_); }
+  HeadsView<T> values(index_t l) const noexcept { return b_.view(true, l, s_, used_); }
+  ///@}
+  /// Per-cell position ids (negative: free) and logical token indices.
+  ///@{
+  std::int64_t* positions() const noexcept { return pos_; }
+  index_t* token_index() const noexcept { return idx_; }
+  ///@}
+
+  /// Puts `count` tokens into the first free cells (written to slots_out, required), setting
+  /// their metadata. Returns the first cell used. On error (too few free cells) nothing changes.
+  index_t append(index_t count, const std::int64_t* positions, const index_t* token_index, index_t* slots_out) {
+    const char* fn = "CellKv::append";
+    detail::check_append(count, positions, token_index, last_index_, fn);
+    CTXCOMP_CHECK(count == 0 || slots_out != nullptr, fn, ": slots_out is required (free cells are scattered)");
+    // Every cell below first_free_ is occupied as far as this handle knows; when the metadata
+    // changed behind it (another sequence's handle freed cells below), the scan starts over.
+    const bool fits = cells::find_free(meta(), count, slots_out, first_free_) ||
+                      (first_free_ > 0 && cells::find_free(meta(), count, slots_out, 0));
+    CTXCOMP_CHECK(fits, fn, ": ", count, " tokens do not fit (", cells_ - free_, " of ", cells_, " cells used)");
+    for (index_t i = 0; i < count; ++i) {
+      const index_t c = slots_out[i];
+      pos_[c] = positions[i], idx_[c] = token_index[i];
+      if (seq_) seq_[c] = seq_id_;
+      used_ = std::max(used_, c + 1);
+    }
+    size_ += count, free_ -= count;
+    if (count > 0) last_index_ = token_index[count - 1], first_free_ = slots_out[count - 1] + 1;
+    return count > 0 ? slots_out[0] : used_;
   }
-  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
-    const index_t t0 = q0 + q_offset, t1 = q1 - 1 + q_offset;
-    index_t n = 0, kmin = std::numeric_limits<index_t>::max(), kmax = -1;
-    bool hidden_role = false;
-    for (index_t c = k0; c < k1; ++c)
-      if (live(c)) {
-        ++n, kmin = std::min(kmin, token_index[c]), kmax = std::max(kmax, token_index[c]);
-        const SpanRole r = roles[token_index[c]].role;
-        hidden_role |= r != SpanRole::Ordinary && r != SpanRole::Close;
+  /// Frees the cells of an append.
+  void unappend(const index_t* slots, index_t count) noexcept {
+    for (index_t i = 0; i < count; ++i) pos_[slots[i]] = -1;
+    rescan();
+  }
+  /// Marks this sequence's live cells in `ranges` (sorted, disjoint, within [0, slots())) free.
+  /// Nothing moves.
+  EvictStats evict(TokenRanges ranges) {
+    detail::check_ranges(ranges, used_, "CellKv::evict");
+    EvictStats st;
+    bool newest = false;  // the newest token was freed: last_token_index() must be recomputed
+    for (const auto& r : ranges)
+      for (index_t c = r.begin; c < r.end; ++c)
+        if (live(c)) pos_[c] = -1, ++st.tokens, newest |= idx_[c] == last_index_, first_free_ = std::min(first_free_, c);
+    // Costs the freed cells (plus the cells below a freed last one), not the cache.
+    size_ -= st.tokens, free_ += st.tokens;
+    while (used_ > 0 && !live(used_ - 1)) --used_;
+    if (newest) rescan();
+    return st;
+  }
+  /// Keeps only the live cells in `keep` (strictly increasing).
+  EvictStats gather(const std::vector<index_t>& keep) {
+    return evict(detail::ranges_outside(keep, used_, "CellKv::gather"));
+  }
+  /// Frees this sequence's cells from cell n on.
+  EvictStats truncate(index_t n) {
+    CTXCOMP_CHECK(n >= 0 && n <= cells_, "CellKv::truncate: ", n, " is outside [0, ", cells_, "]");
+    return evict({{std::min(n, used_), used_}});
+  }
+  /// Frees every cell of this sequence.
+  void clear() noexcept {
+    for (index_t c = 0; c < used_; ++c)
+      if (live(c)) pos_[c] = -1;
+    rescan();
+  }
+  /// Moves the live cells (of every sequence) down over the free ones, keeping their order, so
+  /// that tiles are dense again (llama.cpp's old defragmentation). Costs the cells moved.
+  EvictStats compact() {
+    std::vector<TokenRange> holes;
+    for (index_t c = 0; c < cells_; ++c)
+      if (pos_[c] < 0) {
+        if (!holes.empty() && holes.back().end == c) ++holes.back().end;
+        else holes.push_back({c, c + 1});
       }
-    if (n == 0 || kmin > t1) return TileVisibility::None;
-    if (n < k1 - k0 || kmax > t0 || hidden_role) return TileVisibility::Mixed;
-    for (index_t t = t0; t <= t1; ++t)
-      if (roles[t].role != SpanRole::Ordinary) return TileVisibility::Mixed;
-    return TileVisibility::All;
+    EvictStats st;
+    const index_t end = last_occupied() + 1;  // live cells of any sequence lie below
+    while (!holes.empty() && holes.back().begin >= end) holes.pop_back();
+    if (!holes.empty() && holes.back().end > end) holes.back().end = end;
+    for (index_t l = 0; l < s_.layers; ++l)
+      for (bool v : {false, true}) {
+        const auto view = b_.view(v, l, s_, end);
+        detail::for_each_moved_run(holes, end, [&](index_t src, index_t dst, index_t n) {
+          st.bytes_moved += detail::move_tokens(view, src, dst, n);
+        });
+      }
+    const index_t kept = detail::for_each_moved_run(holes, end, [&](index_t src, index_t dst, index_t n) {
+      std::memmove(pos_ + dst, pos_ + src, std::size_t(n) * sizeof(std::int64_t));
+      std::memmove(idx_ + dst, idx_ + src, std::size_t(n) * sizeof(index_t));
+      if (seq_) std::memmove(seq_ + dst, seq_ + src, std::size_t(n) * sizeof(std::int32_t));
+    });
+    std::fill(pos_ + kept, pos_ + end, std::int64_t(-1));
+    rescan();
+    return st;
   }
-  void check(index_t q_len, index_t kv_len, const char* fn) const {
-    CTXCOMP_CHECK(meta.pos != nullptr && token_index != nullptr && (roles != nullptr || role_count == 0), fn,
-                  ": CellSentinel needs the roles and the cells' positions and token indices");
-    CTXCOMP_CHECK(q_offset >= 0 && q_offset + q_len <= role_count, fn, ": CellSentinel covers ", role_count,
-                  " tokens but queries reach token ", q_offset + q_len - 1);
-    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
-                  kv_len);
-    for (index_t c = 0; c < kv_len; ++c)
-      if (live(c))
-        CTXCOMP_CHECK(token_index[c] >= 0 && token_index[c] < role_count, fn, ": cell ", c, " holds stream token ",
-                      token_index[c], ", outside the ", role_count, " tokens of the roles");
-  }
-  ///@}
-};
 
-/// Causal order by logical token index over a cell cache: query row i (token index q_index[i])
-/// sees the live cells of its sequence whose token index is at or before its own. What
-/// Causal(m) is for a compacted cache, for cells filled in any order.
-struct CellOrder {
-  /// Hidden keys may be free cells the host never wrote: attention leaves them out of P V.
-  static constexpr bool hides_unwritten = true;
-  CellMeta meta;                         ///< the cells
-  const index_t* token_index = nullptr;  ///< [cells] logical index of each cell's token
-  const index_t* q_index = nullptr;      ///< [q_len] logical indices of the query rows
-  index_t q_len = 0;                     ///< query rows described by q_index
-  std::int32_t seq = 0;                  ///< the queries' sequence
+ private:
+  index_t last_occupied() const noexcept {
+    index_t c = cells_ - 1;
+    while (c >= 0 && pos_[c] < 0) --c;
+    return c;
+  }
+  // Recounts the live cells, the free cells, the first free cell, the attention range and the
+  // last token index.
+  void rescan() noexcept {
+    size_ = 0, free_ = 0, used_ = 0, last_index_ = -1, first_free_ = cells_;
+    for (index_t c = 0; c < cells_; ++c) {
+      if (pos_[c] < 0) ++free_, first_free_ = std::min(first_free_, c);
+      if (live(c)) ++size_, used_ = c + 1, last_index_ = std::max(last_index_, idx_[c]);
+    }
+  }
 
-  /// Whether cell c holds a token of this sequence.
-  bool live(index_t c) const noexcept { return meta.live(c, seq); }
-  /// The mask concept (attention/masks.hpp).
-  ///@{
-  bool visible(index_t q, index_t k) const noexcept { return live(k) && token_index[k] <= q_index[q]; }
-  TileVisibility tile(index_t q0, index_t q1, index_t k0, index_t k1) const noexcept {
-    index_t qmin = std::numeric_limits<index_t>::max(), qmax = -1;
-    for (index_t q = q0; q < q1; ++q) qmin = std::min(qmin, q_index[q]), qmax = std::max(qmax, q_index[q]);
-    index_t n = 0, kmin = std::numeric_limits<index_t>::max(), kmax = -1;
-    for (index_t c = k0; c < k1; ++c)
-      if (live(c)) ++n, kmin = std::min(kmin, token_index[c]), kmax = std::max(kmax, token_index[c]);
-    if (n == 0 || kmin > qmax) return TileVisibility::None;
-    if (n == k1 - k0 && kmax <= qmin) return TileVisibility::All;
-    return TileVisibility::Mixed;
-  }
-  void check(index_t rows, index_t kv_len, const char* fn) const {
-    CTXCOMP_CHECK(meta.pos != nullptr && token_index != nullptr && q_index != nullptr, fn,
-                  ": CellOrder needs the cells' positions and token indices and the queries' indices");
-    CTXCOMP_CHECK(kv_len <= meta.cells, fn, ": the cell metadata covers ", meta.cells, " cells but the cache has ",
-                  kv_len);
-    CTXCOMP_CHECK(rows <= q_len, fn, ": ", rows, " query rows but indices for ", q_len);
-  }
-  ///@}
+  KvShape s_;
+  KvBuffers<T> b_;
+  index_t cells_ = 0, size_ = 0, free_ = 0, used_ = 0, last_index_ = -1;
+  index_t first_free_ = 0;  // no free cell below (as far as this handle's own operations tell)
+  std::int64_t* pos_ = nullptr;
+  index_t* idx_ = nullptr;
+  std::int32_t* seq_ = nullptr;
+  std::int32_t seq_id_ = 0;
 };
 
 }  // namespace ctxcomp

@@ -1,105 +1,21 @@
-// Paged K/V over caller-owned memory, vLLM / FlashInfer style: a pool of fixed-size pages, and per
-// sequence a page table (FlashInfer's paged_kv_t: page_size, NHD or HND order, and per sequence
-// indptr / indices / last_page_len). `PagedHeadsView` is one sequence's keys or values, read by
-// `attention` like a HeadsView: token t of head h lives in pool page pages[t / page_size], at
-// slot t % page_size. Layouts are given by strides, so NHD ([page][slot][head][dim]), HND
-// ([page][head][slot][dim]) and any padded variant are views of the same kind.
+// Paged K/V caches, vLLM / FlashInfer style, over caller-owned memory: a page table for several
+// sequences in CSR form (PageTable, FlashInfer's paged_kv_t) and the one-sequence layout
+// handle (PagedKv) whose eviction compacts the tail through the page table and returns emptied
+// pages to the engine's PagePool. The view attention reads, PagedHeadsView, is in
+// core/kv_views.hpp.
 #pragma once
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "../core/error.hpp"
+#include "../core/kv_views.hpp"
 #include "../core/views.hpp"
-#include "rows.hpp"
+#include "buffers.hpp"
+#include "compact.hpp"
 
 namespace ctxcomp {
-
-/// One sequence's keys or values in a page pool: element (h, t, i) at
-/// pool[pages[t / page_size] * page_stride + h * head_stride + (t % page_size) * token_stride + i].
-/// qint8 pools carry one fp32 scale per row, at scales[page * scale_page_stride + h *
-/// scale_head_stride + slot * scale_token_stride]. Nothing is owned: pool, page table and scales
-/// belong to the engine.
-template <class T>
-struct PagedHeadsView {
-  using element_type = T;  ///< the storage type
-  using scale_type = std::conditional_t<std::is_const_v<T>, const float, float>;  ///< float, const with T
-  T* pool = nullptr;                ///< element (0, 0, 0) of pool page 0
-  const index_t* pages = nullptr;   ///< the sequence's page table: ceil(tokens / page_size) pool pages
-  /// Extents: heads, tokens of the sequence, head_dim; tokens per page; pages in the pool.
-  ///@{
-  index_t heads = 0, tokens = 0, head_dim = 0, page_size = 0, pool_pages = 0;
-  ///@}
-  /// Strides in elements between pages, heads and slots of a page.
-  ///@{
-  index_t page_stride = 0, head_stride = 0, token_stride = 0;
-  ///@}
-  scale_type* scales = nullptr;  ///< qint8: per-row scales, else null
-  /// Strides in floats of `scales` between pages, heads and slots.
-  ///@{
-  index_t scale_page_stride = 0, scale_head_stride = 0, scale_token_stride = 0;
-  ///@}
-
-  /// Row (h, t): head_dim contiguous elements.
-  T* row(index_t h, index_t t) const noexcept {
-    return pool + pages[t / page_size] * page_stride + h * head_stride + (t % page_size) * token_stride;
-  }
-  /// Element (h, t, i).
-  T& operator()(index_t h, index_t t, index_t i) const noexcept { return row(h, t)[i]; }
-  /// The scale of row (h, t) (qint8 only).
-  scale_type& scale(index_t h, index_t t) const noexcept {
-    return scales[pages[t / page_size] * scale_page_stride + h * scale_head_stride + (t % page_size) * scale_token_stride];
-  }
-  /// How many of the n tokens from t on lie token_stride apart (to the end of t's page).
-  index_t run(index_t t, index_t n) const noexcept { return std::min(n, page_size - t % page_size); }
-  /// Whether the view has no element.
-  bool empty() const noexcept { return heads == 0 || tokens == 0 || head_dim == 0; }
-
-  /// The same memory, read-only.
-  operator PagedHeadsView<const T>() const noexcept {
-    return {pool,        pages,       heads,        tokens,  head_dim,          page_size,        pool_pages,
-            page_stride, head_stride, token_stride, scales, scale_page_stride, scale_head_stride, scale_token_stride};
-  }
-
-  /// NHD pages [pool_pages][page_size][heads][head_dim] (FlashInfer's default), scales (qint8)
-  /// [pool_pages][page_size][heads].
-  static PagedHeadsView nhd(T* pool, index_t pool_pages, index_t page_size, index_t heads, index_t head_dim,
-                            const index_t* pages, index_t tokens, scale_type* scales = nullptr) noexcept {
-    return {pool,    pages,   heads, tokens,         head_dim, page_size, pool_pages, page_size * heads * head_dim,
-            head_dim, heads * head_dim, scales, page_size * heads, 1, heads};
-  }
-  /// HND pages [pool_pages][heads][page_size][head_dim], scales (qint8) [pool_pages][heads][page_size].
-  static PagedHeadsView hnd(T* pool, index_t pool_pages, index_t page_size, index_t heads, index_t head_dim,
-                            const index_t* pages, index_t tokens, scale_type* scales = nullptr) noexcept {
-    return {pool,
-            pages,
-            heads,
-            tokens,
-            head_dim,
-            page_size,
-            pool_pages,
-            heads * page_size * head_dim,
-            page_size * head_dim,
-            head_dim,
-            scales,
-            heads * page_size,
-            page_size,
-            1};
-  }
-};
-
-/// The same paged view, read-only.
-template <class T>
-PagedHeadsView<const T> read_only(const PagedHeadsView<T>& v) noexcept {
-  return v;
-}
-
-/// Whether a K/V view type is paged (its rows are not one stride apart).
-template <class View>
-inline constexpr bool is_paged_view_v = false;
-/// PagedHeadsView is.
-template <class T>
-inline constexpr bool is_paged_view_v<PagedHeadsView<T>> = true;
 
 /// A page table for several sequences in CSR form (FlashInfer's paged_kv_t): sequence s owns
 /// pool pages indices[indptr[s] .. indptr[s + 1]) in order, its last page holding
@@ -150,36 +66,169 @@ struct PageTable {
   }
 };
 
-/// Writes row (h, t) of a paged view from fp32 (as store_row for a HeadsView: converted, or
-/// quantised with its scale for qint8).
+/// One sequence of a paged cache: its page table (`pages`, room for `max_pages`, the engine's)
+/// into the layers' page pools, pages taken from and returned to the engine's PagePool, and
+/// per-token positions and token indices (arrays of max_pages * page_size). Slots [0, size())
+/// are the tokens in order, token t in page pages[t / page_size]. Eviction compacts the tokens
+/// after the first removed one through the page table and pushes the pages left empty at the
+/// end back onto the pool: folding a span that just closed moves only the tail after it.
 template <class T>
-void store_row(const PagedHeadsView<T>& dst, index_t h, index_t t, const float* src) noexcept {
-  if constexpr (is_quantized_v<T>) dst.scale(h, t) = kernels::quantize_row(src, dst.row(h, t), dst.head_dim);
-  else kernels::convert(src, dst.row(h, t), dst.head_dim);
-}
+class PagedKv {
+  static_assert(is_kv_type_v<T>, "PagedKv: the storage type must be float, bf16, fp16 or qint8");
 
-namespace detail {
-/// Checks a paged view as attention reads it: extents, strides that keep rows and heads apart,
-/// a page table covering the tokens with every page inside the pool (O(pages); repeated pages
-/// are PageTable::check's business).
-template <class T>
-void check_heads_view(const PagedHeadsView<T>& v, const char* fn, const char* name) {
-  CTXCOMP_CHECK(v.heads >= 0 && v.tokens >= 0 && v.head_dim >= 0, fn, ": ", name, " has negative extents (heads ",
-                v.heads, ", tokens ", v.tokens, ", head_dim ", v.head_dim, ")");
-  if (v.empty()) return;
-  CTXCOMP_CHECK(v.pool != nullptr && v.pages != nullptr, fn, ": ", name, " has a null pool or page table");
-  CTXCOMP_CHECK(v.page_size > 0, fn, ": ", name, " page_size (", v.page_size, ") must be positive");
-  CTXCOMP_CHECK(v.page_size == 1 || v.token_stride >= v.head_dim, fn, ": ", name, " token_stride (", v.token_stride,
-                ") is smaller than head_dim (", v.head_dim, "): rows would overlap");
-  CTXCOMP_CHECK(v.heads == 1 || v.head_stride >= v.head_dim, fn, ": ", name, " head_stride (", v.head_stride,
-                ") is smaller than head_dim (", v.head_dim, "): heads would overlap");
-  const index_t n = (v.tokens + v.page_size - 1) / v.page_size;
-  for (index_t i = 0; i < n; ++i)
-    CTXCOMP_CHECK(v.pages[i] >= 0 && v.pages[i] < v.pool_pages, fn, ": ", name, " page ", i, " is pool page ",
-                  v.pages[i], ", outside the pool [0, ", v.pool_pages, ")");
-  if constexpr (is_quantized_v<T>)
-    CTXCOMP_CHECK(v.scales != nullptr, fn, ": ", name, " is int8 storage without its per-row scales");
-}
-}  // namespace detail
+ public:
+  static constexpr bool has_holes = false;  ///< slots [0, size()) are all live
+
+  PagedKv() = default;
+  /// The sequence holds `tokens` tokens in its first ceil(tokens / page_size) pages.
+  PagedKv(KvShape shape, PagedBuffers<T> buf, PagePool* pool, index_t* pages, index_t max_pages,
+          std::int64_t* positions, index_t* token_index, index_t tokens = 0)
+      : s_(shape), b_(buf), pool_(pool), pages_(pages), max_pages_(max_pages), pos_(positions), idx_(token_index),
+        size_(tokens) {
+    const char* fn = "PagedKv";
+    detail::check_shape(shape, max_pages, fn);
+    CTXCOMP_CHECK(buf.keys != nullptr && buf.values != nullptr, fn, ": null key or value pool");
+    CTXCOMP_CHECK(buf.page_size > 0 && buf.pool_pages > 0, fn, ": page_size (", buf.page_size, ") and pool_pages (",
+                  buf.pool_pages, ") must be positive");
+    detail::check_row_strides(shape.head_dim,
+                              {{buf.layer_stride, shape.layers}, {buf.page_stride, buf.pool_pages},
+                               {buf.head_stride, shape.kv_heads}, {buf.token_stride, buf.page_size}},
+                              fn, "page pool");
+    if constexpr (is_quantized_v<T>)
+      CTXCOMP_CHECK(buf.key_scales != nullptr && buf.value_scales != nullptr, fn, ": int8 pools without scales");
+    CTXCOMP_CHECK(pool != nullptr && pool->pool_pages == buf.pool_pages && pool->free_count >= 0 &&
+                      pool->free_count <= pool->pool_pages && (pool->free_count == 0 || pool->free_pages),
+                  fn, ": the page pool's free list does not describe a pool of ", buf.pool_pages, " pages");
+    CTXCOMP_CHECK(pages != nullptr && positions != nullptr && token_index != nullptr, fn,
+                  ": null page table, positions or token_index");
+    CTXCOMP_CHECK(tokens >= 0 && tokens <= max_pages * buf.page_size, fn, ": ", tokens, " tokens do not fit in ",
+                  max_pages, " pages");
+    const index_t n = page_count();
+    std::vector<bool> seen(std::size_t(buf.pool_pages), false);
+    for (index_t i = 0; i < n; ++i) {
+      CTXCOMP_CHECK(pages[i] >= 0 && pages[i] < buf.pool_pages, fn, ": page ", i, " is pool page ", pages[i],
+                    ", outside the pool [0, ", buf.pool_pages, ")");
+      CTXCOMP_CHECK(!seen[std::size_t(pages[i])], fn, ": pool page ", pages[i], " appears twice in the page table");
+      seen[std::size_t(pages[i])] = true;
+    }
+    for (index_t i = 0; i < pool->free_count; ++i) {
+      const index_t p = pool->free_pages[i];
+      CTXCOMP_CHECK(p >= 0 && p < buf.pool_pages && !seen[std::size_t(p)], fn, ": free page ", p,
+                    " is outside the pool or already in use");
+      seen[std::size_t(p)] = true;
+    }
+  }
+
+  /// Shape and occupancy (see the top of this file); room() is how many tokens an append can
+  /// still take, last_token_index() the largest cached token index (-1: empty).
+  ///@{
+  index_t layers() const noexcept { return s_.layers; }
+  index_t kv_heads() const noexcept { return s_.kv_heads; }
+  index_t head_dim() const noexcept { return s_.head_dim; }
+  index_t capacity() const noexcept { return max_pages_ * b_.page_size; }
+  index_t size() const noexcept { return size_; }
+  index_t slots() const noexcept { return size_; }
+  index_t room() const noexcept {
+    return std::min(max_pages_, page_count() + pool_->free_count) * b_.page_size - size_;
+  }
+  bool live(index_t s) const noexcept { return s >= 0 && s < size_; }
+  index_t last_token_index() const noexcept { return size_ > 0 ? idx_[size_ - 1] : -1; }
+  ///@}
+  /// The page table: pages in use, tokens in the last one, the pages.
+  ///@{
+  index_t page_count() const noexcept { return (size_ + b_.page_size - 1) / b_.page_size; }
+  index_t last_page_len() const noexcept { return size_ == 0 ? 0 : size_ - (page_count() - 1) * b_.page_size; }
+  const index_t* pages() const noexcept { return pages_; }
+  index_t page_size() const noexcept { return b_.page_size; }
+  ///@}
+  /// Keys or values of layer l, tokens [0, size()), read through the page table.
+  ///@{
+  PagedHeadsView<T> keys(index_t l) const noexcept { return view(false, l); }
+  PagedHeadsView<T> values(index_t l) const noexcept { return view(true, l); }
+  ///@}
+  /// Per-slot position ids and logical token indices.
+  ///@{
+  std::int64_t* positions() const noexcept { return pos_; }
+  index_t* token_index() const noexcept { return idx_; }
+  ///@}
+
+  /// Appends `count` tokens at the end, taking pages from the pool as needed. Returns the first
+  /// slot. On error (page table full, pool too small) nothing changes.
+  index_t append(index_t count, const std::int64_t* positions, const index_t* token_index, index_t* slots_out = nullptr) {
+    const char* fn = "PagedKv::append";
+    detail::check_append(count, positions, token_index, size_ > 0 ? idx_[size_ - 1] : -1, fn);
+    const index_t need = (size_ + count + b_.page_size - 1) / b_.page_size;
+    CTXCOMP_CHECK(need <= max_pages_, fn, ": ", count, " tokens do not fit (", size_, " tokens, page table of ",
+                  max_pages_, " pages of ", b_.page_size, ")");
+    CTXCOMP_CHECK(need - page_count() <= pool_->free_count, fn, ": the pool is too small: ", need - page_count(),
+                  " more pages needed, ", pool_->free_count, " free");
+    for (index_t p = page_count(); p < need; ++p) pages_[p] = pool_->free_pages[--pool_->free_count];
+    return detail::append_at_end(count, positions, token_index, slots_out, pos_, idx_, size_);
+  }
+  /// Undoes the last append of these slots (its pages go back to the pool).
+  void unappend(const index_t* slots, index_t count) noexcept {
+    if (count > 0) shrink_to(std::min(size_, slots[0]));
+  }
+  /// Removes `ranges` (sorted, disjoint, within [0, size())), compacting the tokens after the
+  /// first range through the page table; pages left empty go back onto the pool's free list
+  /// (the top `pages_freed` entries). On error nothing changes.
+  EvictStats evict(TokenRanges ranges) {
+    detail::check_ranges(ranges, size_, "PagedKv::evict");
+    EvictStats st = detail::compact_dense(*this, ranges, pos_, idx_);
+    st.pages_freed = shrink_to(size_ - st.tokens);
+    return st;
+  }
+  /// Keeps only the slots in `keep` (strictly increasing).
+  EvictStats gather(const std::vector<index_t>& keep) {
+    return evict(detail::ranges_outside(keep, size_, "PagedKv::gather"));
+  }
+  /// Drops the tokens from slot n on, returning emptied pages to the pool.
+  EvictStats truncate(index_t n) {
+    CTXCOMP_CHECK(n >= 0 && n <= size_, "PagedKv::truncate: ", n, " is outside [0, ", size_, "]");
+    EvictStats st{size_ - n, 0, 0};
+    st.pages_freed = shrink_to(n);
+    return st;
+  }
+  /// Returns every page to the pool.
+  void clear() noexcept { shrink_to(0); }
+
+ private:
+  PagedHeadsView<T> view(bool value_side, index_t l) const noexcept {
+    PagedHeadsView<T> v{(value_side ? b_.values : b_.keys) + l * b_.layer_stride,
+                        pages_,
+                        s_.kv_heads,
+                        size_,
+                        s_.head_dim,
+                        b_.page_size,
+                        b_.pool_pages,
+                        b_.page_stride,
+                        b_.head_stride,
+                        b_.token_stride};
+    if constexpr (is_quantized_v<T>) {
+      v.scales = (value_side ? b_.value_scales : b_.key_scales) + l * b_.scale_layer_stride;
+      v.scale_page_stride = b_.scale_page_stride;
+      v.scale_head_stride = b_.scale_head_stride;
+      v.scale_token_stride = b_.scale_token_stride;
+    }
+    return v;
+  }
+  // Sets the size to n (<= size_) and pushes the pages no longer needed onto the pool.
+  index_t shrink_to(index_t n) noexcept {
+    const index_t before = page_count();
+    size_ = n;
+    const index_t after = page_count();
+    for (index_t p = before - 1; p >= after; --p) pool_->free_pages[pool_->free_count++] = pages_[p];
+    return before - after;
+  }
+
+  KvShape s_;
+  PagedBuffers<T> b_;
+  PagePool* pool_ = nullptr;
+  index_t* pages_ = nullptr;
+  index_t max_pages_ = 0;
+  std::int64_t* pos_ = nullptr;
+  index_t* idx_ = nullptr;
+  index_t size_ = 0;
+};
 
 }  // namespace ctxcomp
