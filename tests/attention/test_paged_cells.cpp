@@ -11,7 +11,6 @@
 
 #include "catch.hpp"
 #include "common.hpp"
-#include "threads.hpp"
 
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
@@ -317,32 +316,3 @@ TEST_CASE("free cells may hold anything: NaN and Inf there never reach the outpu
     }
 }
 
-TEST_CASE("cell caches: free cells are reused first; bad metadata is refused by name", "[cells][errors]") {
-  std::vector<std::int64_t> pos{0, 1, -1, 3, -1, -1};
-  const CellMeta meta{pos.data(), nullptr, 6};
-  index_t slots[3] = {-7, -7, -7};
-  CHECK(cells::find_free(meta, 3, slots));
-  CHECK((slots[0] == 2 && slots[1] == 4 && slots[2] == 5));
-  index_t more[4] = {-7, -7, -7, -7};
-  CHECK_FALSE(cells::find_free(meta, 4, more));
-  CHECK(more[0] == -7);
-  CHECK(cells::find_free(meta, 2, more, 3));  // from cell 3 on
-  CHECK((more[0] == 4 && more[1] == 5 && more[2] == -7));
-  CHECK_FALSE(cells::find_free(meta, 3, more, 3));
-  CHECK_THROWS_WITH(cells::find_free(meta, 1, more, 7), Contains("start cell 7 is outside [0, 6]"));
-  CHECK_THROWS_WITH(cells::free_range(meta, 4, 7), Contains("[4, 7) is outside the 6 cells"));
-  CHECK(pos == std::vector<std::int64_t>{0, 1, -1, 3, -1, -1});
-
-  // Metadata shorter than the cache: a named error, output untouched.
-  const auto k = test::random_vector(8 * 64, 1);
-  const auto q = test::random_vector(2 * 64, 2);
-  std::vector<float> out(q.size(), 7.f);
-  std::int64_t qp = 10;
-  Workspace ws;
-  CHECK_THROWS_WITH(attention(HeadsView<const float>::contiguous(q.data(), 2, 1, 64),
-                              HeadsView<const float>::token_major(k.data(), 8, 1, 64),
-                              HeadsView<const float>::token_major(k.data(), 8, 1, 64), CellCausal{meta, &qp, 1, 0},
-                              HeadsView<float>::contiguous(out.data(), 2, 1, 64), {}, ws),
-                    Contains("the cell metadata covers 6 cells but the cache has 8"));
-  CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 7.f; }));
-}

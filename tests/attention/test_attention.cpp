@@ -4,7 +4,6 @@
 
 #include "catch.hpp"
 #include "common.hpp"
-#include "threads.hpp"
 
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;

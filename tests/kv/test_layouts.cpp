@@ -15,9 +15,7 @@
 #include <ctxcomp/io/safetensors.hpp>
 
 #include "catch.hpp"
-#include "cli_runner.hpp"
 #include "common.hpp"
-#include "fixture_checks.hpp"
 #include "kv_storage.hpp"
 #include "sac_driver.hpp"
 
@@ -438,50 +436,6 @@ TEST_CASE("every sac fixture through the host in every KV layout", "[layouts][sa
     }
 }
 
-TEST_CASE("ctxcomp fold and sac give the fixtures' outputs in every --kv-layout", "[layouts][cli]") {
-  const std::string fx = test::fixtures_dir();
-  for (const char* layout : {"contiguous", "cells", "paged"}) {
-    for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"}) {
-      INFO(c << " --kv-layout " << layout);
-      const std::string in = fx + "/sentinel/" + c + ".safetensors";
-      const std::string out = test::tmp(std::string("layout_fold_") + layout + ".safetensors");
-      REQUIRE(test::run_cli("fold --model " + fx + "/models/llama --input " + in + " --output " + out + " --kv-layout " +
-                            layout + " --block-size 5")
-                  .status == 0);
-      test::check_fold_output(out, in);
-      CHECK(io::SafeTensors::open(out).meta("kv_layout") == layout);
-    }
-    for (const char* c : {"sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"}) {
-      INFO(c << " --kv-layout " << layout);
-      const std::string in = fx + "/sac/" + c + ".safetensors";
-      const std::string out = test::tmp(std::string("layout_sac_") + layout + ".safetensors");
-      auto es = io::SafeTensors::open(in);
-      REQUIRE(test::run_cli("sac --model " + fx + "/models/llama --anchor-embeds " + in + " --input " + in +
-                            " --output " + out + " --chunk-size " + es.meta("chunk_size") + " --ratio " +
-                            es.meta("compress_ratio") + " --mask " + es.meta("mask") + " --kv-layout " + layout +
-                            " --block-size 3")
-                  .status == 0);
-      auto os = io::SafeTensors::open(out);
-      CHECK(os.meta("kv_layout") == layout);
-      CHECK(os.read<std::int64_t>("anchor_position_ids") == es.read<std::int64_t>("anchor_position_ids"));
-      for (const char* t : {"decode_logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"}) {
-        INFO(t);
-        const auto got = os.read<float>(t, es.info(t).shape);
-        const auto expect = es.read<double>(t);
-        CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
-      }
-    }
-  }
-  const auto bad = test::run_cli("fold --model " + fx + "/models/llama --input " + fx +
-                                 "/sentinel/sentinel_one_span.safetensors --output " + test::tmp("bad.safetensors") +
-                                 " --kv-layout ring");
-  CHECK(bad.status != 0);
-  CHECK_THAT(bad.err, Contains("--kv-layout"));
-  CHECK(test::run_cli("sac --model " + fx + "/models/llama --anchor-embeds " + fx + "/sac/sac_basic.safetensors --input " +
-                      fx + "/sac/sac_basic.safetensors --output " + test::tmp("bad.safetensors") +
-                      " --chunk-size 8 --ratio 4 --kv-layout paged --block-size 0")
-            .status != 0);
-}
 
 TEST_CASE("KV layouts reject bad page tables, pools, strides and metadata, unchanged", "[layouts][errors]") {
   const KvShape s{1, 2, 8};

@@ -12,7 +12,6 @@
 #include "catch.hpp"
 #include "common.hpp"
 #include "llama_host.hpp"
-#include "threads.hpp"
 
 using namespace ctxcomp;
 

@@ -9,7 +9,6 @@
 
 #include "catch.hpp"
 #include "common.hpp"
-#include "threads.hpp"
 
 using namespace ctxcomp;
 using Catch::Matchers::Contains;

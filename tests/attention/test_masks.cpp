@@ -1,5 +1,8 @@
 // Every mask's per-tile answers agree with its per-element answers, on tiles of awkward sizes.
-#include "catch.hpp"
+#include <algorithm>
+#include <numeric>
+#include <random>
+
 #include "common.hpp"
 
 using namespace ctxcomp;
@@ -44,6 +47,30 @@ TEST_CASE("per-tile answers agree with per-element answers", "[masks]") {
   for (index_t q = 0; q < 40; ++q)
     for (index_t k = 0; k < 40; ++k) dense[std::size_t(q * 40 + k)] = (k <= q) && (k % 7 != 3);
   check_tiles(DenseMask<std::uint8_t>{dense.data(), 40, 40, 40}, 40, 40, "dense");
+
+  // The cell masks over 100 cells: the first 40 hold stream tokens 0..39 in order (whole live
+  // tiles), the rest tokens 40..99 in shuffled order, with every 7th cell free and every 5th of
+  // another sequence.
+  const index_t cells = 100;
+  std::vector<std::int64_t> pos(cells);
+  std::vector<std::int32_t> seq(cells);
+  std::vector<index_t> tok(cells);
+  std::iota(tok.begin(), tok.end(), index_t(0));
+  std::shuffle(tok.begin() + 40, tok.end(), std::mt19937(11));
+  for (index_t c = 0; c < cells; ++c) {
+    const bool tail = c >= 40;
+    pos[std::size_t(c)] = tail && c % 7 == 3 ? -1 : std::int64_t(tok[std::size_t(c)]);
+    seq[std::size_t(c)] = tail && c % 5 == 1 ? 1 : 0;
+  }
+  const CellMeta meta{pos.data(), seq.data(), cells};
+  std::vector<std::int64_t> q_pos(50);
+  std::vector<index_t> q_index(50);
+  for (index_t q = 0; q < 50; ++q) q_pos[std::size_t(q)] = 2 * q, q_index[std::size_t(q)] = 2 * q + 1;
+  check_tiles(CellCausal{meta, q_pos.data(), 50, 0}, 50, cells, "cell causal");
+  check_tiles(CellCausal{meta, q_pos.data(), 50, 1}, 50, cells, "cell causal, second sequence");
+  check_tiles(CellOrder{meta, tok.data(), q_index.data(), 50, 0}, 50, cells, "cell order");
+  check_tiles(CellSentinel{roles.data(), 120, 0, meta, tok.data(), 0}, 120, cells, "cell sentinel");
+  check_tiles(CellSentinel{roles.data(), 120, 20, meta, tok.data(), 0}, 100, cells, "cell sentinel offset");
 }
 
 TEST_CASE("count_visible counts the causal triangle", "[masks]") {

@@ -10,10 +10,7 @@
 #include <ctxcomp/io/safetensors.hpp>
 
 #include "catch.hpp"
-#include "cli_runner.hpp"
 #include "common.hpp"
-#include "threads.hpp"
-#include "fixture_checks.hpp"
 #include "sac_driver.hpp"
 
 using namespace ctxcomp;
@@ -21,13 +18,9 @@ using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
 
 using test::layer_kv;
+using namespace ctxcomp::test::sac;
 
 namespace {
-const char* kCases[] = {"sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"};
-std::string llama_dir() { return test::fixtures_dir() + "/models/llama"; }
-std::string case_path(const char* c) { return test::fixtures_dir() + "/sac/" + c + ".safetensors"; }
-
-
 /// The official anchor loop, transcribed literally (1-based positions, Python's range and //).
 std::vector<std::int64_t> official_anchor_positions(std::int64_t n, std::int64_t chunk, std::int64_t r) {
   std::vector<std::int64_t> out;
@@ -40,37 +33,6 @@ std::vector<std::int64_t> official_anchor_positions(std::int64_t n, std::int64_t
   return out;
 }
 
-struct Fixture {
-  io::SafeTensors st;
-  std::vector<std::int64_t> ids, targets;
-  std::vector<float> roles, special;
-  index_t chunk, ratio;
-  anchor::ChunkMask mask;
-  explicit Fixture(const char* c) : st(io::SafeTensors::open(case_path(c))) {
-    ids = st.read<std::int64_t>("input_ids");
-    targets = st.read<std::int64_t>("lm_target_ids");
-    roles = st.read<float>("role_tokens");
-    special = st.read<float>("special_tokens");
-    chunk = std::stoll(st.meta("chunk_size"));
-    ratio = std::stoll(st.meta("compress_ratio"));
-    mask = st.meta("mask") == "anchor" ? anchor::ChunkMask::Anchor : anchor::ChunkMask::Full;
-  }
-  index_t n() const { return index_t(ids.size()); }
-  MatrixView<const float> role_view() const {
-    return matrix_view<const float>(roles.data(), index_t(roles.size() / 64), 64);
-  }
-  void check_cache(const KvCache<float>& cache, index_t layers) const {
-    for (index_t l = 0; l < layers; ++l) {
-      INFO("layer " << l);
-      const auto k = layer_kv(cache, l, false), v = layer_kv(cache, l, true);
-      const auto ek = st.read<double>("layer" + std::to_string(l) + "_k");
-      const auto ev = st.read<double>("layer" + std::to_string(l) + "_v");
-      REQUIRE(k.size() == ek.size());
-      CHECK(test::relative_error(k.data(), ek.data(), k.size()) <= 1e-5);
-      CHECK(test::relative_error(v.data(), ev.data(), v.size()) <= 1e-5);
-    }
-  }
-};
 }  // namespace
 
 TEST_CASE("uniform anchors follow the official rule", "[sac]") {
@@ -235,56 +197,7 @@ using test::run_cli;
 using test::tmp;
 using Run = test::CliRun;
 
-TEST_CASE("ctxcomp sac reproduces every sac fixture", "[cli][sac][fixtures]") {
-  for (const char* c : kCases) {
-    INFO(c);
-    Fixture f(c);
-    const std::string out = tmp(std::string("ctxcomp_cli_") + c + ".safetensors");
-    const Run r = run_cli("sac --model " + llama_dir() + " --anchor-embeds " + case_path(c) + " --input " + case_path(c) +
-                          " --output " + out + " --chunk-size " + std::to_string(f.chunk) + " --ratio " +
-                          std::to_string(f.ratio) + " --mask " + f.st.meta("mask") + " --threads 2");
-    INFO(r.err);
-    REQUIRE(r.status == 0);
-    auto os = io::SafeTensors::open(out);
-    CHECK(os.read<std::int64_t>("anchor_position_ids") == f.st.read<std::int64_t>("anchor_position_ids"));
-    for (const char* t : {"decode_logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"}) {
-      INFO(t);
-      const auto got = os.read<float>(t, f.st.info(t).shape);
-      const auto expect = f.st.read<double>(t);
-      CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
-    }
-    std::remove(out.c_str());
-  }
-}
 
-TEST_CASE("ctxcomp sac reports bad arguments", "[cli][sac][errors]") {
-  const std::string base = "sac --model " + llama_dir() + " --anchor-embeds " + case_path("sac_basic") + " --output " +
-                           tmp("sac_x.safetensors") + " --input ";
-  const std::string in = case_path("sac_basic");
-  Run r = run_cli(base + in + " --chunk-size 24 --ratio 0");
-  CHECK(r.status != 0);
-  CHECK_THAT(r.err, Contains("compression ratio (0) must be positive"));
-  r = run_cli(base + in + " --chunk-size 0 --ratio 4");
-  CHECK(r.status != 0);
-  CHECK_THAT(r.err, Contains("chunk_size (0) must be positive"));
-  r = run_cli(base + in + " --chunk-size 24 --ratio 1");
-  CHECK(r.status != 0);
-  CHECK_THAT(r.err, Contains("24 anchors but there are only 16 role (anchor) embeddings"));
-  const std::string empty = tmp("sac_empty.safetensors");
-  const std::vector<std::int64_t> none;
-  io::write_safetensors(empty, {io::TensorOut::of("input_ids", {0}, none.data())}, {});
-  r = run_cli(base + empty + " --chunk-size 24 --ratio 4");
-  CHECK(r.status != 0);
-  CHECK_THAT(r.err, Contains("input_ids is empty"));
-  r = run_cli(base + in + " --chunk-size 24 --ratio 4 --mask causal");
-  CHECK(r.status != 0);
-  r = run_cli("sac --model " + llama_dir() + " --anchor-embeds " + llama_dir() + "/model.safetensors --output " +
-              tmp("sac_x.safetensors") + " --input " + in + " --chunk-size 24 --ratio 4");
-  CHECK(r.status != 0);
-  CHECK_THAT(r.err, Contains("no tensor named 'role_tokens'"));
-  CHECK(!fs::exists(tmp("sac_x.safetensors")));
-  std::remove(empty.c_str());
-}
 
 TEST_CASE("sac in bf16 compute: every fixture within the bf16 budget; the host keeps its setting",
           "[sac][bf16][fixtures]") {
@@ -318,32 +231,3 @@ TEST_CASE("sac in bf16 compute: every fixture within the bf16 budget; the host k
   }
 }
 
-TEST_CASE("ctxcomp sac --compute bf16 writes what the API computes", "[cli][sac][bf16]") {
-  const char* c = "sac_multichunk";
-  Fixture f(c);
-  const auto model = host::LlamaModel<float>::load(llama_dir());
-  host::LlamaHost<float> h(model);
-  const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
-  auto cache = h.make_cache(plan.anchor_count() + index_t(f.targets.size()) + 2);
-  host::sac_compress(h, plan, f.ids.data(), f.role_view(), f.mask, cache, SerialExecutor{}, nullptr, Compute::bf16);
-  const auto logits =
-      host::sac_decode(h, plan, cache, f.special.data() + 64, f.targets.data(), index_t(f.targets.size()));
-  const std::string out = tmp("ctxcomp_cli_sac_bf16.safetensors");
-  const Run r = run_cli("sac --model " + llama_dir() + " --anchor-embeds " + case_path(c) + " --input " + case_path(c) +
-                        " --output " + out + " --chunk-size " + std::to_string(f.chunk) + " --ratio " +
-                        std::to_string(f.ratio) + " --mask " + f.st.meta("mask") + " --threads 2 --compute bf16");
-  INFO(r.err);
-  REQUIRE(r.status == 0);
-  auto os = io::SafeTensors::open(out);
-  CHECK(os.meta("compute") == "bf16");
-  CHECK(os.read<float>("decode_logits") == logits);
-  for (index_t l = 0; l < 2; ++l) {
-    CHECK(os.read<float>("layer" + std::to_string(l) + "_k") == layer_kv(cache, l, false));
-    CHECK(os.read<float>("layer" + std::to_string(l) + "_v") == layer_kv(cache, l, true));
-  }
-  const Run bad = run_cli("sac --model " + llama_dir() + " --anchor-embeds " + case_path(c) + " --input " +
-                          case_path(c) + " --output " + out + " --chunk-size 8 --ratio 4 --compute fp16");
-  CHECK(bad.status != 0);
-  CHECK_THAT(bad.err, Contains("--compute"));
-  std::remove(out.c_str());
-}

@@ -9,7 +9,6 @@
 
 #include "catch.hpp"
 #include "common.hpp"
-#include "threads.hpp"
 #include "fold_driver.hpp"
 #include "sac_driver.hpp"
 
@@ -200,48 +199,6 @@ TEST_CASE("the sentinel mask answers whole tiles on a folded cache", "[attention
   CHECK(count_visible(mask, 1, cache.size()) == cache.size());
 }
 
-TEST_CASE("KvCache<qint8> evicts and gathers data and scales like a naive copy", "[kv][kv_types]") {
-  const index_t n = 300, hd = 96, heads = 2;
-  KvCache<qint8> cache(2, heads, hd, n);
-  std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
-  std::vector<index_t> idx(static_cast<std::size_t>(n));
-  for (index_t i = 0; i < n; ++i) pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
-  cache.append(n, pos.data(), idx.data());
-  auto row = [&](index_t l, index_t h, index_t t, bool v) {
-    std::vector<float> r(static_cast<std::size_t>(hd));
-    for (index_t i = 0; i < hd; ++i) r[std::size_t(i)] = float((l * 7 + h * 3 + t * 5 + i) % 23) - 11.f + (v ? 0.5f : 0.f);
-    return r;
-  };
-  for (index_t l = 0; l < 2; ++l)
-    for (index_t h = 0; h < heads; ++h)
-      for (index_t t = 0; t < n; ++t) {
-        store_row(cache.keys(l), h, t, row(l, h, t, false).data());
-        store_row(cache.values(l), h, t, row(l, h, t, true).data());
-      }
-  CHECK(cache.bytes_used() == std::size_t(2 * 2 * heads * n) * (hd + sizeof(float)));
-  cache.evict({{0, 3}, {50, 120}, {299, 300}});
-  std::vector<index_t> kept;
-  for (index_t t = 0; t < n; ++t)
-    if (!(t < 3 || (t >= 50 && t < 120) || t == 299)) kept.push_back(t);
-  REQUIRE(cache.size() == index_t(kept.size()));
-  bool same = true;
-  for (std::size_t s = 0; s < kept.size(); ++s)
-    for (index_t l = 0; l < 2; ++l)
-      for (index_t h = 0; h < heads; ++h)
-        for (bool v : {false, true}) {
-          const auto want = row(l, h, kept[s], v);
-          std::vector<qint8> qq(static_cast<std::size_t>(hd));
-          const float sc = kernels::quantize_row(want.data(), qq.data(), hd);
-          const auto view = v ? cache.values(l) : cache.keys(l);
-          same = same && view.scale(h, index_t(s)) == sc && cache.token_index()[s] == kept[s];
-          for (index_t i = 0; i < hd; ++i) same = same && view(h, index_t(s), i).v == qq[std::size_t(i)].v;
-        }
-  CHECK(same);
-  const float s5 = cache.keys(1).scale(1, 5);
-  cache.gather({5, 9});
-  CHECK(cache.size() == 2);
-  CHECK(cache.keys(1).scale(1, 0) == s5);
-}
 
 TEST_CASE("folding and SAC run on a qint8 cache; layer 0 holds the quantised fp32 rows", "[kv_types][fold][sac]") {
   // Layer 0's K/V depend on the embeddings only, so the qint8 cache must hold exactly the

@@ -8,7 +8,6 @@
 
 #include "catch.hpp"
 #include "common.hpp"
-#include "threads.hpp"
 
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;
@@ -318,96 +317,7 @@ TEST_CASE("packed linear GEMM matches a double GEMM and its scalar FMA chain", "
   CHECK(w2.capacity() == kernels::gemm_nt_workspace_bytes<float>(M, N, K, 1));
 }
 
-TEST_CASE("RMSNorm, linear and SwiGLU match double references", "[nn][threads]") {
-  const index_t T = 19, H = 72, I = 150;
-  auto x = random_vector(std::size_t(T * H), 7, -2.f, 2.f), w = random_vector(std::size_t(H), 8, 0.5f, 1.5f);
-  std::vector<float> y(std::size_t(T * H));
-  rmsnorm(matrix_view<const float>(x.data(), T, H), w.data(), H, 1e-6f, matrix_view(y.data(), T, H));
-  for (index_t t = 0; t < T; ++t) {
-    double ss = 0;
-    for (index_t i = 0; i < H; ++i) ss += double(x[std::size_t(t * H + i)]) * x[std::size_t(t * H + i)];
-    const double r = 1 / std::sqrt(ss / H + 1e-6);
-    for (index_t i = 0; i < H; ++i) REQUIRE(std::abs(y[std::size_t(t * H + i)] - w[i] * x[std::size_t(t * H + i)] * r) <= 2e-6 * 4);
-  }
 
-  auto wg = random_vector(std::size_t(I * H), 9), wu = random_vector(std::size_t(I * H), 10),
-       wd = random_vector(std::size_t(H * I), 11);
-  SwiGLUWeights<float> mlp{{wg.data(), I, H}, {wu.data(), I, H}, {wd.data(), H, I}};
-  std::vector<float> out(std::size_t(T * H)), out_t2(std::size_t(T * H)), ref(std::size_t(T * H));
-  for (index_t t = 0; t < T; ++t) {
-    std::vector<double> h(static_cast<std::size_t>(I));
-    for (index_t j = 0; j < I; ++j) {
-      double g = 0, u = 0;
-      for (index_t i = 0; i < H; ++i)
-        g += double(x[std::size_t(t * H + i)]) * wg[std::size_t(j * H + i)], u += double(x[std::size_t(t * H + i)]) * wu[std::size_t(j * H + i)];
-      h[std::size_t(j)] = g / (1 + std::exp(-g)) * u;
-    }
-    for (index_t o = 0; o < H; ++o) {
-      double s = 0;
-      for (index_t j = 0; j < I; ++j) s += h[std::size_t(j)] * wd[std::size_t(o * I + j)];
-      ref[std::size_t(t * H + o)] = float(s);
-    }
-  }
-  Workspace ws, lws;
-  swiglu(matrix_view<const float>(x.data(), T, H), mlp, matrix_view(out.data(), T, H), ws, lws);
-  CHECK(relative_error(out.data(), ref.data(), out.size()) <= 1e-5);
-  swiglu(matrix_view<const float>(x.data(), T, H), mlp, matrix_view(out_t2.data(), T, H), ws, lws, test::two_threads());
-  CHECK(std::memcmp(out.data(), out_t2.data(), out.size() * sizeof(float)) == 0);
-
-  // bf16 weights give exactly the fp32 result of the bf16-rounded weights.
-  std::vector<bf16> wgb(wg.size()), wub(wu.size()), wdb(wd.size());
-  kernels::convert(wg.data(), wgb.data(), index_t(wg.size()));
-  kernels::convert(wu.data(), wub.data(), index_t(wu.size()));
-  kernels::convert(wd.data(), wdb.data(), index_t(wd.size()));
-  std::vector<float> wgr(wg.size()), wur(wu.size()), wdr(wd.size());
-  kernels::convert(wgb.data(), wgr.data(), index_t(wg.size()));
-  kernels::convert(wub.data(), wur.data(), index_t(wu.size()));
-  kernels::convert(wdb.data(), wdr.data(), index_t(wd.size()));
-  SwiGLUWeights<bf16> mlp_b{{wgb.data(), I, H}, {wub.data(), I, H}, {wdb.data(), H, I}};
-  SwiGLUWeights<float> mlp_r{{wgr.data(), I, H}, {wur.data(), I, H}, {wdr.data(), H, I}};
-  std::vector<float> ob(out.size()), orr(out.size());
-  swiglu(matrix_view<const float>(x.data(), T, H), mlp_b, matrix_view(ob.data(), T, H), ws, lws);
-  swiglu(matrix_view<const float>(x.data(), T, H), mlp_r, matrix_view(orr.data(), T, H), ws, lws);
-  CHECK(std::memcmp(ob.data(), orr.data(), ob.size() * sizeof(float)) == 0);
-
-  using Catch::Matchers::Contains;
-  CHECK_THROWS_WITH(linear(matrix_view<const float>(x.data(), T, H), WeightView<float>{wg.data(), I, H + 1},
-                           matrix_view(out.data(), T, I), ws),
-                    Contains("x has 72 features but the weight expects 73"));
-  CHECK_THROWS_WITH(rmsnorm(matrix_view<const float>(x.data(), T, H), w.data(), H - 1, 1e-6f, matrix_view(y.data(), T, H)),
-                    Contains("weight has 71 elements"));
-}
-
-TEST_CASE("RoPE rotate_half and interleaved match the double formula", "[nn]") {
-  const index_t heads = 3, T = 11, d = 16;
-  for (RopeStyle style : {RopeStyle::RotateHalf, RopeStyle::Interleaved})
-    for (double scaling : {1.0, 4.0}) {
-      auto x = random_vector(std::size_t(heads * T * d), 12);
-      auto y = x;
-      std::vector<std::int64_t> pos{0, 5, 5, 1, 2, 3, 100, 7, 8, 4095, 9};
-      RopeConfig cfg;
-      cfg.theta = 500000;
-      cfg.style = style;
-      cfg.linear_scaling = scaling;
-      Rope rope(cfg, d);
-      rope.apply(HeadsView<float>::contiguous(y.data(), heads, T, d), pos.data());
-      for (index_t h = 0; h < heads; ++h)
-        for (index_t t = 0; t < T; ++t)
-          for (index_t i = 0; i < d / 2; ++i) {
-            // transformers evaluates inv_freq in float32; the angle and cos/sin here in double.
-            const double inv = 1.0f / std::pow(500000.f, float(2 * i) / float(d));
-            const double a = double(pos[std::size_t(t)]) / scaling * inv;
-            const index_t i1 = style == RopeStyle::RotateHalf ? i : 2 * i, i2 = style == RopeStyle::RotateHalf ? i + d / 2 : 2 * i + 1;
-            const double x1 = x[std::size_t((h * T + t) * d + i1)], x2 = x[std::size_t((h * T + t) * d + i2)];
-            REQUIRE(std::abs(y[std::size_t((h * T + t) * d + i1)] - (x1 * std::cos(a) - x2 * std::sin(a))) <= 2e-6 * (1 + std::abs(a) * 1e-3));
-            REQUIRE(std::abs(y[std::size_t((h * T + t) * d + i2)] - (x2 * std::cos(a) + x1 * std::sin(a))) <= 2e-6 * (1 + std::abs(a) * 1e-3));
-          }
-    }
-  Rope rope(RopeConfig{}, 8);
-  std::vector<float> z(8);
-  std::int64_t bad = -1;
-  CHECK_THROWS_WITH(rope.apply(HeadsView<float>::contiguous(z.data(), 1, 1, 8), &bad), Catch::Matchers::Contains("position ids must be in [0, 4194304) (token 0 has -1)"));
-}
 
 TEST_CASE("all_finite finds a NaN or an Inf anywhere, vector body or tail", "[kernels]") {
   for (index_t n : {1, 15, 16, 17, 100}) {
