@@ -61,7 +61,9 @@ struct WorkItem {
   AttentionTiling<V> T;  // a local copy: no reloads after stores in the loops
   Mask mask;
   QueryBlock blk;
-  index_t Bk, d, dp, d2, g, rows, kb, ke;
+  /// Keys per tile: a compile-time constant, so the tile kernels are specialised for it.
+  static constexpr index_t Bk = AttentionTiling<V>::kv_tile;
+  index_t d, dp, d2, g, rows, kb, ke;
 
   WorkItem(const Call& call, index_t item, index_t worker)
       : c(call),
@@ -73,7 +75,6 @@ struct WorkItem {
         T(call.grid->tilings[at.group]),
         mask(call.grid->groups[at.group].mask),
         blk(T, call.grid->groups[at.group], at.local),
-        Bk(T.kv_tile),
         d(T.head_dim),
         dp(T.dim_padded),
         d2(T.dim_even),
