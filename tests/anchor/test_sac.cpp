@@ -13,6 +13,10 @@
 #include "common.hpp"
 #include "sac_driver.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_anchor_sac {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
@@ -231,3 +235,4 @@ TEST_CASE("sac in bf16 compute: every fixture within the bf16 budget; the host k
   }
 }
 
+}  // namespace test_anchor_sac

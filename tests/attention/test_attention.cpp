@@ -5,6 +5,10 @@
 #include "catch.hpp"
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_attention_attention {
+
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;
 using ctxcomp::test::relative_error;
@@ -219,3 +223,5 @@ TEST_CASE("bad attention arguments raise clear errors and leave outputs untouche
   CHECK_THROWS_AS(reference::attention(p.qv(), p.kv(), p.vv(), Causal(0), out), ctxcomp::Error);
   CHECK(untouched());
 }
+
+}  // namespace test_attention_attention

@@ -12,6 +12,10 @@
 #include "fold_driver.hpp"
 #include "sac_driver.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_attention_kv_types {
+
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;
 using ctxcomp::test::relative_error;
@@ -250,3 +254,5 @@ TEST_CASE("folding and SAC run on a qint8 cache; layer 0 holds the quantised fp3
     CHECK(same_layer0(cf, cq));
   }
 }
+
+}  // namespace test_attention_kv_types

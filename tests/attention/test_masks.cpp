@@ -92,6 +92,10 @@ TEST_CASE("sentinel roles reject malformed spans", "[masks][errors]") {
 
 #include <ctxcomp/io/safetensors.hpp>
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_attention_masks {
+
 TEST_CASE("SentinelSpans equals the official attention_mask of every sentinel fixture", "[masks][fixtures]") {
   for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"}) {
     INFO(c);
@@ -108,3 +112,5 @@ TEST_CASE("SentinelSpans equals the official attention_mask of every sentinel fi
     check_tiles(m, n, n, c);
   }
 }
+
+}  // namespace test_attention_masks

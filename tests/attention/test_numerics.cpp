@@ -7,6 +7,10 @@
 #include "catch.hpp"
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_attention_numerics {
+
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;
 
@@ -116,3 +120,5 @@ TEST_CASE("NaN in K or V reaches the rows that see it, as documented", "[numeric
         }
     }
 }
+
+}  // namespace test_attention_numerics

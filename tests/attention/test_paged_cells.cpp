@@ -12,6 +12,10 @@
 #include "catch.hpp"
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_attention_paged_cells {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 
@@ -316,3 +320,4 @@ TEST_CASE("free cells may hold anything: NaN and Inf there never reach the outpu
     }
 }
 
+}  // namespace test_attention_paged_cells

@@ -9,6 +9,10 @@
 #include "common.hpp"
 #include "demo.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_cli_cli {
+
 using namespace ctxcomp;
 namespace fs = std::filesystem;
 
@@ -388,3 +392,5 @@ TEST_CASE("ctxcomp sac --compute bf16 writes what the API computes", "[cli][sac]
   CHECK_THAT(bad.err, Contains("--compute"));
   std::remove(out.c_str());
 }
+
+}  // namespace test_cli_cli

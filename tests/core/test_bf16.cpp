@@ -13,6 +13,10 @@
 #include "common.hpp"
 #include "llama_host.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_core_bf16 {
+
 using namespace ctxcomp;
 
 namespace {
@@ -393,3 +397,5 @@ TEST_CASE("bf16 compute is opt-in: the default options give the fp32 results", "
   CHECK(diff > 1e-5);  // the bf16 path really rounds
   CHECK(diff < 2e-2);
 }
+
+}  // namespace test_core_bf16

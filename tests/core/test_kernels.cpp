@@ -9,6 +9,10 @@
 #include "catch.hpp"
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_core_kernels {
+
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;
 using ctxcomp::test::relative_error;
@@ -338,3 +342,5 @@ TEST_CASE("all_finite finds a NaN or an Inf anywhere, vector body or tail", "[ke
       }
   }
 }
+
+}  // namespace test_core_kernels

@@ -10,6 +10,10 @@
 #include "catch.hpp"
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_digest_icformer {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
@@ -221,3 +225,5 @@ TEST_CASE("IC-Former in bf16 compute: every fixture within the bf16 budget, any 
     UNSCOPED_INFO(c << ": bf16 compute, relative error vs float64 " << err << " (fp32 weights), " << err16 << " (bf16 weights)");
   }
 }
+
+}  // namespace test_digest_icformer

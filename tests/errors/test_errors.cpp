@@ -11,6 +11,10 @@
 #include "catch.hpp"
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_errors_errors {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 
@@ -219,3 +223,5 @@ TEST_CASE("errors table: IC-Former chunking", "[errors][icformer]") {
   bad.hidden = 32, bad.heads = 4, bad.kv_heads = 3, bad.head_dim = 8, bad.intermediate = 64, bad.layers = 1;
   CHECK_THROWS_WITH(bad.validate(), Contains("heads (4) is not a multiple of kv_heads (3)"));
 }
+
+}  // namespace test_errors_errors

@@ -9,6 +9,10 @@
 #include "catch.hpp"
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_fold_fold {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 using test::layer_kv;
@@ -138,3 +142,5 @@ TEST_CASE("folding while streaming is bit-identical on 1 and 2 threads", "[fold]
     CHECK(layer_kv(ca, l, true) == layer_kv(cb, l, true));
   }
 }
+
+}  // namespace test_fold_fold

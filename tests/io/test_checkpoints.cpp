@@ -14,6 +14,10 @@
 #include "common.hpp"
 #include "sac_driver.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_io_checkpoints {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 namespace fs = std::filesystem;
@@ -235,3 +239,4 @@ TEST_CASE("loading is strict: unused tensors, unsupported architectures and RoPE
   }
 }
 
+}  // namespace test_io_checkpoints

@@ -9,6 +9,10 @@
 #include "catch.hpp"
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_io_safetensors {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 
@@ -71,3 +75,5 @@ TEST_CASE("malformed safetensors files get clear errors", "[io][errors]") {
   CHECK_THROWS_WITH(parse(raw_file(R"({"__metadata__":{"a":1}})", 0)), Contains("not a string"));
   CHECK_THROWS_WITH(io::SafeTensors::open("/nonexistent/file.safetensors"), Contains("cannot open"));
 }
+
+}  // namespace test_io_safetensors

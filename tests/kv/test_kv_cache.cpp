@@ -5,6 +5,10 @@
 
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_kv_kv_cache {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 using ctxcomp::test::random_vector;
@@ -169,3 +173,5 @@ TEST_CASE("cell caches: free cells are reused first; bad metadata is refused by 
                     Contains("the cell metadata covers 6 cells but the cache has 8"));
   CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 7.f; }));
 }
+
+}  // namespace test_kv_kv_cache

@@ -19,6 +19,10 @@
 #include "kv_storage.hpp"
 #include "sac_driver.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_kv_layouts {
+
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
 
@@ -550,3 +554,5 @@ TEST_CASE("KvCache's K/V buffers are 2 MB aligned and advised for huge pages", "
   alloc.deallocate(small, 1000);
   alloc.deallocate(big, n);
 }
+
+}  // namespace test_kv_layouts

@@ -5,6 +5,10 @@
 
 #include "common.hpp"
 
+// Everything of this file in its own namespace: the folder compiles as one unity translation
+// unit with its neighbours, whose helpers may share names.
+namespace test_nn_nn {
+
 using namespace ctxcomp;
 using ctxcomp::test::random_vector;
 using ctxcomp::test::relative_error;
@@ -215,3 +219,5 @@ TEST_CASE("linear bias and per-head RMSNorm match double references", "[nn][chec
   CHECK_THROWS_WITH(rmsnorm_heads(HeadsView<float>::token_major(x.data(), tokens, heads, hd), g.data(), hd - 1, 1e-6f),
                     Contains("head_dim 8"));
 }
+
+}  // namespace test_nn_nn
