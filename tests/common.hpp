@@ -52,6 +52,10 @@ double relative_error(const A* a, const B* b, std::size_t n) {
 /// Directory of the golden fixtures copied into the repository.
 inline std::string fixtures_dir() { return CTXCOMP_FIXTURES_DIR; }
 
+/// Every KV layout the reference host runs (examples/kv_storage.hpp).
+inline constexpr host::KvLayout kLayouts[] = {host::KvLayout::contiguous, host::KvLayout::cells,
+                                              host::KvLayout::paged};
+
 // ---- threads
 
 /// A HostExecutor whose `run` starts `workers` std::threads that take tasks from a shared

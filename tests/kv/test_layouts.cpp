@@ -1,9 +1,8 @@
 // The KV-layout layer (kv/layout.hpp): contiguous (any strides), cells with holes and paged
 // caches over caller memory. Eviction in every layout against a naive copy of the kept tokens,
-// paged eviction returning pages and moving only the tail, cells freeing without moving and
-// compact(), the golden sentinel and SAC fixtures through the API and the CLI in all three
-// layouts, bad input (page tables, pools, strides, metadata) leaving the cache unchanged, and
-// KvCache's K/V in 2 MB aligned memory advised for huge pages.
+// cells freeing without moving and compact(), cell appends, bad input (page tables, pools,
+// strides, metadata) leaving the cache unchanged, and KvCache's K/V in 2 MB aligned memory
+// advised for huge pages. Folding and SAC in every layout: tests/fold, tests/anchor.
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -25,10 +24,10 @@ namespace test_kv_layouts {
 
 using namespace ctxcomp;
 using Catch::Matchers::Contains;
+using test::kLayouts;
 
 namespace {
 
-constexpr host::KvLayout kLayouts[] = {host::KvLayout::contiguous, host::KvLayout::cells, host::KvLayout::paged};
 
 /// The value a test writes at (layer, head, token, i): distinct for every element.
 float value_of(index_t l, index_t h, index_t tok, index_t i, bool v) {
@@ -175,141 +174,9 @@ TEST_CASE("every KV layout evicts like a naive copy: float", "[layouts]") { evic
 TEST_CASE("every KV layout evicts like a naive copy: fp16", "[layouts]") { evict_in_every_layout<fp16>(); }
 TEST_CASE("every KV layout evicts like a naive copy: qint8", "[layouts]") { evict_in_every_layout<qint8>(); }
 
-TEST_CASE("paged folding of a just-closed span moves only the tail", "[layouts][fold]") {
-  const KvShape s{2, 2, 16};
-  for (index_t n : {200, 800}) {
-    host::PagedStorage<fp16> st(s, n, 16);
-    // Stream: ordinary tokens, then <CL> + 18 inner + <CR> at the very end.
-    std::vector<std::int64_t> ids(std::size_t(n), 5);
-    ids[std::size_t(n - 20)] = 1, ids[std::size_t(n - 1)] = 2;
-    fold::SpanTracker spans(1, 2);
-    std::vector<std::int64_t> pos(ids.size());
-    spans.push(ids.data(), n, pos.data());
-    std::vector<index_t> idx(ids.size()), slots(ids.size());
-    std::iota(idx.begin(), idx.end(), 0);
-    st.kv.append(n, pos.data(), idx.data(), slots.data());
-    EvictStats es;
-    CHECK(fold::fold(st.kv, spans, 0, &es) == 19);
-    // Only the <CR> row moved: 1 token x kv_heads x (K, V) x layers.
-    CHECK(es.bytes_moved == std::size_t(1 * 2 * 2 * 2 * 16) * sizeof(fp16));
-    CHECK(st.kv.size() == n - 19);
-    CHECK(es.pages_freed == (n + 15) / 16 - (n - 19 + 15) / 16);
-  }
-}
 
-TEST_CASE("cell folding from the host's list of cells evicts what the scan evicts", "[layouts][fold][cells]") {
-  // Two identical cell caches take the same stream in pieces, with spans folded as they close:
-  // one by fold's scan of every cell, the other by the cells the host's appends returned (listed
-  // shuffled, with repeats and with cells that must stay). Cells freed by a fold are reused, so
-  // logical order is not cell order.
-  const KvShape s{2, 2, 16};
-  const index_t n = 100, cells_n = 72;
-  std::vector<std::int64_t> ids(std::size_t(n), 5);
-  for (auto [b, e] : {std::pair<index_t, index_t>{10, 20}, {30, 45}, {60, 65}, {80, 99}})
-    ids[std::size_t(b)] = 1, ids[std::size_t(e)] = 2;
-  host::CellStorage<float> a(s, cells_n), b(s, cells_n);
-  fold::SpanTracker spans(1, 2);
-  std::vector<index_t> cell_of(std::size_t(n), -1);
-  std::mt19937 g(3);
-  std::int32_t unfolded = 0;
-  index_t folded = 0;
-  for (index_t first = 0; first < n; first += 7) {
-    const index_t m = std::min<index_t>(7, n - first);
-    const auto mm = static_cast<std::size_t>(m);
-    std::vector<std::int64_t> pos(mm);
-    std::vector<index_t> idx(mm), sa(mm), sb(mm);
-    spans.push(ids.data() + first, m, pos.data());
-    std::iota(idx.begin(), idx.end(), first);
-    a.kv.append(m, pos.data(), idx.data(), sa.data());
-    b.kv.append(m, pos.data(), idx.data(), sb.data());
-    REQUIRE(sa == sb);
-    for (index_t i = 0; i < m; ++i) cell_of[std::size_t(first + i)] = sb[std::size_t(i)];
-    if (spans.closed_spans() == unfolded) continue;
-    std::vector<index_t> list(cell_of.begin() + spans.span_begin(unfolded), cell_of.begin() + first + m);
-    list.push_back(list.front());                  // a repeat
-    list.push_back(cell_of[std::size_t(first)]);   // the piece's first token: kept unless evictable
-    list.push_back(cell_of[0]);                    // an ordinary token before the span: kept
-    std::shuffle(list.begin(), list.end(), g);
-    EvictStats ea, eb;
-    const index_t got_a = fold::fold(a.kv, spans, unfolded, &ea);
-    const index_t got_b = fold::fold(b.kv, spans, unfolded, list.data(), index_t(list.size()), &eb);
-    CHECK(got_a == got_b);
-    CHECK(ea.tokens == eb.tokens);
-    CHECK(eb.bytes_moved == 0);
-    CHECK(a.pos == b.pos);
-    CHECK(a.kv.size() == b.kv.size());
-    folded += got_b;
-    unfolded = spans.closed_spans();
-  }
-  CHECK(folded == 10 + 15 + 5 + 19);
-  const auto order = kv::logical_order(b.kv);
-  CHECK_FALSE(std::is_sorted(order.begin(), order.end()));
 
-  // A list that leaves out an evictable cell leaves that cell live; a cell outside the cache is
-  // an error that evicts nothing.
-  host::CellStorage<float> c(s, 40);
-  fold::SpanTracker sc(1, 2);
-  std::vector<std::int64_t> cid(30, 5), cpos(cid.size());
-  cid[20] = 1, cid[29] = 2;
-  sc.push(cid.data(), 30, cpos.data());
-  std::vector<index_t> cidx(cid.size()), slots(cid.size());
-  std::iota(cidx.begin(), cidx.end(), 0);
-  c.kv.append(30, cpos.data(), cidx.data(), slots.data());
-  const auto before = c.pos;
-  for (index_t bad : {index_t(-1), index_t(40)}) {
-    const index_t list[] = {20, bad, 21};
-    CHECK_THROWS_WITH(fold::fold(c.kv, sc, 0, list, 3), Contains("listed cell") && Contains("outside the 40 cells"));
-    CHECK(c.pos == before);
-    CHECK(c.kv.size() == 30);
-  }
-  CHECK_THROWS_WITH(fold::fold(c.kv, sc, 0, nullptr, 2), Contains("2 cells listed in a null array"));
-  CHECK_THROWS_WITH(fold::fold(c.kv, sc, 0, slots.data(), -1), Contains("negative count of listed cells (-1)"));
-  CHECK(c.pos == before);
-  std::vector<index_t> partial(slots.begin() + 20, slots.end());
-  partial.erase(partial.begin() + 3);  // token 23's cell is not listed
-  CHECK(fold::fold(c.kv, sc, 0, partial.data(), index_t(partial.size())) == 8);
-  CHECK(c.kv.live(slots[23]));
-  CHECK(c.kv.size() == 22);
-  CHECK(fold::fold(c.kv, sc, 0, &slots[23], 1) == 1);  // folding again takes the rest
-  CHECK(c.kv.size() == 21);
-}
 
-TEST_CASE("every sentinel fixture through the host in every KV layout", "[layouts][fold][fixtures]") {
-  const auto model = host::LlamaModel<float>::load(test::fixtures_dir() + "/models/llama");
-  for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"})
-    for (auto layout : kLayouts)
-      for (auto schedule : {host::FoldSchedule::EverySpan, host::FoldSchedule::AtEnd}) {
-        INFO(c << " in " << host::kv_layout_name(layout) << (schedule == host::FoldSchedule::AtEnd ? ", fold at end" : ""));
-        test::check_fold_case(model, test::fixtures_dir() + "/sentinel/" + c + ".safetensors", schedule, layout, 4);
-      }
-}
-
-TEST_CASE("paged folding is bit-identical to contiguous; cells reuse freed cells", "[layouts][fold]") {
-  const auto model = host::LlamaModel<float>::load(test::fixtures_dir() + "/models/llama");
-  const auto& c = model.config;
-  auto st = io::SafeTensors::open(test::fixtures_dir() + "/sentinel/sentinel_three_spans.safetensors");
-  const auto ids = st.read<std::int64_t>("input_ids");
-  const index_t n = index_t(ids.size());
-  const KvShape s{c.layers, c.kv_heads, c.head_dim};
-  host::LlamaHost<float> h(model);
-  KvCache<float> contiguous(s.layers, s.kv_heads, s.head_dim, n);
-  fold::SpanTracker sa(126, 127, 128), sb(126, 127, 128), sc(126, 127, 128);
-  const auto la = host::run_with_folding(h, ids.data(), n, sa, contiguous, host::FoldSchedule::EverySpan);
-  for (bool hnd : {false, true}) {
-    host::PagedStorage<float> paged(s, n, 3, hnd);
-    fold::SpanTracker sp(126, 127, 128);
-    const auto lp = host::run_with_folding(h, ids.data(), n, sp, paged.kv, host::FoldSchedule::EverySpan);
-    CHECK(lp == la);
-    for (index_t l = 0; l < c.layers; ++l) CHECK(test::layer_kv(paged.kv, l, false) == test::layer_kv(contiguous, l, false));
-  }
-  host::CellStorage<float> cells(s, n);
-  const auto lc = host::run_with_folding(h, ids.data(), n, sc, cells.kv, host::FoldSchedule::EverySpan);
-  CHECK(test::relative_error(lc.data(), la.data(), la.size()) <= 1e-6);
-  // Tokens after the first span went into its freed cells: logical order is not cell order.
-  const auto order = kv::logical_order(cells.kv);
-  CHECK_FALSE(std::is_sorted(order.begin(), order.end()));
-  CHECK(test::kept_tokens(cells.kv) == test::kept_tokens(contiguous));
-}
 
 TEST_CASE("RangeCollector merges neighbouring slots, in its buffer or past it", "[layouts]") {
   for (index_t runs : {0, 1, 31, 32, 33, 200}) {
@@ -402,43 +269,6 @@ TEST_CASE("cell appends take the first free cells without scanning the cache", "
   CHECK(std::count(seq.begin(), seq.begin() + 40, 0) == 40);
 }
 
-TEST_CASE("every sac fixture through the host in every KV layout", "[layouts][sac][fixtures]") {
-  const auto model = host::LlamaModel<float>::load(test::fixtures_dir() + "/models/llama");
-  const auto& c = model.config;
-  for (const char* name : {"sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"})
-    for (auto layout : kLayouts) {
-      INFO(name << " in " << host::kv_layout_name(layout));
-      auto st = io::SafeTensors::open(test::fixtures_dir() + "/sac/" + name + ".safetensors");
-      const auto ids = st.read<std::int64_t>("input_ids"), targets = st.read<std::int64_t>("lm_target_ids");
-      const auto roles = st.read<float>("role_tokens"), special = st.read<float>("special_tokens");
-      const auto plan = anchor::AnchorPlan::uniform(index_t(ids.size()), std::stoll(st.meta("chunk_size")),
-                                                    std::stoll(st.meta("compress_ratio")));
-      const auto mask = st.meta("mask") == "anchor" ? anchor::ChunkMask::Anchor : anchor::ChunkMask::Full;
-      host::LlamaHost<float> h(model);
-      const index_t t = index_t(targets.size());
-      host::with_kv_layout<float>(layout, KvShape{c.layers, c.kv_heads, c.head_dim}, plan.anchor_count() + t + 1, 4,
-                                  [&](auto& cache) {
-        const auto rv = matrix_view<const float>(roles.data(), index_t(roles.size()) / c.hidden, c.hidden);
-        REQUIRE(host::sac_compress(h, plan, ids.data(), rv, mask, cache) == plan.anchor_count());
-        std::vector<std::int64_t> pos;
-        for (index_t s : kv::logical_order(cache)) pos.push_back(cache.positions()[s]);
-        CHECK(pos == st.read<std::int64_t>("anchor_position_ids"));
-        for (index_t l = 0; l < c.layers; ++l) {
-          const auto k = test::layer_kv(cache, l, false), v = test::layer_kv(cache, l, true);
-          const auto ek = st.read<double>("layer" + std::to_string(l) + "_k");
-          const auto ev = st.read<double>("layer" + std::to_string(l) + "_v");
-          REQUIRE(k.size() == ek.size());
-          CHECK(test::relative_error(k.data(), ek.data(), k.size()) <= 1e-5);
-          CHECK(test::relative_error(v.data(), ev.data(), v.size()) <= 1e-5);
-        }
-        const auto logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t);
-        const auto expect = st.read<double>("decode_logits");
-        REQUIRE(logits.size() == expect.size());
-        CHECK(test::relative_error(logits.data(), expect.data(), logits.size()) <= 1e-5);
-        CHECK(cache.size() == plan.anchor_count());  // the decoded tokens were dropped again
-      });
-    }
-}
 
 
 TEST_CASE("KV layouts reject bad page tables, pools, strides and metadata, unchanged", "[layouts][errors]") {

@@ -1,12 +1,12 @@
 // Views of K/V storage that attention reads and the KV layouts manage, beside HeadsView
-// (core/views.hpp): paged K/V over caller-owned memory, vLLM / FlashInfer style: a pool of fixed-size pages, and per
-// sequence a page table (FlashInfer's paged_kv_t: page_size, NHD or HND order, and per sequence
-// indptr / indices / last_page_len). `PagedHeadsView` is one sequence's keys or values, read by
-// `attention` like a HeadsView: token t of head h lives in pool page pages[t / page_size], at
-// slot t % page_size. Layouts are given by strides, so NHD ([page][slot][head][dim]), HND
-// ([page][head][slot][dim]) and any padded variant are views of the same kind.
-/// One sequence's keys or values in a page pool: element (h, t, i) at
-// CellMeta is a cell cache's per-cell metadata (the engine's arrays), which the cell masks read.
+// (core/views.hpp). Paged K/V over caller-owned memory, vLLM / FlashInfer style: a pool of
+// fixed-size pages, and per sequence a page table (FlashInfer's paged_kv_t: page_size, NHD or HND
+// order, and per sequence indptr / indices / last_page_len). `PagedHeadsView` is one sequence's
+// keys or values, read by `attention` like a HeadsView: token t of head h lives in pool page
+// pages[t / page_size], at slot t % page_size. Layouts are given by strides, so NHD
+// ([page][slot][head][dim]), HND ([page][head][slot][dim]) and any padded variant are views of
+// the same kind. CellMeta is a cell cache's per-cell metadata (the engine's arrays), which the
+// cell masks read.
 #pragma once
 #include <algorithm>
 #include <cstdint>
