@@ -21,12 +21,21 @@ import tempfile
 FX = pathlib.Path(__file__).resolve().parent / "data" / "fixtures"
 
 
-def tensors(path):
-    """{name: (dtype, shape, bytes)} of a safetensors file."""
+def read(path):
+    """(header, body) of a safetensors file: the JSON header and the bytes after it."""
     data = pathlib.Path(path).read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    body = data[8 + n :]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def metadata(path):
+    """The __metadata__ strings of a safetensors file."""
+    return read(path)[0].get("__metadata__", {})
+
+
+def tensors(path):
+    """{name: (dtype, shape, bytes)} of a safetensors file."""
+    header, body = read(path)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -41,9 +50,7 @@ def runs():
     llama = FX / "models" / "llama"
     for c in ("icformer_basic", "icformer_chunked", "icformer_gqa_selfattn"):
         d = FX / "icformer" / c
-        meta = json.loads(
-            (lambda b: b[8 : 8 + struct.unpack("<Q", b[:8])[0]])((d / "case.safetensors").read_bytes())
-        ).get("__metadata__", {})
+        meta = metadata(d / "case.safetensors")
         base = (
             f"icformer --checkpoint {d}/model --digests {d}/case.safetensors --input {d}/case.safetensors "
             f"--output {{out}} --max-chunk-len {meta['max_chunk_len']}"
@@ -61,7 +68,7 @@ def runs():
             )
     for c in ("sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"):
         i = FX / "sac" / f"{c}.safetensors"
-        meta = json.loads((lambda b: b[8 : 8 + struct.unpack("<Q", b[:8])[0]])(i.read_bytes()))["__metadata__"]
+        meta = metadata(i)
         base = (
             f"sac --model {llama} --anchor-embeds {i} --input {i} --output {{out}} --chunk-size {meta['chunk_size']} "
             f"--ratio {meta['compress_ratio']} --mask {meta['mask']}"

@@ -197,7 +197,6 @@ TEST_CASE("sac errors are named and leave the cache unchanged", "[sac][errors]")
   CHECK(layer_kv(cache, 0, false) == k0);
 }
 
-using test::run_cli;
 using test::tmp;
 using Run = test::CliRun;
 
