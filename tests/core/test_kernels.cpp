@@ -114,6 +114,44 @@ TEST_CASE("tile GEMM matches a double GEMM on ragged shapes", "[kernels]") {
         }
 }
 
+namespace {
+/// tile_gemm_n<Acc, N> against tile_gemm (N at run time), and tile_gemm_bf16_n against
+/// tile_gemm_bf16: the same blocks, so the same bits, on ragged row counts.
+template <index_t N>
+void check_fixed_columns() {
+  for (index_t M : {1, 5, 6, 7, 13})
+    for (index_t K : {0, 1, 17, 128}) {
+      INFO("M " << M << " N " << N << " K " << K);
+      auto A = random_vector(std::size_t(M * K + 1), 14), B = random_vector(std::size_t(K * N + 1), 15);
+      const auto C0 = random_vector(std::size_t(M * N), 16);
+      auto c1 = C0, c2 = C0, c3 = C0, c4 = C0;
+      kernels::tile_gemm<false>(A.data(), K, B.data(), N, c1.data(), N, M, N, K);
+      kernels::tile_gemm_n<false, N>(A.data(), K, B.data(), N, c2.data(), N, M, K);
+      kernels::tile_gemm<true>(A.data(), K, B.data(), N, c3.data(), N, M, N, K, 1, simd::PrefetchTo::l1);
+      kernels::tile_gemm_n<true, N>(A.data(), K, B.data(), N, c4.data(), N, M, K, 1, simd::PrefetchTo::l1);
+      CHECK(std::memcmp(c1.data(), c2.data(), c1.size() * sizeof(float)) == 0);
+      CHECK(std::memcmp(c3.data(), c4.data(), c3.size() * sizeof(float)) == 0);
+      const index_t K2 = (K + 1) / 2;
+      std::vector<bf16> Ab(std::size_t(M * 2 * K2)), Bb(std::size_t(K2 * 2 * N));
+      for (std::size_t x = 0; x < Ab.size(); ++x) Ab[x] = bf16(A[x % A.size()]);
+      for (std::size_t x = 0; x < Bb.size(); ++x) Bb[x] = bf16(B[x % B.size()]);
+      auto b1 = C0, b2 = C0;
+      kernels::tile_gemm_bf16<true>(Ab.data(), 2 * K2, Bb.data(), 2 * N, b1.data(), N, M, N, K2);
+      kernels::tile_gemm_bf16_n<true, N>(Ab.data(), 2 * K2, Bb.data(), 2 * N, b2.data(), N, M, K2);
+      CHECK(std::memcmp(b1.data(), b2.data(), b1.size() * sizeof(float)) == 0);
+    }
+}
+}  // namespace
+
+TEST_CASE("tile GEMMs with the column count fixed at compile time equal the run-time ones bit for bit",
+          "[kernels][bf16]") {
+  constexpr index_t W = simd::Vec::width;
+  check_fixed_columns<64>();  // the attention's kv tile
+  check_fixed_columns<W>();
+  check_fixed_columns<5 * W>();
+  check_fixed_columns<7 * W>();
+}
+
 TEST_CASE("dot-product tile GEMM (decode Q*K^T) matches a double GEMM on ragged shapes", "[kernels]") {
   const index_t W = simd::Vec::width;
   for (index_t M : {1, 2, 4, 5, 9})

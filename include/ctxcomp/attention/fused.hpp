@@ -45,7 +45,7 @@ void score_tile(const Item& it, index_t k0, index_t nk, const Prefetch& pre) {
   const index_t Bk = it.Bk, d = it.d, rows = it.rows, kh = it.kh;
   if constexpr (Item::bf16_compute) {
     const ctxcomp::bf16* ktb = stage_bf16_tiles<typename Item::Vec>(k, it.c.v, kh, k0, nk, it.T, b);
-    kernels::tile_gemm_bf16<false, typename Item::Vec>(b.qb, it.d2, ktb, 2 * Bk, b.s, Bk, rows, Bk, it.d2 / 2);
+    kernels::tile_gemm_bf16_n<false, Item::Bk, typename Item::Vec>(b.qb, it.d2, ktb, 2 * Bk, b.s, Bk, rows, it.d2 / 2);
   } else if (rows < it.T.few_rows) {
     for (index_t j = 0, n; j < nk; j += n) {  // one call for a contiguous view
       n = k.run(k0 + j, nk - j);
@@ -54,7 +54,26 @@ void score_tile(const Item& it, index_t k0, index_t nk, const Prefetch& pre) {
     }
   } else {
     const float* kt = stage_k_transposed<typename Item::Vec>(k, kh, k0, nk, it.T, b, it.c.keep_kt, pre.stream);
-    kernels::tile_gemm<false, typename Item::Vec>(b.qp, d, kt, Bk, b.s, Bk, rows, Bk, d);
+    kernels::tile_gemm_n<false, Item::Bk, typename Item::Vec>(b.qp, d, kt, Bk, b.s, Bk, rows, d);
+  }
+}
+
+/// P V over V rows used in place (widened in registers) or, head_dim off the vector width,
+/// widened rows (pv_tile's fp32 cases other than paged staging).
+template <class Item, class Prefetch>
+void pv_in_place_or_widened(const Item& it, index_t k0, index_t nk, const SeenKeys& seen, float* o,
+                            const Prefetch& pre) {
+  using V = typename Item::Vec;
+  const auto& v = it.c.v;
+  const AttentionBuffers& b = it.b;
+  const index_t Bk = it.Bk, d = it.d, dp = it.dp, rows = it.rows, kh = it.kh;
+  if (dp == d) {
+    seen.for_each(v, k0, nk, [&](index_t j, index_t n) {
+      kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, o, dp, rows, dp, n,
+                                  pre.ahead(v, kh, k0 + j), pre.stream ? simd::PrefetchTo::l2 : it.c.pf_to);
+    });
+  } else {
+    pv_widened<V>(v, kh, k0, seen, b.s, o, b.vp, Bk, rows, d, dp);
   }
 }
 
@@ -72,15 +91,11 @@ void pv_tile(const Item& it, index_t k0, index_t nk, const SeenKeys& seen, float
     for (index_t r = 0; r < rows; ++r) simd::round_row_bf16<V>(b.s + r * Bk, b.pb + r * Bk, Bk);
     kernels::tile_gemm_bf16<true, V>(b.pb, Bk, b.vtb + (k0 / Bk) * Bk * dp, 2 * dp, o, dp, rows, dp, Bk / 2);
     (void)nk, (void)seen, (void)pre, (void)d;
-  } else if (dp == d && Item::paged && rows >= it.T.few_rows) {
-    pv_staged<V>(v, kh, k0, seen, b.s, o, b.vp, Bk, rows, d, dp);
-  } else if (dp == d) {
-    seen.for_each(v, k0, nk, [&](index_t j, index_t n) {
-      kernels::tile_gemm<true, V>(b.s + j, Bk, v.row(kh, k0 + j), v.token_stride, o, dp, rows, dp, n,
-                                  pre.ahead(v, kh, k0 + j), pre.stream ? simd::PrefetchTo::l2 : it.c.pf_to);
-    });
   } else {
-    pv_widened<V>(v, kh, k0, seen, b.s, o, b.vp, Bk, rows, d, dp);
+    if constexpr (Item::paged) {  // (compiled for paged views only)
+      if (dp == d && rows >= it.T.few_rows) return pv_staged<V>(v, kh, k0, seen, b.s, o, b.vp, Bk, rows, d, dp);
+    }
+    pv_in_place_or_widened(it, k0, nk, seen, o, pre);
   }
 }
 

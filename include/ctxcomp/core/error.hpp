@@ -5,9 +5,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <initializer_list>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <utility>
 
 namespace ctxcomp {
@@ -41,10 +44,42 @@ inline ErrorHandler set_error_handler(ErrorHandler handler) {
 }
 
 namespace detail {
-template <class... Parts>
-std::string concat(const Parts&... parts) {
+/// One part of an error message: text, a character, an integer or a floating-point value, as
+/// `std::ostream <<` writes it. Messages are built by one non-template function (concat below),
+/// so each distinct list of argument types of ctxcomp::fail costs its caller an array of these,
+/// not a stream of its own.
+struct MessagePart {
+  enum class Kind { text, character, signed_integer, unsigned_integer, real, boolean } kind;
+  std::string_view s;
+  long long i = 0;
+  unsigned long long u = 0;
+  double d = 0;
+  MessagePart(const char* x) : kind(Kind::text), s(x) {}
+  MessagePart(const std::string& x) : kind(Kind::text), s(x) {}
+  MessagePart(std::string_view x) : kind(Kind::text), s(x) {}
+  MessagePart(char x) : kind(Kind::character), i(x) {}
+  MessagePart(bool x) : kind(Kind::boolean), i(x) {}
+  MessagePart(float x) : kind(Kind::real), d(x) {}  // ostream writes a float as a double
+  MessagePart(double x) : kind(Kind::real), d(x) {}
+  template <class T, std::enable_if_t<std::is_integral_v<T> && std::is_signed_v<T>, int> = 0>
+  MessagePart(T x) : kind(Kind::signed_integer), i(x) {}
+  template <class T, std::enable_if_t<std::is_integral_v<T> && std::is_unsigned_v<T>, int> = 0>
+  MessagePart(T x) : kind(Kind::unsigned_integer), u(x) {}
+};
+
+/// The parts written one after the other into one string.
+inline std::string concat(std::initializer_list<MessagePart> parts) {
   std::ostringstream os;
-  (os << ... << parts);
+  for (const MessagePart& p : parts) {
+    switch (p.kind) {
+      case MessagePart::Kind::text: os << p.s; break;
+      case MessagePart::Kind::character: os << char(p.i); break;
+      case MessagePart::Kind::boolean: os << bool(p.i); break;
+      case MessagePart::Kind::signed_integer: os << p.i; break;
+      case MessagePart::Kind::unsigned_integer: os << p.u; break;
+      case MessagePart::Kind::real: os << p.d; break;
+    }
+  }
   return os.str();
 }
 }  // namespace detail
@@ -119,9 +154,11 @@ class RollbackScope {
 #endif
 }
 
+/// Reports an error whose message is the parts written one after the other (text, characters,
+/// integers, floating-point values).
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
-  raise(detail::concat(parts...));
+  raise(detail::concat({detail::MessagePart(parts)...}));
 }
 
 }  // namespace ctxcomp

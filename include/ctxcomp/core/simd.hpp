@@ -329,6 +329,14 @@ inline void prefetch_bytes(const void* p) noexcept {
   for (int b = 0; b < Bytes; b += 64) prefetch<To>(c + b);
 }
 
+/// prefetch into a cache level chosen at run time (for loops whose other work keeps no vector
+/// accumulators live across the hint; in the register-blocked FMA loops the branch makes GCC
+/// keep the accumulators on the stack, so those take the level as a template argument).
+inline void prefetch(const void* p, PrefetchTo to) noexcept {
+  if (to == PrefetchTo::l1) prefetch<PrefetchTo::l1>(p);
+  else prefetch<PrefetchTo::l2>(p);
+}
+
 /// Name of the instruction set the default kernels were compiled for ("avx512bw", "scalar", ...).
 inline const char* active_isa() noexcept { return Vec::name(); }
 
