@@ -175,9 +175,11 @@ const TypedCase kTypedCases[] = {{"decode_4096", 8, 1, 4096},
 /// Decode benchmarks cycle through this many bytes of K/V (whole copies of a layer's cache), so
 /// each step reads its layer from memory as a real decode over 32 layers does, not from a
 /// last-level cache that happens to hold one small layer.
-constexpr double kDecodeFootprint = 128e6;
+/// Bytes of K/V a decode benchmark cycles through (layer copies), well past the last-level cache
+/// (smoke runs: a quarter).
+double decode_footprint() { return bench::smoke() ? 32e6 : 128e6; }
 index_t layer_copies(const TypedCase& c, double layer_bytes) {
-  return c.q_len == 1 && !c.cached ? std::max<index_t>(1, index_t(std::ceil(kDecodeFootprint / layer_bytes))) : 1;
+  return c.q_len == 1 && !c.cached ? std::max<index_t>(1, index_t(std::ceil(decode_footprint() / layer_bytes))) : 1;
 }
 
 /// K/V of a case in storage type T (qint8: quantised per row, scales beside), `copies` layers,
@@ -382,7 +384,7 @@ void cells_decode(benchmark::State& st, bool compacted) {
   const index_t n = compacted ? index_t(live.size()) : cells_n;
   std::vector<std::int64_t> cpos(live.size());
   for (std::size_t i = 0; i < live.size(); ++i) cpos[i] = pos[std::size_t(live[i])];
-  const index_t copies = std::max<index_t>(1, index_t(kDecodeFootprint / (2.0 * double(n * row) * sizeof(fp16))));
+  const index_t copies = std::max<index_t>(1, index_t(decode_footprint() / (2.0 * double(n * row) * sizeof(fp16))));
   std::vector<fp16> k(std::size_t(copies * n * row)), v(k.size());
   const auto src = bench::random_buffer(std::size_t(cells_n * row), 2);
   for (index_t l = 0; l < copies; ++l)
@@ -415,8 +417,8 @@ template <class T>
 void register_typed(const char* kv_name) {
   for (const TypedCase& c : kTypedCases) {
     const std::string base = std::string(c.name) + "_" + kv_name;
-    for (int t : {1, 2}) {
-      const std::string ts = t == 1 ? "" : "_t2";
+    for (int t : bench::thread_counts()) {
+      const std::string ts = bench::thread_suffix(t);
       benchmark::RegisterBenchmark(("attention/fused/" + base + ts).c_str(), fused_typed<T>, c, t)
           ->UseRealTime()->Unit(benchmark::kMillisecond);
       if (c.q_len == 1)
@@ -428,18 +430,23 @@ void register_typed(const char* kv_name) {
 }
 
 const bool registered = [] {
-  for (const Case& c : kCases) {
+  for (Case c : kCases) {
     const std::string name = c.name;
-    benchmark::RegisterBenchmark(("attention/fused/" + name).c_str(), fused, c, 1)->UseRealTime()->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark(("attention/fused/" + name + "_t2").c_str(), fused, c, 2)->UseRealTime()->Unit(benchmark::kMillisecond);
+    if (bench::smoke() && c.kv_len > 4096) c.q_len /= 4, c.kv_len /= 4;  // causal_8192 runs at 2048 in a smoke run
+    for (int t : bench::thread_counts())
+      benchmark::RegisterBenchmark(("attention/fused/" + name + bench::thread_suffix(t)).c_str(), fused, c, t)
+          ->UseRealTime()->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("attention/naive/" + name).c_str(), naive, c)->UseRealTime()->Unit(benchmark::kMillisecond);
     if (!c.cross && c.q_len == 1) continue;
     if (name == "causal_512") continue;
-    benchmark::RegisterBenchmark(("attention/fused_bf16/" + name).c_str(), fused_bf16, c, 1)->UseRealTime()->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark(("attention/fused_bf16/" + name + "_t2").c_str(), fused_bf16, c, 2)->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (int t : bench::thread_counts())
+      benchmark::RegisterBenchmark(("attention/fused_bf16/" + name + bench::thread_suffix(t)).c_str(), fused_bf16, c, t)
+          ->UseRealTime()->Unit(benchmark::kMillisecond);
   }
-  benchmark::RegisterBenchmark("memcpy/baseline/decode_4096", memcpy_baseline, index_t(4096), 1)->UseRealTime()->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("memcpy/baseline/decode_4096_t2", memcpy_baseline, index_t(4096), 2)->UseRealTime()->Unit(benchmark::kMillisecond);
+  for (int t : bench::thread_counts())
+    benchmark::RegisterBenchmark(("memcpy/baseline/decode_4096" + bench::thread_suffix(t)).c_str(), memcpy_baseline,
+                                 index_t(4096), t)
+        ->UseRealTime()->Unit(benchmark::kMillisecond);
   register_typed<fp16>("fp16");
   // The same decode with K/V on 2 MB pages where the OS offers them (KvCache's allocator).
   benchmark::RegisterBenchmark("attention/fused/decode_4096_fp16_hugepages", fused_typed<fp16, HugePageAllocator<fp16>>,

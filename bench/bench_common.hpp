@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <ctxcomp/ctxcomp.hpp>
@@ -18,6 +21,45 @@ inline std::vector<float> random_buffer(std::size_t n, unsigned seed, float scal
   for (auto& x : v) x = dist(gen);
   return v;
 }
+
+/// Whether this is a smoke run (CTXCOMP_BENCH_SMOKE set, as CI's): shapes are shrunk so that
+/// every benchmark runs once, quickly; the names stay, the figures mean nothing.
+inline bool smoke() { return std::getenv("CTXCOMP_BENCH_SMOKE") != nullptr; }
+
+/// The thread counts of the multi-threaded benchmarks, from the environment variable
+/// CTXCOMP_BENCH_THREADS: a comma-separated list of positive counts such as `1,2,8,16` (default
+/// `1,2`), so the same benchmark names run on a machine of any size. A malformed list stops the
+/// binary with a message naming it (before any benchmark runs).
+inline const std::vector<int>& thread_counts() {
+  static const std::vector<int> counts = [] {
+    const char* env = std::getenv("CTXCOMP_BENCH_THREADS");
+    if (env == nullptr || *env == '\0') return std::vector<int>{1, 2};
+    std::vector<int> c;
+    const std::string text = env;
+    std::size_t pos = 0;
+    while (pos <= text.size()) {
+      const std::size_t end = std::min(text.find(',', pos), text.size());
+      const std::string item = text.substr(pos, end - pos);
+      char* stop = nullptr;
+      const long t = item.empty() ? 0 : std::strtol(item.c_str(), &stop, 10);
+      if (item.empty() || *stop != '\0' || t < 1 || t > 4096) {
+        std::fprintf(stderr,
+                     "ctxcomp_bench: CTXCOMP_BENCH_THREADS=\"%s\": \"%s\" is not a thread count; expected a "
+                     "comma-separated list of counts from 1 to 4096, such as 1,2,8,16\n",
+                     env, item.c_str());
+        std::exit(2);
+      }
+      if (std::find(c.begin(), c.end(), int(t)) == c.end()) c.push_back(int(t));
+      pos = end + 1;
+    }
+    return c;
+  }();
+  return counts;
+}
+
+/// The name suffix of a benchmark run on `threads` threads: none for one, `_t<threads>` else
+/// (`attention/fused/causal_2048_t16`).
+inline std::string thread_suffix(int threads) { return threads == 1 ? "" : "_t" + std::to_string(threads); }
 
 /// Runs f with a serial executor (threads == 1) or an OpenMP team of `threads`.
 template <class F>

@@ -18,7 +18,7 @@ using namespace ctxcomp;
 
 namespace {
 
-bool smoke() { return std::getenv("CTXCOMP_BENCH_SMOKE") != nullptr; }
+using bench::smoke;
 struct Shape {
   index_t layers, kv_heads, head_dim, tokens;
 };

@@ -175,8 +175,8 @@ const bool registered = [] {
                           {s ? 32 : 128, s ? 688 : 11008, s ? 256 : 4096},
                           {s ? 80 : 640, s ? 256 : 4096, s ? 256 : 4096}};
   auto ms = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
-  for (int t : {1, 2}) {
-    const std::string sfx = t == 1 ? "" : "_t2";
+  for (int t : bench::thread_counts()) {
+    const std::string sfx = bench::thread_suffix(t);
     ms(benchmark::RegisterBenchmark(("peak/fma" + sfx).c_str(), fma_peak, t));
     ms(benchmark::RegisterBenchmark(("peak/bf16dot" + sfx).c_str(), bf16dot_peak, t));
     for (const Shape& sh : shapes) {

@@ -195,18 +195,22 @@ void llama_layer_baseline(benchmark::State& st, int threads) {
 
 const bool registered = [] {
   auto ms = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
-  ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512", chunk<float>, 1, Compute::fp32));
-  ms(benchmark::RegisterBenchmark("icformer/fp32/chunk512_t2", chunk<float>, 2, Compute::fp32));
-  ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512", chunk<bf16>, 1, Compute::fp32));
-  ms(benchmark::RegisterBenchmark("icformer/bf16/chunk512_t2", chunk<bf16>, 2, Compute::fp32));
-  // The bf16 compute path: bf16 weights (read in place), bf16 operands, fp32 accumulation.
-  ms(benchmark::RegisterBenchmark("icformer/bf16dot/chunk512", chunk<bf16>, 1, Compute::bf16));
-  ms(benchmark::RegisterBenchmark("icformer/bf16dot/chunk512_t2", chunk<bf16>, 2, Compute::bf16));
-  for (index_t n : {512, 2048, 8192, 32768, 131072})
-    ms(benchmark::RegisterBenchmark(("icformer/fp32/n" + std::to_string(n) + "_t2").c_str(), context_length,
-                                    smoke() ? n / 8 : n, 2));
-  ms(benchmark::RegisterBenchmark("icformer/llama7b_layer_baseline/n640", llama_layer_baseline, 1));
-  ms(benchmark::RegisterBenchmark("icformer/llama7b_layer_baseline/n640_t2", llama_layer_baseline, 2));
+  for (int t : bench::thread_counts()) {
+    const std::string ts = bench::thread_suffix(t);
+    ms(benchmark::RegisterBenchmark(("icformer/fp32/chunk512" + ts).c_str(), chunk<float>, t, Compute::fp32));
+    ms(benchmark::RegisterBenchmark(("icformer/bf16/chunk512" + ts).c_str(), chunk<bf16>, t, Compute::fp32));
+    // The bf16 compute path: bf16 weights (read in place), bf16 operands, fp32 accumulation.
+    ms(benchmark::RegisterBenchmark(("icformer/bf16dot/chunk512" + ts).c_str(), chunk<bf16>, t, Compute::bf16));
+  }
+  // Context-length scaling on each multi-thread count (none at one thread).
+  for (int t : bench::thread_counts())
+    for (index_t n : {512, 2048, 8192, 32768, 131072})
+      if (t > 1)
+        ms(benchmark::RegisterBenchmark(("icformer/fp32/n" + std::to_string(n) + bench::thread_suffix(t)).c_str(),
+                                        context_length, smoke() ? n / 8 : n, t));
+  for (int t : bench::thread_counts())
+    ms(benchmark::RegisterBenchmark(("icformer/llama7b_layer_baseline/n640" + bench::thread_suffix(t)).c_str(),
+                                    llama_layer_baseline, t));
   return true;
 }();
 

@@ -224,8 +224,8 @@ void paper_decode(benchmark::State& st, bool compressed) {
 const bool registered = [] {
   auto ms = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
   const std::string c = "chunk" + std::to_string(chunk());
-  for (int t : {1, 2}) {
-    const std::string ts = t == 1 ? "" : "_t2";
+  for (int t : bench::thread_counts()) {
+    const std::string ts = bench::thread_suffix(t);
     ms(benchmark::RegisterBenchmark(("sac/compress_layer/" + c + "/causal_prefill" + ts).c_str(),
                                     compress_layer<float>, Kind::Causal, index_t(1), t, Compute::fp32));
     for (index_t r : kRatios)
@@ -248,10 +248,11 @@ const bool registered = [] {
     ms(benchmark::RegisterBenchmark(("sac/decode/" + ctx + "_r" + std::to_string(r)).c_str(), decode, r));
   // Seconds per iteration: Google Benchmark stops after the first one.
   auto paper = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
-  paper(benchmark::RegisterBenchmark("sac/llama32_1b/compress_2040_r5", paper_context, true, 1));
-  paper(benchmark::RegisterBenchmark("sac/llama32_1b/compress_2040_r5_t2", paper_context, true, 2));
-  paper(benchmark::RegisterBenchmark("sac/llama32_1b/prefill_2040", paper_context, false, 1));
-  paper(benchmark::RegisterBenchmark("sac/llama32_1b/prefill_2040_t2", paper_context, false, 2));
+  for (int t : bench::thread_counts()) {
+    const std::string ts = bench::thread_suffix(t);
+    paper(benchmark::RegisterBenchmark(("sac/llama32_1b/compress_2040_r5" + ts).c_str(), paper_context, true, t));
+    paper(benchmark::RegisterBenchmark(("sac/llama32_1b/prefill_2040" + ts).c_str(), paper_context, false, t));
+  }
   ms(benchmark::RegisterBenchmark("sac/llama32_1b/decode_compressed", paper_decode, true));
   ms(benchmark::RegisterBenchmark("sac/llama32_1b/decode_full", paper_decode, false));
   return true;

@@ -5,7 +5,8 @@ Usage: ctxcomp_bench --benchmark_out=run.json --benchmark_out_format=json ...
        python3 bench/ratios.py run.json
 
 For every benchmark that has a baseline in the same run it prints one line: the ratio, what it
-divides, and both figures. With repetitions, medians are used (aggregates "median"; otherwise the
+divides, and both figures; then every multi-thread benchmark `<name>_t<N>` (thread counts from
+CTXCOMP_BENCH_THREADS, default 1,2) against `<name>` at one thread: the scaling. With repetitions, medians are used (aggregates "median"; otherwise the
 single run). It only prints: no thresholds, no exit status from timings (CI runs it on a smoke
 run whose shapes are shrunk).
 """
@@ -17,25 +18,23 @@ import sys
 # (regex on the benchmark name, function of the match giving the baseline name, metric, meaning)
 # metric "time": baseline time / time (a speed-up); otherwise counter value / baseline value.
 RULES = [
-    (r"^attention/fused/(cross_128x640|causal_\d+|decode_4096)(_t2)?$",
+    (r"^attention/fused/(cross_128x640|causal_\d+|decode_4096)(_t\d+)?$",
      lambda m: f"attention/naive/{m[1]}", "time", "fused vs naive Eigen attention (speed-up)"),
-    (r"^attention/fused/(decode\w*_4096)_(fp16|bf16|int8)(_t2)?$",
+    (r"^attention/fused/(decode\w*_4096)_(fp16|bf16|int8)(_t\d+)?$",
      lambda m: f"memread/baseline/{m[1]}_{m[2]}{m[3] or ''}", "GBps", "decode read bandwidth vs memread"),
     (r"^attention/fused/(decode_4096_fp16)_hugepages$", lambda m: f"attention/fused/{m[1]}", "time",
      "decode with K/V on 2 MB pages (HugePageAllocator) vs the standard allocator (speed-up)"),
-    (r"^attention/fused/(causal_2048)_(fp16|bf16|int8)(_t2)?$",
+    (r"^attention/fused/(causal_2048)_(fp16|bf16|int8)(_t\d+)?$",
      lambda m: f"attention/fused/{m[1]}{m[3] or ''}", "GFLOPS", "typed-cache prefill vs fp32"),
-    (r"^attention/fused/(decode\w*_4096)_int8(_t2)?$",
+    (r"^attention/fused/(decode\w*_4096)_int8(_t\d+)?$",
      lambda m: f"attention/fused/{m[1]}_fp16{m[2] or ''}", "time", "int8 vs fp16 decode (speed-up)"),
-    (r"^attention/fused_bf16/(\w+?)(_t2)?$",
+    (r"^attention/fused_bf16/(\w+?)(_t\d+)?$",
      lambda m: f"attention/fused/{m[1]}{m[2] or ''}", "GFLOPS", "bf16 compute vs fp32 attention"),
-    (r"^attention/fused_bf16/(\w+)_t2$",
-     lambda m: f"attention/fused_bf16/{m[1]}", "GFLOPS", "bf16 compute attention, 2 threads vs 1"),
     (r"^gemm/ctxcomp_bf16dot/(.*)$", lambda m: f"gemm/ctxcomp_fp32/{m[1]}", "GFLOPS",
      "bf16 compute GEMM vs fp32 GEMM"),
-    (r"^icformer/bf16dot/chunk512(_t2)?$", lambda m: f"icformer/fp32/chunk512{m[1] or ''}", "time",
+    (r"^icformer/bf16dot/chunk512(_t\d+)?$", lambda m: f"icformer/fp32/chunk512{m[1] or ''}", "time",
      "IC-Former bf16 compute vs fp32 (speed-up)"),
-    (r"^sac/compress_layer/(chunk\d+)/anchor_r8_bf16dot(_t2)?$",
+    (r"^sac/compress_layer/(chunk\d+)/anchor_r8_bf16dot(_t\d+)?$",
      lambda m: f"sac/compress_layer/{m[1]}/anchor_r8{m[2] or ''}", "time",
      "SAC layer compression, bf16 compute vs fp32 (speed-up)"),
     (r"^attention/paged/(\w+?_fp16)(_nhd|_p64)?$",
@@ -49,10 +48,6 @@ RULES = [
      "paged vs contiguous decode, both on 2 MB pages (speed-up; the gap without the TLB)"),
     (r"^memread/paged/(decode_4096_fp16)(_p64)?$", lambda m: f"memread/baseline/{m[1]}", "GBps",
      "reading a shuffled page pool vs one sequential pass (the memory system's own paged cost)"),
-    (r"^attention/fused/(decode\w*_4096_(?:fp16|bf16|int8))_t2$", lambda m: f"attention/fused/{m[1]}", "time",
-     "decode, two threads vs one (speed-up; >= 1.7 wanted)"),
-    (r"^memread/baseline/(\w+)_t2$", lambda m: f"memread/baseline/{m[1]}", "time",
-     "memread, two threads vs one (speed-up; the memory system's own scaling)"),
     (r"^attention/fused/(decode_4096)_int8_cached$", lambda m: f"attention/fused/{m[1]}_fp16", "time",
      "int8 decode from the last-level cache vs fp16 decode from memory (speed-up; the int8 target asks >= 1.67 "
      "from memory, which this compute floor bounds)"),
@@ -78,13 +73,13 @@ RULES = [
      "K tile widened and transposed in registers vs element by element (speed-up)"),
     (r"^gemm/ctxcomp_(fp32|bf16)/(.*)$", lambda m: f"gemm/eigen_fp32/{m[2]}", "time",
      "ctxcomp GEMM vs Eigen (speed-up)"),
-    (r"^icformer/(fp32|bf16)/chunk512(_t2)?$",
+    (r"^icformer/(fp32|bf16)/chunk512(_t\d+)?$",
      lambda m: f"icformer/llama7b_layer_baseline/n640{m[2] or ''}", "time",
      "IC-Former chunk vs one Llama-7B layer over the same context (speed-up)"),
-    (r"^sac/compress_layer/(chunk\d+)/((?:full|anchor)_r\d+)(_t2)?$",
+    (r"^sac/compress_layer/(chunk\d+)/((?:full|anchor)_r\d+)(_t\d+)?$",
      lambda m: f"sac/compress_layer/{m[1]}/causal_prefill{m[3] or ''}", "time",
      "SAC layer compression vs causal prefill (speed-up)"),
-    (r"^sac/llama32_1b/compress_2040_r5(_t2)?$",
+    (r"^sac/llama32_1b/compress_2040_r5(_t\d+)?$",
      lambda m: f"sac/llama32_1b/prefill_2040{m[1] or ''}", "time", "SAC compression vs plain prefill (speed-up)"),
     (r"^sac/llama32_1b/decode_compressed$", lambda m: "sac/llama32_1b/decode_full", "time",
      "decode over the SAC cache vs the full cache (speed-up)"),
@@ -136,7 +131,25 @@ def main():
             unit = runs[name].get("time_unit", "") if metric == "time" else metric
             print(f"{ratio:7.3f}  {name}  /  {base}  [{meaning}; {a:.4g} vs {b:.4g} {unit}]")
             printed += 1
+    # Thread scaling: every `<name>_t<N>` against `<name>` (one thread) of the same run.
+    for name in sorted(runs, key=scaling_key):
+        m = re.match(r"^(.*)_t(\d+)$", name)
+        if not m or m[1] not in runs:
+            continue
+        a, b = value(runs[name], "time"), value(runs[m[1]], "time")
+        if not a or not b:
+            continue
+        what = "the memory system's own scaling" if name.startswith(("memread/", "memcpy/")) else "speed-up"
+        print(f"{b / a:7.3f}  {name}  /  {m[1]}  [{m[2]} threads vs 1 ({what}); {a:.4g} vs {b:.4g} "
+              f"{runs[name].get('time_unit', '')}]")
+        printed += 1
     print(f"{printed} ratios from {len(runs)} benchmarks")
+
+
+def scaling_key(name):
+    """Sorts `x_t2`, `x_t8`, `x_t16` by name, then by thread count."""
+    m = re.match(r"^(.*)_t(\d+)$", name)
+    return (m[1], int(m[2])) if m else (name, 0)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@
 
 namespace ctxcomp::bench {
 
-inline bool smoke() { return std::getenv("CTXCOMP_BENCH_SMOKE") != nullptr; }
-
 /// Deterministic pseudo-random fill, fast enough for billions of weights.
 template <class T>
 void fill(std::vector<T>& v, std::uint32_t seed, float scale) {
