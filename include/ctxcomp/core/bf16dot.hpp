@@ -207,6 +207,12 @@ struct Bf16Dot<XsimdVec<A>> {
 };
 #endif
 
+/// Which kernels `Compute::bf16` runs in this build (the host's compile flags choose them):
+/// "avx512-bf16" (vdpbf16ps and vcvtneps2bf16, with AVX512-BF16 enabled, e.g. -march=znver4 or
+/// sapphirerapids) or "emulated" (fp32 arithmetic that gives the same bits, anywhere else). The
+/// results are the same either way; only the speed differs. The CLI prints it.
+inline const char* bf16_compute_kernels() noexcept { return Bf16Dot<Vec>::native ? "avx512-bf16" : "emulated"; }
+
 /// y[i] = round_bf16(x[i]) for i < n, W lanes at a time (Bf16Dot<V>::store_rounded).
 template <class V>
 inline void round_row_bf16(const float* x, bf16* y, index_t n) noexcept {
