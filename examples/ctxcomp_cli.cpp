@@ -3,8 +3,11 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
+#include <optional>
+#include <tuple>
 #include <ctxcomp/ctxcomp.hpp>
 #include <ctxcomp/io/icformer_checkpoint.hpp>
+#include <ctxcomp/io/tokenizer.hpp>
 
 #include <unistd.h>
 
@@ -53,6 +56,7 @@ int run_demo(DemoArgs a) {
     j["tokens"] = a.opt.tokens;
     j["threads"] = a.opt.threads;
     j["isa"] = simd::active_isa();
+    j["bf16_compute"] = simd::bf16_compute_kernels();
     j["note"] = note;
     for (const auto& r : rows)
       j["rows"].push_back({{"method", r.method}, {"context_tokens", r.context_tokens},
@@ -64,8 +68,8 @@ int run_demo(DemoArgs a) {
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
   }
-  std::printf("ctxcomp demo: %td-token context, %d thread%s, %s kernels\n\n", a.opt.tokens, a.opt.threads,
-              a.opt.threads == 1 ? "" : "s", simd::active_isa());
+  std::printf("ctxcomp demo: %td-token context, %d thread%s, %s kernels, bf16 compute: %s\n\n", a.opt.tokens,
+              a.opt.threads, a.opt.threads == 1 ? "" : "s", simd::active_isa(), simd::bf16_compute_kernels());
   std::printf("%-9s %8s %8s %7s %10s %11s %10s %10s %9s %9s %10s %10s\n", "method", "tokens", "entries", "ratio",
               "compress", "tokens/s", "KV before", "KV after", "dec full", "dec comp", "max|dlog|", "KL");
   for (const auto& r : rows)
@@ -106,6 +110,11 @@ struct IcformerArgs {
 
 Compute parse_compute(const std::string& s) { return s == "bf16" ? Compute::bf16 : Compute::fp32; }
 
+/// "fp32 compute", or "bf16 compute (<kernels>)" with the kernels this build runs for it.
+std::string compute_note(const std::string& s) {
+  return s == "bf16" ? std::string("bf16 compute (") + simd::bf16_compute_kernels() + " kernels)" : "fp32 compute";
+}
+
 int run_icformer(const IcformerArgs& a) {
   auto ckpt = io::IcformerCheckpoint<float>::load(a.checkpoint);
   const auto& cfg = ckpt.config();
@@ -140,8 +149,8 @@ int run_icformer(const IcformerArgs& a) {
   io::write_safetensors(a.output, {io::TensorOut::of("soft_prompt", {chunks * k, cfg.hidden}, out.data())},
                         {{"method", "icformer"}, {"n", std::to_string(n)}, {"chunks", std::to_string(chunks)},
                          {"compute", a.compute}, {"kv_layout", a.kv_layout}});
-  std::fprintf(stderr, "ctxcomp icformer: %td context tokens -> %td digests (%td chunk%s) in %.3f s\n", n, chunks * k,
-               chunks, chunks == 1 ? "" : "s", secs);
+  std::fprintf(stderr, "ctxcomp icformer: %td context tokens -> %td digests (%td chunk%s) in %.3f s, %s\n", n,
+               chunks * k, chunks, chunks == 1 ? "" : "s", secs, compute_note(a.compute).c_str());
   return 0;
 }
 
@@ -166,19 +175,31 @@ void add_cache_tensors(const Kv& cache, std::vector<std::vector<float>>& bufs, s
 
 struct FoldArgs {
   std::string model, input, output;
-  std::int64_t cl = 126, cr = 127;
+  std::int64_t cl = -1, cr = -1;  // given with --cl / --cr, else from the checkpoint's tokenizer files
+  bool cl_given = false, cr_given = false;
   bool every_span = false, at_end = false;
   int threads = 1;
   std::string kv_layout = "contiguous";
   index_t block_size = 16;
 };
 
-int run_fold(const FoldArgs& a) {
+int run_fold(FoldArgs a) {
   const auto model = host::LlamaModel<float>::load(a.model);
   const auto& c = model.config;
+  std::tie(a.cl, a.cr) = io::sentinel_ids(a.model, a.cl_given ? std::optional<std::int64_t>(a.cl) : std::nullopt,
+                                          a.cr_given ? std::optional<std::int64_t>(a.cr) : std::nullopt);
   auto in = io::SafeTensors::open(a.input);
   const auto ids = read_ids(in, "input_ids");
   const index_t n = index_t(ids.size());
+  // A span still open at the end of the input would be computed but never folded: report it.
+  index_t open_at = -1;
+  for (index_t i = 0; i < n; ++i) {
+    if (ids[std::size_t(i)] == a.cl) open_at = i;
+    else if (ids[std::size_t(i)] == a.cr) open_at = -1;
+  }
+  if (open_at >= 0)
+    fail(a.input, ": input_ids ends inside a span: the <CL> (id ", a.cl, ") at token ", open_at,
+         " has no <CR> (id ", a.cr, ") after it");
   host::LlamaHost<float> h(model);
   fold::SpanTracker spans(a.cl, a.cr, c.vocab);
   std::vector<float> logits;
@@ -261,8 +282,8 @@ int run_sac(const SacArgs& a) {
                         {{"method", "sac"}, {"chunk_size", std::to_string(a.chunk_size)},
                          {"compress_ratio", std::to_string(a.ratio)}, {"mask", a.mask}, {"end_idx", std::to_string(n)},
                          {"compute", a.compute}, {"kv_layout", a.kv_layout}});
-  std::fprintf(stderr, "ctxcomp sac: %td context tokens -> %td anchors (%td chunk%s, %s mask) in %.3f s\n", n, m,
-               plan.chunks(), plan.chunks() == 1 ? "" : "s", a.mask.c_str(), secs);
+  std::fprintf(stderr, "ctxcomp sac: %td context tokens -> %td anchors (%td chunk%s, %s mask) in %.3f s, %s\n", n, m,
+               plan.chunks(), plan.chunks() == 1 ? "" : "s", a.mask.c_str(), secs, compute_note(a.compute).c_str());
   return 0;
 }
 
@@ -311,8 +332,12 @@ int main(int argc, char** argv) {
   fo->add_option("--output", fa.output,
                  "Output safetensors: logits [n x vocab] F32, kept_index [m] I64, layer{i}_k / layer{i}_v [kv_heads x m x head_dim] F32")
       ->required();
-  fo->add_option("--cl", fa.cl, "Token id of <CL>, which opens a span")->default_val(126);
-  fo->add_option("--cr", fa.cr, "Token id of <CR>, which closes a span and becomes its compact entry")->default_val(127);
+  auto* cl_opt = fo->add_option("--cl", fa.cl,
+                                "Token id of <CL>, which opens a span (default: the id the checkpoint's tokenizer files "
+                                "add for '<CL>': tokenizer.json, added_tokens.json or tokenizer_config.json)");
+  auto* cr_opt = fo->add_option("--cr", fa.cr,
+                                "Token id of <CR>, which closes a span and becomes its compact entry (default: from the "
+                                "tokenizer files, as --cl)");
   auto* every = fo->add_flag("--fold-every-span", fa.every_span, "Evict each span right after its <CR> (default)");
   fo->add_flag("--fold-at-end", fa.at_end, "Process everything first, evict all closed spans at the end")->excludes(every);
   fo->add_option("--threads", fa.threads, "Worker threads (results are identical for any count)")
@@ -361,7 +386,10 @@ int main(int argc, char** argv) {
   try {
     if (*demo) return run_demo(da);
     if (*icf) return run_icformer(ic);
-    if (*fo) return run_fold(fa);
+    if (*fo) {
+      fa.cl_given = cl_opt->count() > 0, fa.cr_given = cr_opt->count() > 0;
+      return run_fold(fa);
+    }
     if (*sc) return run_sac(sa);
   } catch (const ctxcomp::Error& e) {
     std::fprintf(stderr, "ctxcomp: error: %s\n", e.what());

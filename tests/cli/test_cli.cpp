@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include <ctxcomp/io/safetensors.hpp>
 
@@ -29,6 +30,9 @@ TEST_CASE("ctxcomp demo runs every method and its JSON is consistent", "[cli][de
   INFO(r.err);
   REQUIRE(r.status == 0);
   const auto j = nlohmann::json::parse(r.out);
+  // The tool and this test are built with the same flags: the same kernels for Compute::bf16.
+  CHECK(j.at("bf16_compute").get<std::string>() == simd::bf16_compute_kernels());
+  CHECK(j.at("bf16_compute").get<std::string>() == (simd::Bf16Dot<simd::Vec>::native ? "avx512-bf16" : "emulated"));
   // The seeded host: 4 layers, 2 kv heads of 64, fp32 cache.
   const demo::SeededLlama seeded;
   const auto& c = seeded.model.config;
@@ -117,6 +121,7 @@ TEST_CASE("ctxcomp icformer --compute bf16 writes what the API computes", "[cli]
                         " --threads 2 --compute bf16");
   INFO(r.err);
   REQUIRE(r.status == 0);
+  CHECK_THAT(r.err, Contains(std::string("bf16 compute (") + simd::bf16_compute_kernels() + " kernels)"));
   auto os = io::SafeTensors::open(out);
   CHECK(os.meta("compute") == "bf16");
   CHECK(os.read<float>("soft_prompt") == api);
@@ -143,6 +148,45 @@ TEST_CASE("ctxcomp fold reproduces every sentinel fixture", "[cli][fold][fixture
     }
 }
 
+TEST_CASE("ctxcomp fold takes <CL> / <CR> from the checkpoint's tokenizer files and never guesses", "[cli][fold]") {
+  const std::string fx = test::fixtures_dir();
+  const std::string in = fx + "/sentinel/sentinel_three_spans.safetensors";
+  const std::string out = tmp("ctxcomp_cli_fold_tok.safetensors");
+  std::remove(out.c_str());
+  // The fixture model has no tokenizer files: without --cl / --cr nothing runs.
+  Run r = run_cli("fold --model " + fx + "/models/llama --input " + in + " --output " + out);
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Contains("no id for <CL>: --cl is not given") && Contains("holds no tokenizer files"));
+  CHECK(!fs::exists(out));
+  // The same model with the added tokens a training script saves: the ids come from there.
+  const fs::path model = tmp("ctxcomp_cli_fold_tok_model");
+  fs::remove_all(model);
+  fs::create_directories(model);
+  for (const auto& e : fs::directory_iterator(fx + "/models/llama")) fs::copy_file(e.path(), model / e.path().filename());
+  std::ofstream(model / "tokenizer_config.json")
+      << R"({"added_tokens_decoder": {"126": {"content": "<CL>"}, "127": {"content": "<CR>"}}})";
+  r = run_cli("fold --model " + model.string() + " --input " + in + " --output " + out);
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  test::check_fold_output(out, in);
+  CHECK(io::SafeTensors::open(out).meta("cl_id") == "126");
+  CHECK(io::SafeTensors::open(out).meta("cr_id") == "127");
+  std::remove(out.c_str());
+  // An input that ends inside a span is reported, and nothing is written.
+  auto ids = io::SafeTensors::open(in).read<std::int64_t>("input_ids");
+  ids.push_back(126);
+  ids.push_back(5);
+  const std::string open_in = tmp("ctxcomp_cli_fold_open_span.safetensors");
+  io::write_safetensors(open_in, {io::TensorOut::of("input_ids", {index_t(ids.size())}, ids.data())});
+  r = run_cli("fold --model " + model.string() + " --input " + open_in + " --output " + out);
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Contains("input_ids ends inside a span: the <CL> (id 126) at token " +
+                             std::to_string(ids.size() - 2) + " has no <CR>"));
+  CHECK(!fs::exists(out));
+  std::remove(open_in.c_str());
+  fs::remove_all(model);
+}
+
 TEST_CASE("ctxcomp reports bad arguments and files", "[cli][errors]") {
   const std::string dir = test::fixtures_dir() + "/icformer/icformer_basic";
   Run r = run_cli("icformer --checkpoint " + dir + "/model --digests " + dir + "/case.safetensors --input " + dir +
@@ -158,14 +202,14 @@ TEST_CASE("ctxcomp reports bad arguments and files", "[cli][errors]") {
   CHECK(r.status != 0);
   CHECK(r.err.find("max-chunk-len") != std::string::npos);
   r = run_cli("fold --model " + test::fixtures_dir() + "/models/llama --input " + dir + "/case.safetensors --output " +
-              tmp("x.safetensors"));
+              tmp("x.safetensors") + " --cl 126 --cr 127");
   CHECK(r.status != 0);
   CHECK(r.err.find("no tensor named 'input_ids'") != std::string::npos);
   r = run_cli("fold --model " + test::fixtures_dir() + "/models/llama --input " + test::fixtures_dir() +
               "/sentinel/sentinel_one_span.safetensors --output " + tmp("x.safetensors") + " --fold-at-end --fold-every-span");
   CHECK(r.status != 0);
   r = run_cli("fold --model " + test::fixtures_dir() + "/models/llama --input " + test::fixtures_dir() +
-              "/sentinel/sentinel_one_span.safetensors --output " + tmp("x.safetensors") + " --cl 500");
+              "/sentinel/sentinel_one_span.safetensors --output " + tmp("x.safetensors") + " --cl 500 --cr 127");
   CHECK(r.status != 0);
   CHECK(r.err.find("outside the vocabulary") != std::string::npos);
   r = run_cli("icformer --help");
@@ -272,7 +316,7 @@ TEST_CASE("ctxcomp fold and sac give the fixtures' outputs in every --kv-layout"
       const std::string in = fx + "/sentinel/" + c + ".safetensors";
       const std::string out = test::tmp(std::string("layout_fold_") + layout + ".safetensors");
       REQUIRE(test::run_cli("fold --model " + fx + "/models/llama --input " + in + " --output " + out + " --kv-layout " +
-                            layout + " --block-size 5")
+                            layout + " --block-size 5 --cl 126 --cr 127")
                   .status == 0);
       test::check_fold_output(out, in);
       CHECK(io::SafeTensors::open(out).meta("kv_layout") == layout);
@@ -379,6 +423,7 @@ TEST_CASE("ctxcomp sac --compute bf16 writes what the API computes", "[cli][sac]
                         std::to_string(f.ratio) + " --mask " + f.st.meta("mask") + " --threads 2 --compute bf16");
   INFO(r.err);
   REQUIRE(r.status == 0);
+  CHECK_THAT(r.err, Contains(std::string("bf16 compute (") + simd::bf16_compute_kernels() + " kernels)"));
   auto os = io::SafeTensors::open(out);
   CHECK(os.meta("compute") == "bf16");
   CHECK(os.read<float>("decode_logits") == logits);
