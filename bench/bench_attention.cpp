@@ -439,9 +439,14 @@ const bool registered = [] {
     benchmark::RegisterBenchmark(("attention/naive/" + name).c_str(), naive, c)->UseRealTime()->Unit(benchmark::kMillisecond);
     if (!c.cross && c.q_len == 1) continue;
     if (name == "causal_512") continue;
-    for (int t : bench::thread_counts())
+    for (int t : bench::thread_counts()) {
       benchmark::RegisterBenchmark(("attention/fused_bf16/" + name + bench::thread_suffix(t)).c_str(), fused_bf16, c, t)
           ->UseRealTime()->Unit(benchmark::kMillisecond);
+      if (amx::compiled())  // the same with AMX switched off: the AVX512-BF16 vector kernels
+        benchmark::RegisterBenchmark(("attention/fused_bf16_noamx/" + name + bench::thread_suffix(t)).c_str(),
+                                     bench::without_amx([c, t](benchmark::State& st) { fused_bf16(st, c, t); }))
+            ->UseRealTime()->Unit(benchmark::kMillisecond);
+    }
   }
   for (int t : bench::thread_counts())
     benchmark::RegisterBenchmark(("memcpy/baseline/decode_4096" + bench::thread_suffix(t)).c_str(), memcpy_baseline,

@@ -61,6 +61,18 @@ inline const std::vector<int>& thread_counts() {
 /// (`attention/fused/causal_2048_t16`).
 inline std::string thread_suffix(int threads) { return threads == 1 ? "" : "_t" + std::to_string(threads); }
 
+/// A benchmark body that runs `body` with the AMX kernels switched off (amx::set_enabled), for
+/// the `*_noamx` twins registered beside the bf16 benchmarks in AMX builds: the AVX512-BF16
+/// vector kernels in the same binary, so the AMX ratio comes from one run.
+template <class Body>
+auto without_amx(Body body) {
+  return [body](benchmark::State& st) {
+    const bool was = amx::set_enabled(false);
+    body(st);
+    amx::set_enabled(was);
+  };
+}
+
 /// Runs f with a serial executor (threads == 1) or an OpenMP team of `threads`.
 template <class F>
 void with_executor(int threads, F&& f) {

@@ -184,6 +184,10 @@ const bool registered = [] {
       ms(benchmark::RegisterBenchmark(("gemm/ctxcomp_fp32/" + name).c_str(), linear_ctxcomp<float>, sh, t));
       ms(benchmark::RegisterBenchmark(("gemm/ctxcomp_bf16/" + name).c_str(), linear_ctxcomp<bf16>, sh, t));
       ms(benchmark::RegisterBenchmark(("gemm/ctxcomp_bf16dot/" + name).c_str(), linear_ctxcomp<bf16, Compute::bf16>, sh, t));
+      if (amx::compiled())  // the same with AMX switched off: the AVX512-BF16 vector kernels
+        ms(benchmark::RegisterBenchmark(
+            ("gemm/ctxcomp_bf16dot_noamx/" + name).c_str(),
+            bench::without_amx([sh, t](benchmark::State& st) { linear_ctxcomp<bf16, Compute::bf16>(st, sh, t); })));
       ms(benchmark::RegisterBenchmark(("gemm/eigen_fp32/" + name).c_str(), linear_eigen, sh, t));
     }
   }

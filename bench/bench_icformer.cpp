@@ -201,6 +201,9 @@ const bool registered = [] {
     ms(benchmark::RegisterBenchmark(("icformer/bf16/chunk512" + ts).c_str(), chunk<bf16>, t, Compute::fp32));
     // The bf16 compute path: bf16 weights (read in place), bf16 operands, fp32 accumulation.
     ms(benchmark::RegisterBenchmark(("icformer/bf16dot/chunk512" + ts).c_str(), chunk<bf16>, t, Compute::bf16));
+    if (amx::compiled())  // the same with AMX switched off: the AVX512-BF16 vector kernels
+      ms(benchmark::RegisterBenchmark(("icformer/bf16dot_noamx/chunk512" + ts).c_str(),
+                                      bench::without_amx([t](benchmark::State& st) { chunk<bf16>(st, t, Compute::bf16); })));
   }
   // Context-length scaling on each multi-thread count (none at one thread).
   for (int t : bench::thread_counts())

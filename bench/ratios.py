@@ -32,6 +32,13 @@ RULES = [
      lambda m: f"attention/fused/{m[1]}{m[2] or ''}", "GFLOPS", "bf16 compute vs fp32 attention"),
     (r"^gemm/ctxcomp_bf16dot/(.*)$", lambda m: f"gemm/ctxcomp_fp32/{m[1]}", "GFLOPS",
      "bf16 compute GEMM vs fp32 GEMM"),
+    # AMX builds (amx preset): the bf16 compute path with AMX tiles vs the same with AMX off
+    (r"^attention/fused_bf16/(\w+?)(_t\d+)?$",
+     lambda m: f"attention/fused_bf16_noamx/{m[1]}{m[2] or ''}", "GFLOPS", "bf16 attention: AMX vs AVX512-BF16"),
+    (r"^gemm/ctxcomp_bf16dot/(.*)$", lambda m: f"gemm/ctxcomp_bf16dot_noamx/{m[1]}", "GFLOPS",
+     "bf16 GEMM: AMX vs AVX512-BF16"),
+    (r"^icformer/bf16dot/chunk512(_t\d+)?$", lambda m: f"icformer/bf16dot_noamx/chunk512{m[1] or ''}", "time",
+     "IC-Former bf16 compute: AMX vs AVX512-BF16 (speed-up)"),
     (r"^icformer/bf16dot/chunk512(_t\d+)?$", lambda m: f"icformer/fp32/chunk512{m[1] or ''}", "time",
      "IC-Former bf16 compute vs fp32 (speed-up)"),
     (r"^sac/compress_layer/(chunk\d+)/anchor_r8_bf16dot(_t\d+)?$",

@@ -6,6 +6,8 @@
 #include <cfloat>
 #include <cstring>
 #include <random>
+#include <string>
+#include <tuple>
 
 #include <ctxcomp/io/icformer_checkpoint.hpp>
 
@@ -50,6 +52,12 @@ bf16 moderate_bf16(std::mt19937& g) {
   const std::uint32_t sign = g() & 1u, e = g() % 8 == 0 ? 0u : 110u + g() % 30u, man = g() & 0x7fu;
   return Eigen::numext::bit_cast<bf16>(static_cast<std::uint16_t>((sign << 15) | (e << 7) | man));
 }
+
+/// The vector kernels' bits for the scope of a test: AMX switched off, then back as it was.
+struct AmxOff {
+  bool was = amx::set_enabled(false);
+  ~AmxOff() { amx::set_enabled(was); }
+};
 
 template <class V>
 std::vector<bf16> round_with(const std::vector<float>& x) {
@@ -125,6 +133,7 @@ TEST_CASE("bf16 pair dot: known answers, and every path equal to the definition"
 }
 
 TEST_CASE("tile_gemm_bf16: native, emulated and scalar kernels equal the reference bit for bit", "[bf16][kernels]") {
+  AmxOff vector_kernels;  // AMX tiles have their own bits (checked against the bound below)
   constexpr index_t W = simd::Vec::width;
   std::mt19937 g(13);
   for (index_t M : {1, 5, 6, 7, 13, 96})
@@ -157,6 +166,7 @@ TEST_CASE("tile_gemm_bf16: native, emulated and scalar kernels equal the referen
 }
 
 TEST_CASE("gemm_nt_bf16 equals its reference bit for bit on every path and thread count", "[bf16][kernels][threads]") {
+  AmxOff vector_kernels;  // AMX tiles have their own bits (checked against the bound below)
   std::mt19937 g(14);
   std::normal_distribution<float> nd;
   struct S {
@@ -189,6 +199,137 @@ TEST_CASE("gemm_nt_bf16 equals its reference bit for bit on every path and threa
     check(Wb.data());
     check(Wh.data());
   }
+}
+
+namespace {
+/// Largest |C - exact| / bound over a tile product C = C0 (or 0) + A * B over k2 pairs, where
+/// exact is formed in double from the operands as read (subnormals as zero) and the bound is
+/// ((1 + 2u)^k2 - 1) (|c| + sum |products|) + flush slack: two roundings of at most u per pair
+/// (the vector chain), one of at most u per 16-pair step (the twin) or of at most 32 u per step
+/// (AMX, amx::kStepErrorUlps) all fit it.
+double tile_bound_ratio(const std::vector<bf16>& A, index_t lda, const std::vector<bf16>& B, index_t ldb,
+                        const std::vector<float>& C0, const std::vector<float>& C, index_t ldc, index_t M, index_t N,
+                        index_t k2, bool acc) {
+  double worst = 0;
+  for (index_t i = 0; i < M; ++i)
+    for (index_t j = 0; j < N; ++j) {
+      const double c0 = acc ? double(simd::flush_subnormal(C0[std::size_t(i * ldc + j)])) : 0.0;
+      double exact = c0, mag = std::abs(c0);
+      for (index_t p = 0; p < 2 * k2; ++p) {
+        const double t = double(simd::bf16_operand(A[std::size_t(i * lda + p)])) *
+                         double(simd::bf16_operand(B[std::size_t((p / 2) * ldb + 2 * j + p % 2)]));
+        exact += t, mag += std::abs(t);
+      }
+      const double bound = (std::pow(1 + 2 * kU, double(k2)) - 1) * mag + double(2 * k2 + 1) * double(FLT_MIN);
+      worst = std::max(worst, std::abs(double(C[std::size_t(i * ldc + j)]) - exact) / bound);
+    }
+  return worst;
+}
+}  // namespace
+
+TEST_CASE("AMX tiles: the scalar twin and the tiles within the vector kernels' bound; AMX on and off",
+          "[bf16][kernels][amx]") {
+  // The twin (amx::tile_block_twin) walks TDPBF16PS's 16-pair steps with one rounding each; the
+  // tiles round inside a step in their own way (core/amx.hpp). Both, and the vector chain, must
+  // stay within one bound of the exact products (tile_bound_ratio). Where AMX runs, the tiles
+  // and every bf16 kernel with AMX on are checked too; elsewhere the INFO says AMX did not run.
+  std::mt19937 g(41);
+  const bool amx_runs = amx::enabled();
+  INFO("AMX " << (amx_runs ? "runs" : amx::compiled() ? "compiled in, not granted here" : "not compiled in"));
+  double worst_twin = 0, worst_tiles = 0, worst_chain = 0;
+  for (auto [na, nb, k2] : {std::tuple{1, 1, 16}, {2, 2, 64}, {1, 2, 32}, {2, 1, 48}, {2, 2, 256}}) {
+    const index_t M = na * amx::kTileRows, N = nb * amx::kTileCols, ldc = N + 3;
+    const index_t lda = 2 * k2 + 2, ldb = 2 * N + 4;  // strides wider than the tiles
+    INFO("tiles " << na << " x " << nb << ", " << k2 << " pairs");
+    std::vector<bf16> A(std::size_t(M * lda)), B(std::size_t(k2 * ldb));
+    for (auto& v : A) v = moderate_bf16(g);
+    for (auto& v : B) v = moderate_bf16(g);
+    std::vector<float> C0(std::size_t(M * ldc));
+    for (auto& c : C0) c = to_float(moderate_bf16(g)) * 64.f;
+    for (bool acc : {false, true}) {
+      auto chain = C0, twin = C0;
+      if (acc) kernels::tile_gemm_bf16_reference<true>(A.data(), lda, B.data(), ldb, chain.data(), ldc, M, N, k2);
+      else kernels::tile_gemm_bf16_reference<false>(A.data(), lda, B.data(), ldb, chain.data(), ldc, M, N, k2);
+      amx::tile_block_twin(na, nb, A.data(), lda, B.data(), ldb, twin.data(), ldc, k2, acc);
+      worst_chain = std::max(worst_chain, tile_bound_ratio(A, lda, B, ldb, C0, chain, ldc, M, N, k2, acc));
+      worst_twin = std::max(worst_twin, tile_bound_ratio(A, lda, B, ldb, C0, twin, ldc, M, N, k2, acc));
+      if (k2 == amx::kTilePairs) {  // one step: the twin is the exact sum rounded once (<= u |exact|)
+        for (index_t i = 0; i < M; ++i)
+          for (index_t j = 0; j < N; ++j) {
+            const double c0 = acc ? double(simd::flush_subnormal(C0[std::size_t(i * ldc + j)])) : 0.0;
+            double exact = c0, mag = std::abs(c0);
+            for (index_t p = 0; p < 2 * k2; ++p) {
+              const double t = double(simd::bf16_operand(A[std::size_t(i * lda + p)])) *
+                               double(simd::bf16_operand(B[std::size_t((p / 2) * ldb + 2 * j + p % 2)]));
+              exact += t, mag += std::abs(t);
+            }
+            // the double sum's own error is below 33 * 2^-53 * mag
+            CHECK(std::abs(double(twin[std::size_t(i * ldc + j)]) - exact) <=
+                  kU * std::abs(exact) + 40 * std::ldexp(mag, -53) + double(FLT_MIN));
+          }
+      }
+      if (amx_runs) {
+        auto tiles = C0;
+        if (na == 2 && nb == 2) amx::tile_block<2, 2>(A.data(), lda, B.data(), ldb, tiles.data(), ldc, k2, acc);
+        if (na == 1 && nb == 2) amx::tile_block<1, 2>(A.data(), lda, B.data(), ldb, tiles.data(), ldc, k2, acc);
+        if (na == 2 && nb == 1) amx::tile_block<2, 1>(A.data(), lda, B.data(), ldb, tiles.data(), ldc, k2, acc);
+        if (na == 1 && nb == 1) amx::tile_block<1, 1>(A.data(), lda, B.data(), ldb, tiles.data(), ldc, k2, acc);
+        worst_tiles = std::max(worst_tiles, tile_bound_ratio(A, lda, B, ldb, C0, tiles, ldc, M, N, k2, acc));
+        // the whole kernel with AMX (rows and pairs off the tile sizes go to the vector chain)
+        auto whole = C0;
+        const index_t Mw = M - 3, k2w = k2 - (k2 > 16 ? 5 : 0);
+        kernels::tile_gemm_bf16<true>(A.data(), lda, B.data(), ldb, whole.data(), ldc, Mw, N, k2w);
+        worst_tiles = std::max(worst_tiles, tile_bound_ratio(A, lda, B, ldb, C0, whole, ldc, Mw, N, k2w, true));
+      }
+    }
+  }
+  CHECK(worst_chain <= 1.0);
+  CHECK(worst_twin <= 1.0);
+  CHECK(worst_tiles <= 1.0);
+  UNSCOPED_INFO("error / bound: vector chain " << worst_chain << ", twin " << worst_twin << ", AMX tiles " << worst_tiles);
+
+  // gemm_nt_bf16 with AMX on (where it runs) against the bound, deterministic over thread
+  // counts; with AMX off, the reference's bits.
+  struct S {
+    index_t M, N, K;
+  };
+  for (S s : {S{16, 32, 32}, S{47, 96, 90}, S{130, 200, 600}}) {
+    INFO("gemm_nt_bf16 M " << s.M << " N " << s.N << " K " << s.K);
+    std::normal_distribution<float> nd;
+    std::vector<float> A(std::size_t(s.M * s.K)), Wf(std::size_t(s.N * s.K));
+    for (auto& v : A) v = nd(g);
+    for (auto& v : Wf) v = nd(g) * 0.05f;
+    std::vector<bf16> Wb(Wf.size());
+    for (std::size_t i = 0; i < Wf.size(); ++i) Wb[i] = bf16(Wf[i]);
+    std::vector<float> ref(std::size_t(s.M * s.N)), on(ref.size()), on2(ref.size()), off(ref.size());
+    Workspace ws;
+    kernels::gemm_nt_bf16_reference(A.data(), s.K, Wb.data(), s.K, ref.data(), s.N, s.M, s.N, s.K);
+    kernels::gemm_nt_bf16(A.data(), s.K, Wb.data(), s.K, on.data(), s.N, s.M, s.N, s.K, ws);
+    kernels::gemm_nt_bf16(A.data(), s.K, Wb.data(), s.K, on2.data(), s.N, s.M, s.N, s.K, ws, test::two_threads());
+    CHECK(same_all(on, on2));
+    {
+      AmxOff vector_only;
+      CHECK(std::string(simd::bf16_compute_kernels()) != "amx");
+      kernels::gemm_nt_bf16(A.data(), s.K, Wb.data(), s.K, off.data(), s.N, s.M, s.N, s.K, ws);
+    }
+    CHECK(same_all(off, ref));
+    // both within the a-priori bound of a K-long dot product (rows of A against rows of W)
+    double worst = 0;
+    for (index_t i = 0; i < s.M; ++i)
+      for (index_t j = 0; j < s.N; ++j) {
+        double exact = 0, mag = 0;
+        for (index_t k = 0; k < s.K; ++k) {
+          const double t = double(simd::bf16_operand(simd::round_bf16(A[std::size_t(i * s.K + k)]))) *
+                           double(simd::bf16_operand(Wb[std::size_t(j * s.K + k)]));
+          exact += t, mag += std::abs(t);
+        }
+        const double bound = (std::pow(1 + 2 * kU, double((s.K + 1) / 2)) - 1) * mag + double(s.K + 1) * double(FLT_MIN);
+        worst = std::max(worst, std::abs(double(on[std::size_t(i * s.N + j)]) - exact) / bound);
+      }
+    CHECK(worst <= 1.0);
+  }
+  CHECK(std::string(simd::bf16_compute_kernels()) ==
+        (amx_runs ? "amx" : simd::Bf16Dot<simd::Vec>::native ? "avx512-bf16" : "emulated"));
 }
 
 namespace {
@@ -329,12 +470,17 @@ void check_bf16_attention(index_t d, index_t ql, index_t kvl, const Mask& mask, 
   const auto qv = HeadsView<const float>::contiguous(q.data(), H, ql, d);
   AttentionOptions opt;
   opt.compute = Compute::bf16;
-  std::vector<float> out(q.size()), emu(q.size()), t2(q.size(), 3.f), ref(q.size());
+  std::vector<float> out(q.size()), vec(q.size()), emu(q.size()), t2(q.size(), 3.f), ref(q.size());
   Workspace ws;
-  attention(qv, K, V, mask, HeadsView<float>::contiguous(out.data(), H, ql, d), opt, ws);
+  attention(qv, K, V, mask, HeadsView<float>::contiguous(out.data(), H, ql, d), opt, ws);  // AMX where it runs
   attention<Emu>(qv, K, V, mask, HeadsView<float>::contiguous(emu.data(), H, ql, d), opt, ws);
   attention(qv, K, V, mask, HeadsView<float>::contiguous(t2.data(), H, ql, d), opt, ws, test::two_threads());
-  CHECK(same_all(out, emu));  // the native kernel equals the emulation, softmax included
+  {
+    AmxOff vector_kernels;
+    attention(qv, K, V, mask, HeadsView<float>::contiguous(vec.data(), H, ql, d), opt, ws);
+  }
+  CHECK(same_all(vec, emu));  // the native vector kernel equals the emulation, softmax included
+  if (!amx::enabled()) CHECK(same_all(out, vec));
   CHECK(same_all(out, t2));
   std::vector<float> refd(q.size());  // double accumulation, rounded once to fp32 (u << the bound)
   reference::attention(qv, K, V, mask, HeadsView<float>::contiguous(refd.data(), H, ql, d));

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "amx.hpp"
 #include "simd.hpp"
 #include "types.hpp"
 
@@ -207,11 +208,17 @@ struct Bf16Dot<XsimdVec<A>> {
 };
 #endif
 
-/// Which kernels `Compute::bf16` runs in this build (the host's compile flags choose them):
-/// "avx512-bf16" (vdpbf16ps and vcvtneps2bf16, with AVX512-BF16 enabled, e.g. -march=znver4 or
-/// sapphirerapids) or "emulated" (fp32 arithmetic that gives the same bits, anywhere else). The
-/// results are the same either way; only the speed differs. The CLI prints it.
-inline const char* bf16_compute_kernels() noexcept { return Bf16Dot<Vec>::native ? "avx512-bf16" : "emulated"; }
+/// Which kernels `Compute::bf16` runs (the host's compile flags choose what is compiled in; the
+/// CPU and the OS what runs): "amx" (AMX tiles for the many-row products, core/amx.hpp: compiled
+/// with AMX-TILE and AMX-BF16, e.g. -march=sapphirerapids, and granted at run time), else
+/// "avx512-bf16" (vdpbf16ps and vcvtneps2bf16, with AVX512-BF16 enabled, e.g. -march=znver4),
+/// else "emulated" (fp32 arithmetic that gives vdpbf16ps's bits). The vector kernels give the
+/// same bits everywhere; AMX tiles round inside each 16-pair step in their own way, within the
+/// same error bound (docs/bf16.md). The CLI prints it.
+inline const char* bf16_compute_kernels() noexcept {
+  if (Bf16Dot<Vec>::native && amx::enabled()) return "amx";
+  return Bf16Dot<Vec>::native ? "avx512-bf16" : "emulated";
+}
 
 /// y[i] = round_bf16(x[i]) for i < n, W lanes at a time (Bf16Dot<V>::store_rounded).
 template <class V>

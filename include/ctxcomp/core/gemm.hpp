@@ -18,6 +18,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "amx.hpp"
 #include "bf16dot.hpp"
 #include "executor.hpp"
 #include "simd.hpp"
@@ -198,7 +199,9 @@ void gemm_nt_reference(const float* A, index_t lda, const T* B, index_t ldb, flo
 // weights are rounded block by block into a worker scratch), pairs of products accumulated in fp32
 // as vdpbf16ps does. Each output element is one chain over the pairs p = 0..ceil(K/2)-1 in order
 // (an odd K pads the last pair with zeros), whatever the blocking, the vector width or the thread
-// count: `gemm_nt_bf16_reference` reproduces it bit for bit on every target.
+// count: `gemm_nt_bf16_reference` reproduces it bit for bit on every target. Where AMX runs
+// (core/amx.hpp) whole 16-pair steps go through the tiles: the same order of steps and error
+// bound, AMX's last bits (still independent of the thread count).
 
 namespace detail {
 /// acc[j][v] chains over kc2 pairs: A^T panel pairs (MI rows, 2 bf16 each) times the broadcast
@@ -226,6 +229,57 @@ CTXCOMP_NOINLINE void gemm_nt_bf16_micro(const bf16* ap, const bf16* const* w, i
   }
   for (int j = 0; j < NJ; ++j)
     for (int v = 0; v < MV; ++v) V::store(ct + j * ldct + v * W, acc[j][v]);
+}
+
+/// Whether gemm_nt_bf16 runs on AMX tiles (core/amx.hpp): where they run for V and there is at
+/// least one whole 16-pair step.
+template <class V, int MI>
+inline bool gemm_bf16_amx_runs(index_t K2) noexcept {
+  if constexpr (amx::compiled() && simd::Bf16Dot<V>::native && V::width == amx::kTileCols && MI % 32 == 0)
+    return K2 >= amx::kTilePairs && amx::enabled();
+  else
+    return (void)K2, false;
+}
+
+/// gemm_nt_bf16 on AMX for one task's block of pairs [q0, q0 + ql): C^T rows (weights, 16 per
+/// tile, read in place with stride wld) times the activation panels (their [pairs][MI][2]
+/// layout is the tiles' VNNI B layout), blocks of 32 x 32. Whole 16-row groups and whole
+/// 16-pair steps run on the tiles; the pairs past the last step continue each chain on the
+/// vector kernel, four rows at a time, in order (the blocking depends on the shape alone, not
+/// on the thread count). Returns the first row left to the vector kernel (nb rounded down to 16).
+template <class V, int MV, int MI>
+inline index_t gemm_nt_bf16_amx_block(const bf16* wrow0, index_t wld, const bf16* ap, index_t K2, index_t q0,
+                                      index_t ql, float* cw, index_t mpad, index_t M, index_t nb,
+                                      index_t panels) noexcept {
+  constexpr index_t R = amx::kTileRows;
+  const index_t nb16 = nb / R * R, ql16 = ql / amx::kTilePairs * amx::kTilePairs;
+  if (nb16 == 0) return 0;
+  for (index_t j0 = 0; j0 < nb16 && ql16 > 0; j0 += 2 * R) {
+    const bf16* w = wrow0 + j0 * wld;
+    for (index_t p = 0; p < panels; ++p) {
+      const bf16* a = ap + (p * K2 + q0) * MI * 2;
+      for (index_t c0 = 0; c0 < MI; c0 += 2 * amx::kTileCols) {
+        float* c = cw + j0 * mpad + p * MI + c0;
+        if (j0 + 2 * R <= nb16) amx::tile_block<2, 2>(w, wld, a + 2 * c0, MI * 2, c, mpad, ql16, q0 > 0);
+        else amx::tile_block<1, 2>(w, wld, a + 2 * c0, MI * 2, c, mpad, ql16, q0 > 0);
+      }
+    }
+  }
+  if (ql16 < ql) {
+    constexpr int NJ4 = 4;  // divides 16: the groups stay inside the AMX rows
+    for (index_t j0 = 0; j0 < nb16; j0 += NJ4) {
+      const bf16* w[NJ4];
+      for (int j = 0; j < NJ4; ++j) w[j] = wrow0 + (j0 + j) * wld + 2 * ql16;
+      for (index_t p = 0; p < panels; ++p) {
+        const bf16* a = ap + (p * K2 + q0 + ql16) * MI * 2;
+        float* c = cw + j0 * mpad + p * MI;
+        with_panel_vectors<V, MV>(M - p * MI, [&](auto mv) {
+          gemm_nt_bf16_micro<V, decltype(mv)::value, NJ4, MI>(a, w, ql - ql16, c, mpad, q0 == 0 && ql16 == 0);
+        });
+      }
+    }
+  }
+  return nb16;
 }
 
 /// Whether gemm_nt_bf16 reads these weights in place (bf16 with whole pairs per row).
@@ -267,6 +321,7 @@ void gemm_nt_bf16_impl(const float* A, index_t lda, const T* B, index_t ldb, flo
   const index_t workers = std::max<index_t>(1, exec.concurrency());
   CTXCOMP_CHECK(workers <= 64, "gemm_nt_bf16: executor concurrency (", workers, ") above the supported 64");
   const bool in_place = detail::gemm_bf16_in_place<T>(K);
+  const bool use_amx = detail::gemm_bf16_amx_runs<V, MI>(K2);
   ws.reserve(gemm_nt_bf16_workspace_bytes<T, V>(M, N, K, workers));
   bf16* ap = ws.take<bf16>(mpad * 2 * K2);
   float* ct[64] = {};
@@ -311,7 +366,9 @@ void gemm_nt_bf16_impl(const float* A, index_t lda, const T* B, index_t ldb, flo
             dst[j * 2 * kc2 + (k - 2 * q0)] = k < K ? simd::round_bf16(to_float(B[(o0 + j) * ldb + k])) : bf16(0.f);
         wrow0 = dst, wld = 2 * kc2;
       }
-      for (index_t j0 = 0; j0 < nb; j0 += NJ) {
+      index_t j_vec = 0;  // the vector kernel's first row of C^T (past the AMX rows)
+      if (use_amx) j_vec = detail::gemm_nt_bf16_amx_block<V, MV, MI>(wrow0, wld, ap, K2, q0, ql, cw, mpad, M, nb, panels);
+      for (index_t j0 = j_vec; j0 < nb; j0 += NJ) {
         // Rows past the task's edge repeat its last row; their results are never read.
         const bf16* w[NJ];
         for (int j = 0; j < NJ; ++j) w[j] = wrow0 + std::min<index_t>(j0 + j, nb - 1) * wld;

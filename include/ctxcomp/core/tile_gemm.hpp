@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "amx.hpp"
 #include "bf16dot.hpp"
 #include "simd.hpp"
 #include "types.hpp"
@@ -311,7 +312,8 @@ inline void tile_gemm_nt_gathered(const float* A, index_t lda, const TB* base, c
 // A: row i holds K2 pairs along k at A + i * lda (bf16 elements); B: pair-row p holds N pairs
 // (element (k, j) at B[(k / 2) * ldb + 2 * j + k % 2]), the layout vdpbf16ps reads; C fp32.
 // Each C element is one chain over p = 0..K2-1 of Bf16Dot::dot, whatever the vector width, so
-// every target and the scalar twin give the same bits.
+// every target and the scalar twin give the same bits. Where AMX runs (core/amx.hpp) the tiles
+// take whole 16-pair steps instead: the same order of steps and error bound, other last bits.
 
 namespace detail {
 template <class V, int MR, int NV, bool Accumulate>
@@ -370,11 +372,49 @@ inline void tile_gemm_bf16_any(const bf16* A, index_t lda, const bf16* B, index_
 }
 }  // namespace detail
 
+namespace detail {
+/// AMX (core/amx.hpp), where it runs: whole 16-row groups and whole 16-pair steps on the tiles
+/// (blocks of up to 32 x 32), then the pairs past the last whole step and the rows past the last
+/// whole group on the vector kernel, each chain continuing in pair order where the tiles left
+/// it. The error bound is the vector kernel's (amx.hpp); the bits are AMX's. Returns false
+/// (nothing done) where AMX does not run for V (only for the native AVX512-BF16 vector type) or
+/// the tile is too small.
+template <bool Accumulate, class V, int NVec>
+inline bool tile_gemm_bf16_amx(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc, index_t M,
+                               index_t N, index_t K2) noexcept {
+  if constexpr (!amx::compiled() || !simd::Bf16Dot<V>::native || V::width != amx::kTileCols) {
+    (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)M, (void)N, (void)K2;
+    return false;
+  } else {
+    if (M < amx::kTileRows || K2 < amx::kTilePairs || !amx::enabled()) return false;
+    constexpr index_t R = amx::kTileRows, T = amx::kTileCols;
+    const index_t M16 = M / R * R, K16 = K2 / amx::kTilePairs * amx::kTilePairs;
+    for (index_t i = 0; i < M16; i += 2 * R) {
+      const bool two_rows = i + 2 * R <= M16;
+      for (index_t j = 0; j < N; j += 2 * T) {
+        const bool two_cols = j + 2 * T <= N;
+        const bf16* a = A + i * lda;
+        const bf16* b = B + 2 * j;
+        float* c = C + i * ldc + j;
+        if (two_rows && two_cols) amx::tile_block<2, 2>(a, lda, b, ldb, c, ldc, K16, Accumulate);
+        else if (two_rows) amx::tile_block<2, 1>(a, lda, b, ldb, c, ldc, K16, Accumulate);
+        else if (two_cols) amx::tile_block<1, 2>(a, lda, b, ldb, c, ldc, K16, Accumulate);
+        else amx::tile_block<1, 1>(a, lda, b, ldb, c, ldc, K16, Accumulate);
+      }
+    }
+    if (K16 < K2) tile_gemm_bf16_any<true, V, NVec>(A + 2 * K16, lda, B + K16 * ldb, ldb, C, ldc, M16, N, K2 - K16);
+    if (M16 < M) tile_gemm_bf16_any<Accumulate, V, NVec>(A + M16 * lda, lda, B, ldb, C + M16 * ldc, ldc, M - M16, N, K2);
+    return true;
+  }
+}
+}  // namespace detail
+
 /// C[M x N] = A * B (Accumulate = false) or C += A * B over K2 bf16 pairs (layouts above).
-/// N % V::width == 0.
+/// N % V::width == 0. On AMX tiles where they run (core/amx.hpp: the same bound, AMX's bits).
 template <bool Accumulate, class V = simd::Vec>
 inline void tile_gemm_bf16(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc, index_t M,
                            index_t N, index_t K2) noexcept {
+  if (detail::tile_gemm_bf16_amx<Accumulate, V, 0>(A, lda, B, ldb, C, ldc, M, N, K2)) return;
   detail::tile_gemm_bf16_any<Accumulate, V, 0>(A, lda, B, ldb, C, ldc, M, N, K2);
 }
 
@@ -384,6 +424,7 @@ template <bool Accumulate, index_t N, class V = simd::Vec>
 inline void tile_gemm_bf16_n(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc, index_t M,
                              index_t K2) noexcept {
   static_assert(N > 0 && N % V::width == 0, "N must be a positive multiple of the vector width");
+  if (detail::tile_gemm_bf16_amx<Accumulate, V, int(N / V::width)>(A, lda, B, ldb, C, ldc, M, N, K2)) return;
   detail::tile_gemm_bf16_any<Accumulate, V, int(N / V::width)>(A, lda, B, ldb, C, ldc, M, N, K2);
 }
 
