@@ -174,7 +174,7 @@ void add_cache_tensors(const Kv& cache, std::vector<std::vector<float>>& bufs, s
 }
 
 struct FoldArgs {
-  std::string model, input, output;
+  std::string model, adapter, input, output;
   std::int64_t cl = -1, cr = -1;  // given with --cl / --cr, else from the checkpoint's tokenizer files
   bool cl_given = false, cr_given = false;
   bool every_span = false, at_end = false;
@@ -183,10 +183,25 @@ struct FoldArgs {
   index_t block_size = 16;
 };
 
+/// Prints the notes a LoRA adapter left (a base model name that differs, ...) to stderr.
+template <class Model>
+void print_adapter_notes(const Model& model, const char* cmd) {
+  if (!model.lora) return;
+  std::fprintf(stderr, "ctxcomp %s: merged LoRA adapter '%s' (%zu weights, r %lld, scale %g)\n", cmd,
+               model.lora->origin().c_str(), model.lora->pairs(), static_cast<long long>(model.lora->config().r),
+               model.lora->config().scale());
+  for (const auto& w : model.lora->warnings()) std::fprintf(stderr, "ctxcomp %s: warning: %s\n", cmd, w.c_str());
+}
+
 int run_fold(FoldArgs a) {
-  const auto model = host::LlamaModel<float>::load(a.model);
+  const auto model = host::LlamaModel<float>::load(a.model, a.adapter);
+  print_adapter_notes(model, "fold");
   const auto& c = model.config;
-  std::tie(a.cl, a.cr) = io::sentinel_ids(a.model, a.cl_given ? std::optional<std::int64_t>(a.cl) : std::nullopt,
+  // The sentinels are tokens the training script added: the adapter's tokenizer files (saved
+  // beside it) when it has them, else the checkpoint's.
+  const std::string tok_dir =
+      !a.adapter.empty() && io::AddedTokens::load(a.adapter).size() > 0 ? a.adapter : a.model;
+  std::tie(a.cl, a.cr) = io::sentinel_ids(tok_dir, a.cl_given ? std::optional<std::int64_t>(a.cl) : std::nullopt,
                                           a.cr_given ? std::optional<std::int64_t>(a.cr) : std::nullopt);
   auto in = io::SafeTensors::open(a.input);
   const auto ids = read_ids(in, "input_ids");
@@ -229,7 +244,7 @@ int run_fold(FoldArgs a) {
 
 
 struct SacArgs {
-  std::string model, anchor_embeds, input, output, mask = "full";
+  std::string model, adapter, anchor_embeds, input, output, mask = "full";
   index_t chunk_size = 0, ratio = 0;
   int threads = 1;
   std::string compute = "fp32";
@@ -238,7 +253,8 @@ struct SacArgs {
 };
 
 int run_sac(const SacArgs& a) {
-  const auto model = host::LlamaModel<float>::load(a.model);
+  const auto model = host::LlamaModel<float>::load(a.model, a.adapter);
+  print_adapter_notes(model, "sac");
   const auto& c = model.config;
   auto in = io::SafeTensors::open(a.input);
   auto ae = io::SafeTensors::open(a.anchor_embeds);
@@ -328,6 +344,8 @@ int main(int argc, char** argv) {
   auto* fo = app.add_subcommand("fold", "Run a Llama-family checkpoint (Llama, Mistral, Qwen2, Qwen3) over input_ids, folding every <CL>...<CR> span into its <CR>");
   fo->add_option("--model", fa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 (config.json + model.safetensors, or shards with model.safetensors.index.json)")
       ->required()->check(CLI::ExistingDirectory);
+  fo->add_option("--adapter", fa.adapter, "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into --model's weights at load time")
+      ->check(CLI::ExistingDirectory);
   fo->add_option("--input", fa.input, "safetensors file with tensor input_ids [n] (I64 or I32)")->required()->check(CLI::ExistingFile);
   fo->add_option("--output", fa.output,
                  "Output safetensors: logits [n x vocab] F32, kept_index [m] I64, layer{i}_k / layer{i}_v [kv_heads x m x head_dim] F32")
@@ -354,6 +372,8 @@ int main(int argc, char** argv) {
   auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a Llama-family checkpoint, then decode");
   sc->add_option("--model", sa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 (config.json + model.safetensors, or shards with model.safetensors.index.json)")
       ->required()->check(CLI::ExistingDirectory);
+  sc->add_option("--adapter", sa.adapter, "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into --model's weights at load time (compressing and decoding)")
+      ->check(CLI::ExistingDirectory);
   sc->add_option("--anchor-embeds", sa.anchor_embeds,
                  "safetensors file with role_tokens [anchors per chunk x hidden] and special_tokens [2 x hidden] F32")
       ->required()->check(CLI::ExistingFile);

@@ -6,10 +6,13 @@
 // engine: small on purpose. Semantics: transformers' LlamaForCausalLM, MistralForCausalLM (no
 // sliding window), Qwen2ForCausalLM (q/k/v biases) and Qwen3ForCausalLM (per-head q/k RMSNorm
 // before RoPE), eager attention; tied or untied embeddings; Llama 3 RoPE. Loading is strict: a
-// checkpoint tensor the host would not use is an error, never silently dropped.
+// checkpoint tensor the host would not use is an error, never silently dropped. A PEFT LoRA
+// adapter (a directory, or a checkpoint in the LoRA-injected layout) is merged at load time
+// (io/lora.hpp).
 #pragma once
 #include <ctxcomp/ctxcomp.hpp>
 #include <ctxcomp/io/checkpoint.hpp>
+#include <ctxcomp/io/lora.hpp>
 #include <ctxcomp/kv/kv_cache.hpp>
 #include <memory>
 #include <string>
@@ -43,8 +46,12 @@ struct LlamaModel {
   const T* final_norm = nullptr;
   WeightView<T> lm_head;
   std::shared_ptr<io::TensorStore<T>> store;
+  std::shared_ptr<io::LoraAdapter> lora;  // the merged LoRA adapter, if any
 
-  static LlamaModel load(const std::string& dir) {
+  /// Loads checkpoint `dir`; with `adapter_dir`, merges that PEFT LoRA adapter directory into its
+  /// weights (fp32 merge before any conversion to T). A checkpoint in the LoRA-injected layout
+  /// merges its own LoRA; it cannot take a second adapter.
+  static LlamaModel load(const std::string& dir, const std::string& adapter_dir = {}) {
     LlamaModel m;
     const std::string cp = dir + "/config.json";
     const auto j = io::read_json(cp);
@@ -57,6 +64,20 @@ struct LlamaModel {
     CTXCOMP_CHECK(c.vocab > 0, cp, ": vocab_size (", c.vocab, ") must be positive");  // the rest: transformer_dims
     m.store = std::make_shared<io::TensorStore<T>>(io::TensorStore<T>::open_dir(dir));
     auto& st = *m.store;
+    m.lora = io::LoraAdapter::injected(st, dir);
+    if (m.lora && !adapter_dir.empty())
+      fail(dir, ": the checkpoint already holds a LoRA (injected layout); it cannot take the adapter '", adapter_dir, "' too");
+    if (!adapter_dir.empty()) m.lora = io::LoraAdapter::load(adapter_dir);
+    if (m.lora) {
+      m.lora->note_base_model(j.contains("_name_or_path") && j["_name_or_path"].is_string()
+                                  ? j["_name_or_path"].get<std::string>() : std::string());
+      st.set_overlay(m.lora);
+      // An adapter trained with added tokens stores the resized embeddings: its vocabulary.
+      if (m.lora->replacement("model.embed_tokens.weight").second) {
+        const auto es = st.shape_of("model.embed_tokens.weight");
+        if (es.size() == 2) c.vocab = es[0];  // (its width is checked as it loads)
+      }
+    }
     const auto& a = c.arch;
     const std::int64_t d = c.hidden, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim, in = c.intermediate;
     auto wv = [&](const std::string& p, std::int64_t o, std::int64_t i, bool bias) {
@@ -92,6 +113,7 @@ struct LlamaModel {
                       cp, ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
     }
     st.check_all_consumed(a.name, io::harmless_extra_tensor);
+    if (m.lora) m.lora->check_all_used(a.name);
     return m;
   }
 };

@@ -10,6 +10,7 @@
 #include <deque>
 #include <limits>
 #include <map>
+#include <memory>
 #include <utility>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -340,9 +341,29 @@ class CheckpointFiles {
   std::map<std::string, std::size_t> where_;  // tensor -> index into files_
 };
 
+/// What an adapter changes in a checkpoint's tensors as a loader reads them (io/lora.hpp: LoRA).
+class TensorOverlay {
+ public:
+  virtual ~TensorOverlay() = default;
+  /// The tensor the adapter stores whole in place of the checkpoint's `name` (a resized
+  /// embedding, a module saved with the adapter), or {nullptr, nullptr}.
+  virtual std::pair<const SafeTensors*, const TensorInfo*> replacement(const std::string& name) const = 0;
+  /// Whether the adapter updates weight `name`.
+  virtual bool updates(const std::string& name) const = 0;
+  /// Adds the adapter's update to weight `name` ([rows x cols] fp32, in place), checking its shape.
+  virtual void merge(const std::string& name, float* w, std::int64_t rows, std::int64_t cols) = 0;
+  /// Whether the checkpoint's own tensor `name` belongs to the adapter (a LoRA-injected layout's
+  /// `lora_A.default` / `lora_B.default`) and was used.
+  virtual bool used_checkpoint_tensor(const std::string& name) const = 0;
+};
+
 /// Owned tensors loaded from a checkpoint (one file, or a sharded directory), converted to T,
 /// each checked for its shape. The store records which tensors were loaded, so a loader can
-/// refuse a checkpoint that holds weights it did not consume (`check_all_consumed`).
+/// refuse a checkpoint that holds weights it did not consume (`check_all_consumed`). With an
+/// overlay (`set_overlay`, e.g. a LoRA adapter), replaced tensors come from the adapter and
+/// updated weights are merged in fp32 before the conversion to T. A checkpoint in PEFT's
+/// LoRA-injected layout stores a module's weight as `<module>.base_layer.weight`: `load` of
+/// `<module>.weight` finds it there.
 template <class T>
 class TensorStore {
  public:
@@ -360,20 +381,38 @@ class TensorStore {
 
   /// Loads `name` with `shape`; the error names the missing or mis-shaped tensor.
   const T* load(const std::string& name, const std::vector<std::int64_t>& shape) {
-    auto it = where_.find(name);
-    if (it == where_.end()) fail(origin_, ": missing tensor '", name, "'");
-    const auto& [file, t] = it->second;
+    auto [file, t] = locate(name);
+    if (!t) fail(origin_, ": missing tensor '", name, "'");
     if (t->shape != shape)
-      fail(file->path(), ": tensor '", name, "' has shape ", SafeTensors::shape_str(t->shape), ", expected ",
+      fail(file->path(), ": tensor '", t->name, "' has shape ", SafeTensors::shape_str(t->shape), ", expected ",
            SafeTensors::shape_str(shape));
     auto& v = tensors_[name];
-    v = file->read<T>(name);
+    if (overlay_ && overlay_->updates(name)) {  // merged in fp32, then converted once
+      CTXCOMP_CHECK(shape.size() == 2, origin_, ": adapter update of '", name, "', which is not a matrix");
+      std::vector<float> w(static_cast<std::size_t>(t->numel()));
+      file->convert_into(*t, w.data());
+      overlay_->merge(name, w.data(), shape[0], shape[1]);
+      v.resize(w.size());
+      for (std::size_t i = 0; i < w.size(); ++i) v[i] = from_float<T>(w[i]);
+    } else {
+      v.resize(static_cast<std::size_t>(t->numel()));
+      file->convert_into(*t, v.data());
+    }
     return v.data();
   }
   /// `load` when the checkpoint holds `name`, nullptr otherwise.
   const T* load_if_present(const std::string& name, const std::vector<std::int64_t>& shape) {
     return contains(name) ? load(name, shape) : nullptr;
   }
+  /// The shape of `name` as `load` would find it (the adapter's replacement first), or empty.
+  std::vector<std::int64_t> shape_of(const std::string& name) const {
+    const TensorInfo* t = locate(name).second;
+    return t ? t->shape : std::vector<std::int64_t>{};
+  }
+  /// Applies `overlay` to the tensors loaded from now on (nullptr: none).
+  void set_overlay(std::shared_ptr<TensorOverlay> overlay) { overlay_ = std::move(overlay); }
+  /// The files of the checkpoint (for an adapter that reads an injected layout's own tensors).
+  const std::deque<SafeTensors>& files() const noexcept { return files_; }
   /// A [out_features x in_features] weight (PyTorch Linear layout), with its [out_features] bias
   /// when `bias` names one (empty: no bias).
   WeightView<T> load_weight(const std::string& name, std::int64_t out_features, std::int64_t in_features,
@@ -382,10 +421,18 @@ class TensorStore {
     if (!bias.empty()) w.bias = load(bias, {out_features});
     return w;
   }
-  /// Whether the checkpoint holds `name`.
-  bool contains(const std::string& name) const { return where_.count(name) != 0; }
-  /// Whether `name` was loaded.
-  bool consumed(const std::string& name) const { return tensors_.count(name) != 0; }
+  /// Whether the checkpoint (or the adapter in its place) holds `name`.
+  bool contains(const std::string& name) const { return locate(name).second != nullptr; }
+  /// Whether the checkpoint's tensor `name` was loaded (under its own name, as the base layer of
+  /// an injected LoRA module, or as the adapter's part of one).
+  bool consumed(const std::string& name) const {
+    if (tensors_.count(name) != 0) return true;
+    const std::string base = ".base_layer.weight";
+    if (name.size() > base.size() && name.compare(name.size() - base.size(), base.size(), base) == 0 &&
+        tensors_.count(name.substr(0, name.size() - base.size()) + ".weight") != 0)
+      return true;
+    return overlay_ && overlay_->used_checkpoint_tensor(name);
+  }
   /// Where the tensors come from (a file or a directory), for messages.
   const std::string& origin() const noexcept { return origin_; }
 
@@ -413,8 +460,25 @@ class TensorStore {
     for (const auto& f : files_)
       for (const auto& t : f.tensors()) where_[t.name] = {&f, &t};
   }
+  /// Where `name` is read from: the adapter's replacement, the checkpoint's own tensor, or
+  /// (`<module>.weight`) the base layer of a LoRA-injected module.
+  std::pair<const SafeTensors*, const TensorInfo*> locate(const std::string& name) const {
+    if (overlay_) {
+      auto r = overlay_->replacement(name);
+      if (r.second) return r;
+    }
+    auto it = where_.find(name);
+    if (it != where_.end()) return it->second;
+    const std::string w = ".weight";
+    if (name.size() > w.size() && name.compare(name.size() - w.size(), w.size(), w) == 0) {
+      it = where_.find(name.substr(0, name.size() - w.size()) + ".base_layer.weight");
+      if (it != where_.end()) return it->second;
+    }
+    return {nullptr, nullptr};
+  }
 
   std::string origin_;
+  std::shared_ptr<TensorOverlay> overlay_;
   std::deque<SafeTensors> files_;  // stable addresses for where_
   std::map<std::string, std::pair<const SafeTensors*, const TensorInfo*>> where_;
   std::map<std::string, std::vector<T>> tensors_;  // node-based: pointers stay valid
