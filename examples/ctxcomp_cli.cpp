@@ -244,7 +244,7 @@ int run_fold(FoldArgs a) {
 
 
 struct SacArgs {
-  std::string model, adapter, anchor_embeds, input, output, mask = "full";
+  std::string model, adapter, sac_adapter, anchor_embeds, input, output, mask = "full";
   index_t chunk_size = 0, ratio = 0;
   int threads = 1;
   std::string compute = "fp32";
@@ -256,19 +256,39 @@ int run_sac(const SacArgs& a) {
   const auto model = host::LlamaModel<float>::load(a.model, a.adapter);
   print_adapter_notes(model, "sac");
   const auto& c = model.config;
+  // SAC's compressing LoRA (--sac-adapter): merged into a copy of the layers that compress only.
+  std::optional<host::SacCompressingWeights<float>> sac_w;
+  if (!a.sac_adapter.empty()) {
+    sac_w.emplace(host::SacCompressingWeights<float>::load(model, a.sac_adapter));
+    std::fprintf(stderr, "ctxcomp sac: compressing with the LoRA of '%s' (decoding with the model's own weights)\n",
+                 a.sac_adapter.c_str());
+  }
+  const bool embeds_from_adapter = sac_w && sac_w->has_embeddings() && a.anchor_embeds.empty();
+  if (a.anchor_embeds.empty() && !embeds_from_adapter)
+    fail("sac: --anchor-embeds is required (role_tokens and special_tokens), unless --sac-adapter is a converted "
+         "adapter.pt that holds them");
   auto in = io::SafeTensors::open(a.input);
-  auto ae = io::SafeTensors::open(a.anchor_embeds);
   const auto ids = read_ids(in, "input_ids");
   const index_t n = index_t(ids.size());
   if (n == 0) fail(a.input, ": input_ids is empty; there is no context to compress");
   const bool has_targets = in.contains("lm_target_ids");
   const auto targets = has_targets ? read_ids(in, "lm_target_ids") : std::vector<std::int64_t>{};
   index_t mem, dr, ns, ds;
-  const auto roles = read_matrix(ae, "role_tokens", mem, dr);
-  const auto special = read_matrix(ae, "special_tokens", ns, ds);
-  if (dr != c.hidden) fail(a.anchor_embeds, ": role_tokens has ", dr, " features, the model's hidden size is ", c.hidden);
+  std::vector<float> roles, special;
+  if (embeds_from_adapter) {
+    const auto rv = sac_w->role_tokens();
+    mem = rv.rows(), dr = rv.cols(), ns = 2, ds = c.hidden;
+    roles.assign(rv.data(), rv.data() + mem * dr);
+    special = sac_w->special_tokens();
+  } else {
+    auto ae = io::SafeTensors::open(a.anchor_embeds);
+    roles = read_matrix(ae, "role_tokens", mem, dr);
+    special = read_matrix(ae, "special_tokens", ns, ds);
+  }
+  const std::string embeds_file = embeds_from_adapter ? a.sac_adapter : a.anchor_embeds;
+  if (dr != c.hidden) fail(embeds_file, ": role_tokens has ", dr, " features, the model's hidden size is ", c.hidden);
   if (ns != 2 || ds != c.hidden)
-    fail(a.anchor_embeds, ": special_tokens must be [2 x ", c.hidden, "], found [", ns, " x ", ds, "]");
+    fail(embeds_file, ": special_tokens must be [2 x ", c.hidden, "], found [", ns, " x ", ds, "]");
   const auto plan = anchor::AnchorPlan::uniform(n, a.chunk_size, a.ratio);
   const auto mask = a.mask == "anchor" ? anchor::ChunkMask::Anchor : anchor::ChunkMask::Full;
   host::LlamaHost<float> h(model);
@@ -284,7 +304,7 @@ int run_sac(const SacArgs& a) {
     const auto t0 = std::chrono::steady_clock::now();
     with_threads(a.threads, [&](const auto& exec) {
       host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec,
-                         nullptr, parse_compute(a.compute));
+                         sac_w ? &sac_w->layers() : nullptr, parse_compute(a.compute));
       if (has_targets)
         logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
     });
@@ -374,9 +394,15 @@ int main(int argc, char** argv) {
       ->required()->check(CLI::ExistingDirectory);
   sc->add_option("--adapter", sa.adapter, "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into --model's weights at load time (compressing and decoding)")
       ->check(CLI::ExistingDirectory);
+  sc->add_option("--sac-adapter", sa.sac_adapter,
+                 "SAC's compressing LoRA, applied to the compressing pass only (decoding uses the model's weights): "
+                 "adapter.pt converted by examples/convert_sac_adapter.py (its role_tokens / special_tokens make "
+                 "--anchor-embeds optional), or a PEFT LoRA adapter directory")
+      ->check(CLI::ExistingPath);
   sc->add_option("--anchor-embeds", sa.anchor_embeds,
-                 "safetensors file with role_tokens [anchors per chunk x hidden] and special_tokens [2 x hidden] F32")
-      ->required()->check(CLI::ExistingFile);
+                 "safetensors file with role_tokens [anchors per chunk x hidden] and special_tokens [2 x hidden] F32 "
+                 "(required unless --sac-adapter holds them; given, it takes precedence)")
+      ->check(CLI::ExistingFile);
   sc->add_option("--input", sa.input, "safetensors file with input_ids [n] and optionally lm_target_ids [t] (I64 or I32)")
       ->required()->check(CLI::ExistingFile);
   sc->add_option("--output", sa.output,

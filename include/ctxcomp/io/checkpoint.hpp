@@ -400,6 +400,19 @@ class TensorStore {
     }
     return v.data();
   }
+  /// The fp32 values `load` would convert to T (the adapter's update merged), without keeping
+  /// them: for a second set of weights derived from the same tensor (e.g. a LoRA of one pass).
+  std::vector<float> load_f32(const std::string& name, const std::vector<std::int64_t>& shape) const {
+    auto [file, t] = locate(name);
+    if (!t) fail(origin_, ": missing tensor '", name, "'");
+    if (t->shape != shape)
+      fail(file->path(), ": tensor '", t->name, "' has shape ", SafeTensors::shape_str(t->shape), ", expected ",
+           SafeTensors::shape_str(shape));
+    std::vector<float> w(static_cast<std::size_t>(t->numel()));
+    file->convert_into(*t, w.data());
+    if (overlay_ && overlay_->updates(name)) overlay_->merge(name, w.data(), shape[0], shape[1]);
+    return w;
+  }
   /// `load` when the checkpoint holds `name`, nullptr otherwise.
   const T* load_if_present(const std::string& name, const std::vector<std::int64_t>& shape) {
     return contains(name) ? load(name, shape) : nullptr;

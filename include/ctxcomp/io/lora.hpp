@@ -318,4 +318,87 @@ class LoraAdapter final : public TensorOverlay {
   std::vector<std::string> warnings_;
 };
 
+/// SAC's compressing LoRA (lx-Meteors/SAC), as examples/convert_sac_adapter.py writes it from
+/// adapter.pt: `role_tokens` [mem x hidden], `special_tokens` [2 x hidden], and per layer
+/// `layers.N.{q,v}_proj.lora_A` [in x r] / `.lora_B` [r x out], for y = x W^T + 2 x A B. The
+/// scale 2 is SAC's LinearLoraLayer's (its model/lora.py is not public; the same authors'
+/// related code fixes it at 2: an assumption, stated in the README).
+class SacLora {
+ public:
+  static constexpr double kScale = 2.0;  ///< LinearLoraLayer's fixed scale
+
+  /// Opens and checks a converted adapter: known names only, complete pairs, one rank.
+  static SacLora open(const std::string& path) {
+    SacLora a;
+    a.file_ = std::make_shared<SafeTensors>(SafeTensors::open(path));
+    const std::regex lora(R"(layers\.(\d+)\.(q_proj|v_proj)\.lora_(A|B))");
+    for (const auto& t : a.file_->tensors()) {
+      std::smatch m;
+      if (t.name == "role_tokens" || t.name == "special_tokens") {
+        if (t.shape.size() != 2) fail(path, ": '", t.name, "' must be a matrix, found ", SafeTensors::shape_str(t.shape));
+        continue;
+      }
+      if (!std::regex_match(t.name, m, lora))
+        fail(path, ": tensor '", t.name, "' is not one convert_sac_adapter.py writes (role_tokens, special_tokens, "
+                   "layers.N.{q,v}_proj.lora_A / lora_B)");
+      if (t.shape.size() != 2) fail(path, ": '", t.name, "' must be a matrix, found ", SafeTensors::shape_str(t.shape));
+      a.layers_ = std::max<index_t>(a.layers_, std::stoll(m[1].str()) + 1);
+    }
+    for (const auto& t : a.file_->tensors()) {
+      if (t.name.size() < 6 || t.name.compare(t.name.size() - 6, 6, "lora_A") != 0) continue;
+      const std::string b = t.name.substr(0, t.name.size() - 1) + "B";
+      const TensorInfo* tb = a.file_->find(b);
+      if (!tb) fail(path, ": '", t.name, "' has no '", b, "'");
+      if (t.shape[1] != tb->shape[0])
+        fail(path, ": the rank differs between '", t.name, "' ", SafeTensors::shape_str(t.shape), " and '", b, "' ",
+             SafeTensors::shape_str(tb->shape));
+    }
+    for (const auto& t : a.file_->tensors())
+      if (t.name.size() >= 6 && t.name.compare(t.name.size() - 6, 6, "lora_B") == 0 &&
+          !a.file_->contains(t.name.substr(0, t.name.size() - 1) + "A"))
+        fail(path, ": '", t.name, "' has no lora_A");
+    return a;
+  }
+
+  /// The file.
+  const std::string& path() const noexcept { return file_->path(); }
+  /// Whether it holds the anchor and special embeddings.
+  bool has_embeddings() const { return file_->contains("role_tokens") && file_->contains("special_tokens"); }
+  /// `role_tokens` or `special_tokens` as F32, with its shape.
+  std::vector<float> matrix(const std::string& name, index_t& rows, index_t& cols) const {
+    const TensorInfo& t = file_->info(name);
+    rows = t.shape[0], cols = t.shape[1];
+    return file_->read<float>(name);
+  }
+  /// Highest layer index + 1 among the LoRA matrices (0: none).
+  index_t layers() const noexcept { return layers_; }
+
+  /// Adds 2 (A B)^T to layer `layer`'s `proj` weight w [out x in] (fp32, formed in double and
+  /// rounded once); false when the file has no LoRA for it. A shape that does not fit is an
+  /// error naming the file (an adapter converted from another model).
+  bool merge(index_t layer, const std::string& proj, float* w, std::int64_t out, std::int64_t in) const {
+    const std::string p = "layers." + std::to_string(layer) + "." + proj + ".lora_";
+    const TensorInfo* ta = file_->find(p + "A");
+    if (!ta) return false;
+    const TensorInfo& tb = file_->info(p + "B");
+    if (ta->shape[0] != in || tb.shape[1] != out)
+      fail(file_->path(), ": '", p, "A' ", SafeTensors::shape_str(ta->shape), " and '", p, "B' ",
+           SafeTensors::shape_str(tb.shape), " do not fit the model's ", proj, " [", out, " x ", in,
+           "] (an adapter.pt of another model?)");
+    const std::int64_t r = ta->shape[1];
+    const std::vector<double> A = file_->read<double>(p + "A"), B = file_->read<double>(p + "B");
+    for (std::int64_t o = 0; o < out; ++o)
+      for (std::int64_t i = 0; i < in; ++i) {
+        double d = 0;
+        for (std::int64_t k = 0; k < r; ++k) d += A[std::size_t(i * r + k)] * B[std::size_t(k * out + o)];
+        w[o * in + i] = static_cast<float>(double(w[o * in + i]) + kScale * d);
+      }
+    return true;
+  }
+
+ private:
+  std::shared_ptr<SafeTensors> file_;
+  index_t layers_ = 0;
+};
+
 }  // namespace ctxcomp::io
