@@ -9,11 +9,13 @@ Needs only PyTorch (Debian: python3-torch); the safetensors format is written di
     /usr/bin/python3 examples/convert_param_pt.py param.pt digests.safetensors
 """
 import argparse
-import json
-import struct
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from safetensors_out import write_safetensors  # noqa: E402
 
 NAMES = {"digest_embeddings": "digest_embeds", "AE": "AE"}
 
@@ -29,22 +31,6 @@ def as_matrix(name, t):
     return t
 
 
-def write_safetensors(path, tensors, metadata):
-    header, blobs, offset = {"__metadata__": metadata}, [], 0
-    for name, t in tensors.items():
-        data = t.numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("param_pt", help="official param.pt (a dict with digest_embeddings and AE)")
@@ -56,7 +42,8 @@ def main():
     if "digest_embeddings" not in params:
         raise SystemExit(f"convert_param_pt: {args.param_pt} has no 'digest_embeddings' (keys: {sorted(params)})")
     out = {NAMES[k]: as_matrix(k, params[k]) for k in NAMES if k in params}
-    write_safetensors(args.output, out, {"source": "param.pt"})
+    write_safetensors(args.output, [(k, "F32", t.shape, t.numpy().tobytes()) for k, t in out.items()],
+                      {"source": "param.pt"})
     for k, t in out.items():
         print(f"{k}: {list(t.shape)}", file=sys.stderr)
 

@@ -16,12 +16,14 @@ raw storages), without PyTorch. The legacy pre-1.6 (non-zip) format is refused.
 """
 import argparse
 import collections
-import json
+import os
 import pickle
 import re
-import struct
 import sys
 import zipfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from safetensors_out import write_safetensors  # noqa: E402
 
 DTYPES = {  # torch storage class -> (safetensors dtype, bytes per element)
     "FloatStorage": ("F32", 4), "HalfStorage": ("F16", 2), "BFloat16Storage": ("BF16", 2),
@@ -157,29 +159,14 @@ def convert(state, path):
     return out
 
 
-def write_safetensors(path, tensors, metadata):
-    header, blobs, offset = {"__metadata__": metadata}, [], 0
-    for name, (t, shape) in tensors.items():
-        data = t.contiguous_bytes()
-        header[name] = {"dtype": t.storage.dtype[0], "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("adapter_pt", help="SAC's adapter.pt (torch.save of the compressing copy's trainable state)")
     ap.add_argument("output", help="safetensors file to write")
     args = ap.parse_args()
     tensors = convert(load(args.adapter_pt), args.adapter_pt)
-    write_safetensors(args.output, tensors, {"source": "SAC adapter.pt", "lora_scale": "2"})
+    write_safetensors(args.output, [(k, t.storage.dtype[0], shape, t.contiguous_bytes()) for k, (t, shape) in tensors.items()],
+                      {"source": "SAC adapter.pt", "lora_scale": "2"})
     for k, (t, shape) in tensors.items():
         print(f"{k}: {list(shape)} {t.storage.dtype[0]}")
 

@@ -207,21 +207,33 @@ namespace {
 /// ((1 + 2u)^k2 - 1) (|c| + sum |products|) + flush slack: two roundings of at most u per pair
 /// (the vector chain), one of at most u per 16-pair step (the twin) or of at most 32 u per step
 /// (AMX, amx::kStepErrorUlps) all fit it.
+/// Element (i, j) of C0 (or 0) + A * B over k2 pairs in double, from the operands as read
+/// (subnormals as zero), with |c| + sum |products| (the double sum's own error is below
+/// 2 k2 * 2^-53 * mag).
+struct Exact {
+  double value, mag;
+};
+Exact exact_element(const std::vector<bf16>& A, index_t lda, const std::vector<bf16>& B, index_t ldb,
+                    const std::vector<float>& C0, index_t ldc, index_t i, index_t j, index_t k2, bool acc) {
+  const double c0 = acc ? double(simd::flush_subnormal(C0[std::size_t(i * ldc + j)])) : 0.0;
+  Exact e{c0, std::abs(c0)};
+  for (index_t p = 0; p < 2 * k2; ++p) {
+    const double t = double(simd::bf16_operand(A[std::size_t(i * lda + p)])) *
+                     double(simd::bf16_operand(B[std::size_t((p / 2) * ldb + 2 * j + p % 2)]));
+    e.value += t, e.mag += std::abs(t);
+  }
+  return e;
+}
+
 double tile_bound_ratio(const std::vector<bf16>& A, index_t lda, const std::vector<bf16>& B, index_t ldb,
                         const std::vector<float>& C0, const std::vector<float>& C, index_t ldc, index_t M, index_t N,
                         index_t k2, bool acc) {
   double worst = 0;
   for (index_t i = 0; i < M; ++i)
     for (index_t j = 0; j < N; ++j) {
-      const double c0 = acc ? double(simd::flush_subnormal(C0[std::size_t(i * ldc + j)])) : 0.0;
-      double exact = c0, mag = std::abs(c0);
-      for (index_t p = 0; p < 2 * k2; ++p) {
-        const double t = double(simd::bf16_operand(A[std::size_t(i * lda + p)])) *
-                         double(simd::bf16_operand(B[std::size_t((p / 2) * ldb + 2 * j + p % 2)]));
-        exact += t, mag += std::abs(t);
-      }
-      const double bound = (std::pow(1 + 2 * kU, double(k2)) - 1) * mag + double(2 * k2 + 1) * double(FLT_MIN);
-      worst = std::max(worst, std::abs(double(C[std::size_t(i * ldc + j)]) - exact) / bound);
+      const Exact e = exact_element(A, lda, B, ldb, C0, ldc, i, j, k2, acc);
+      const double bound = (std::pow(1 + 2 * kU, double(k2)) - 1) * e.mag + double(2 * k2 + 1) * double(FLT_MIN);
+      worst = std::max(worst, std::abs(double(C[std::size_t(i * ldc + j)]) - e.value) / bound);
     }
   return worst;
 }
@@ -256,16 +268,9 @@ TEST_CASE("AMX tiles: the scalar twin and the tiles within the vector kernels' b
       if (k2 == amx::kTilePairs) {  // one step: the twin is the exact sum rounded once (<= u |exact|)
         for (index_t i = 0; i < M; ++i)
           for (index_t j = 0; j < N; ++j) {
-            const double c0 = acc ? double(simd::flush_subnormal(C0[std::size_t(i * ldc + j)])) : 0.0;
-            double exact = c0, mag = std::abs(c0);
-            for (index_t p = 0; p < 2 * k2; ++p) {
-              const double t = double(simd::bf16_operand(A[std::size_t(i * lda + p)])) *
-                               double(simd::bf16_operand(B[std::size_t((p / 2) * ldb + 2 * j + p % 2)]));
-              exact += t, mag += std::abs(t);
-            }
-            // the double sum's own error is below 33 * 2^-53 * mag
-            CHECK(std::abs(double(twin[std::size_t(i * ldc + j)]) - exact) <=
-                  kU * std::abs(exact) + 40 * std::ldexp(mag, -53) + double(FLT_MIN));
+            const Exact e = exact_element(A, lda, B, ldb, C0, ldc, i, j, k2, acc);
+            CHECK(std::abs(double(twin[std::size_t(i * ldc + j)]) - e.value) <=
+                  kU * std::abs(e.value) + 40 * std::ldexp(e.mag, -53) + double(FLT_MIN));
           }
       }
       if (amx_runs) {
