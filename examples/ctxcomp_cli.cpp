@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstdio>
 #include <optional>
+#include <thread>
+#include <algorithm>
 #include <tuple>
 #include <ctxcomp/ctxcomp.hpp>
 #include <ctxcomp/io/icformer_checkpoint.hpp>
@@ -110,6 +112,15 @@ struct IcformerArgs {
 
 Compute parse_compute(const std::string& s) { return s == "bf16" ? Compute::bf16 : Compute::fp32; }
 
+/// Opens the safetensors file given with `flag`; a file that is not one is an error naming both.
+io::SafeTensors open_input(const char* flag, const std::string& path) {
+  try {
+    return io::SafeTensors::open(path);
+  } catch (const ctxcomp::Error& e) {
+    fail(flag, " '", path, "' is not a readable safetensors file: ", e.what());
+  }
+}
+
 /// "fp32 compute", or "bf16 compute (<kernels>)" with the kernels this build runs for it.
 std::string compute_note(const std::string& s) {
   return s == "bf16" ? std::string("bf16 compute (") + simd::bf16_compute_kernels() + " kernels)" : "fp32 compute";
@@ -118,8 +129,8 @@ std::string compute_note(const std::string& s) {
 int run_icformer(const IcformerArgs& a) {
   auto ckpt = io::IcformerCheckpoint<float>::load(a.checkpoint);
   const auto& cfg = ckpt.config();
-  auto in = io::SafeTensors::open(a.input);
-  auto dg = io::SafeTensors::open(a.digests);
+  auto in = open_input("--input", a.input);
+  auto dg = open_input("--digests", a.digests);
   index_t n, dc, k, dd;
   const auto context = read_matrix(in, "context_embeds", n, dc);
   const auto digests = read_matrix(dg, "digest_embeds", k, dd);
@@ -138,10 +149,12 @@ int run_icformer(const IcformerArgs& a) {
     if (a.no_chunk) {
       enc.compress(cv, dv, matrix_view(out.data(), k, cfg.hidden), exec);
     } else {
+      const bool tty = isatty(fileno(stderr)) != 0;  // a log gets the closing line only
       enc.compress_chunked(cv, dv, a.max_chunk_len, matrix_view(out.data(), chunks * k, cfg.hidden), exec,
                            [&](index_t done, index_t total) {
-                             if (total > 1) std::fprintf(stderr, "\rctxcomp icformer: chunk %td/%td", done, total);
-                             if (total > 1 && done == total) std::fprintf(stderr, "\n");
+                             if (!tty || total <= 1) return;
+                             std::fprintf(stderr, "\rctxcomp icformer: chunk %td/%td", done, total);
+                             if (done == total) std::fprintf(stderr, "\n");
                            });
     }
   });
@@ -203,7 +216,7 @@ int run_fold(FoldArgs a) {
       !a.adapter.empty() && io::AddedTokens::load(a.adapter).size() > 0 ? a.adapter : a.model;
   std::tie(a.cl, a.cr) = io::sentinel_ids(tok_dir, a.cl_given ? std::optional<std::int64_t>(a.cl) : std::nullopt,
                                           a.cr_given ? std::optional<std::int64_t>(a.cr) : std::nullopt);
-  auto in = io::SafeTensors::open(a.input);
+  auto in = open_input("--input", a.input);
   const auto ids = read_ids(in, "input_ids");
   const index_t n = index_t(ids.size());
   // A span still open at the end of the input would be computed but never folded: report it.
@@ -267,7 +280,7 @@ int run_sac(const SacArgs& a) {
   if (a.anchor_embeds.empty() && !embeds_from_adapter)
     fail("sac: --anchor-embeds is required (role_tokens and special_tokens), unless --sac-adapter is a converted "
          "adapter.pt that holds them");
-  auto in = io::SafeTensors::open(a.input);
+  auto in = open_input("--input", a.input);
   const auto ids = read_ids(in, "input_ids");
   const index_t n = index_t(ids.size());
   if (n == 0) fail(a.input, ": input_ids is empty; there is no context to compress");
@@ -281,7 +294,7 @@ int run_sac(const SacArgs& a) {
     roles.assign(rv.data(), rv.data() + mem * dr);
     special = sac_w->special_tokens();
   } else {
-    auto ae = io::SafeTensors::open(a.anchor_embeds);
+    auto ae = open_input("--anchor-embeds", a.anchor_embeds);
     roles = read_matrix(ae, "role_tokens", mem, dr);
     special = read_matrix(ae, "special_tokens", ns, ds);
   }
@@ -323,17 +336,95 @@ int run_sac(const SacArgs& a) {
   return 0;
 }
 
+/// Edit distance (insertions, deletions, substitutions) between two names.
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diag = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+
+/// " (did you mean 'x'?)" for the closest of `known` within a third of the name's length.
+std::string suggestion(const std::string& name, const std::vector<std::string>& known) {
+  std::string best;
+  std::size_t bd = std::max<std::size_t>(2, name.size() / 3) + 1;
+  for (const auto& k : known) {
+    const std::size_t d = edit_distance(name, k);
+    if (d < bd) bd = d, best = k;
+  }
+  return best.empty() ? std::string() : " (did you mean '" + best + "'?)";
+}
+
+/// CLI11's exit code for an unknown subcommand, option or argument (CLI::ExitCodes::ExtrasError).
+constexpr int kUsageUnknown = static_cast<int>(CLI::ExitCodes::ExtrasError);
+
+/// Names an unknown subcommand or option, as git does, before CLI11 parses (CLI11 would report
+/// the first missing required option instead). Returns the exit code, or -1 to go on.
+int check_names(const CLI::App& app, int argc, char** argv) {
+  if (argc < 2 || argv[1][0] == '-') return -1;  // top-level flags: CLI11's own handling
+  const std::string cmd = argv[1];
+  std::vector<std::string> subs;
+  const CLI::App* sub = nullptr;
+  for (const CLI::App* s : app.get_subcommands([](const CLI::App*) { return true; })) {
+    subs.push_back(s->get_name());
+    if (s->get_name() == cmd) sub = s;
+  }
+  if (!sub) {
+    std::string list;
+    for (const auto& n : subs) list += (list.empty() ? "" : ", ") + n;
+    std::fprintf(stderr, "ctxcomp: '%s' is not a ctxcomp subcommand%s; the subcommands are %s (ctxcomp --help)\n",
+                 cmd.c_str(), suggestion(cmd, subs).c_str(), list.c_str());
+    return kUsageUnknown;
+  }
+  std::vector<std::string> names = {"--help"};
+  for (const CLI::Option* o : sub->get_options())
+    for (const auto& l : o->get_lnames()) names.push_back("--" + l);
+  for (int i = 2; i < argc; ++i) {
+    const std::string tok = argv[i];
+    if (tok.size() < 3 || tok.compare(0, 2, "--") != 0) continue;  // values, short flags
+    const std::string name = tok.substr(0, tok.find('='));
+    if (std::find(names.begin(), names.end(), name) != names.end()) continue;
+    std::fprintf(stderr, "ctxcomp %s: unknown option '%s'%s (ctxcomp %s --help lists them)\n", cmd.c_str(),
+                 name.c_str(), suggestion(name, names).c_str(), cmd.c_str());
+    return kUsageUnknown;
+  }
+  return -1;
+}
+
+/// The exit codes, for --help and docs/errors.md.
+constexpr const char* kExitCodes =
+    "Exit codes: 0 success; 1 an error while running (the message names the file or flag at fault); "
+    "104 a value of the wrong type; 105 a value outside its allowed set or range, or a file or directory "
+    "that does not exist; 106 a required option is missing; 107 / 108 an option given without one it "
+    "needs / with one it excludes; 109 an unknown subcommand, option or argument.";
+
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"ctxcomp: LLM context compression (IC-Former digests, sentinel KV folding, SAC anchors)"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("ctxcomp ") + std::to_string(CTXCOMP_VERSION_MAJOR) + "." +
+                                        std::to_string(CTXCOMP_VERSION_MINOR) + "." +
+                                        std::to_string(CTXCOMP_VERSION_PATCH));
+  app.footer(kExitCodes);
+  // Worker threads: every core this process may use, unless --threads says otherwise.
+  const int all_cores = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, 64);
+  const std::string threads_help = "Worker threads (default: all " + std::to_string(all_cores) +
+                                   " cores here; results are identical for any count)";
   DemoArgs da;
   auto* demo = app.add_subcommand("demo",
                                   "Run IC-Former, sentinel folding and SAC end to end on a built-in context with small "
                                   "seeded models, and print what each did");
   demo->add_option("--tokens", da.opt.tokens, "Context tokens")->default_val(2048)->check(CLI::Range(64, 1 << 20));
-  demo->add_option("--threads", da.opt.threads, "Worker threads")->default_val(1)->check(CLI::Range(1, 64));
+  demo->add_option("--threads", da.opt.threads, threads_help)->default_val(all_cores)->check(CLI::Range(1, 64));
   demo->add_flag("--json", da.json, "Print the rows as JSON");
   demo->add_option("--model", da.opt.model_dir, "Use this Hugging Face checkpoint as the host model")
       ->check(CLI::ExistingDirectory);
@@ -353,8 +444,8 @@ int main(int argc, char** argv) {
                   "Longest chunk: the context is cut into ceil(n / N) equal chunks, each giving k digests")
       ->default_val(512)->check(CLI::PositiveNumber);
   icf->add_flag("--no-chunk", ic.no_chunk, "Compress the whole context as one chunk (k digests)");
-  icf->add_option("--threads", ic.threads, "Worker threads (results are identical for any count)")
-      ->default_val(1)->check(CLI::Range(1, 64));
+  icf->add_option("--threads", ic.threads, threads_help)
+      ->default_val(all_cores)->check(CLI::Range(1, 64));
   icf->add_option("--compute", ic.compute,
                   "Arithmetic of the projections, MLP and attention: fp32 (official results) or bf16 (bf16 operands, "
                   "fp32 accumulation; AVX512-BF16 where available, the same results elsewhere; error bound in docs/bf16.md)")
@@ -378,8 +469,8 @@ int main(int argc, char** argv) {
                                 "tokenizer files, as --cl)");
   auto* every = fo->add_flag("--fold-every-span", fa.every_span, "Evict each span right after its <CR> (default)");
   fo->add_flag("--fold-at-end", fa.at_end, "Process everything first, evict all closed spans at the end")->excludes(every);
-  fo->add_option("--threads", fa.threads, "Worker threads (results are identical for any count)")
-      ->default_val(1)->check(CLI::Range(1, 64));
+  fo->add_option("--threads", fa.threads, threads_help)
+      ->default_val(all_cores)->check(CLI::Range(1, 64));
   fo->add_option("--kv-layout", fa.kv_layout,
                  "How the cache is kept: contiguous (compacted; default), cells (llama.cpp-style cells with holes: "
                  "eviction frees cells, new tokens fill them) or paged (pages of --block-size tokens through a page "
@@ -414,8 +505,8 @@ int main(int argc, char** argv) {
   sc->add_option("--mask", sa.mask, "Attention inside a chunk: full (every token sees the chunk; official) or anchor "
                                     "(anchors see the chunk, the others are causal)")
       ->default_val("full")->check(CLI::IsMember({"full", "anchor"}));
-  sc->add_option("--threads", sa.threads, "Worker threads (results are identical for any count)")
-      ->default_val(1)->check(CLI::Range(1, 64));
+  sc->add_option("--threads", sa.threads, threads_help)
+      ->default_val(all_cores)->check(CLI::Range(1, 64));
   sc->add_option("--compute", sa.compute,
                  "Arithmetic of the compressing forward passes: fp32 (official results) or bf16 (bf16 operands, fp32 "
                  "accumulation; error bound in docs/bf16.md). Decoding stays fp32")
@@ -428,6 +519,8 @@ int main(int argc, char** argv) {
   sc->add_option("--block-size", sa.block_size, "Tokens per page of --kv-layout paged")
       ->default_val(16)->check(CLI::Range(1, 1 << 20));
 
+  for (CLI::App* s : app.get_subcommands([](const CLI::App*) { return true; })) s->footer(kExitCodes);
+  if (const int rc = check_names(app, argc, argv); rc >= 0) return rc;
   CLI11_PARSE(app, argc, argv);
   try {
     if (*demo) return run_demo(da);
