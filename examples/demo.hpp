@@ -28,13 +28,15 @@ struct Row {
   std::string method;                  ///< "icformer", "sentinel", "sac_r4", ...
   index_t context_tokens = 0;          ///< tokens of the context (without sentinels)
   index_t compressed_entries = 0;      ///< cache entries (or digests) left after compression
-  double compression_ratio = 0;        ///< compressed_entries / context_tokens
+  double compression_ratio = 0;        ///< context_tokens / compressed_entries: r, tokens per kept entry (as --ratio)
   double compress_seconds = 0;         ///< wall time of the compression
   double compress_tokens_per_s = 0;    ///< context_tokens / compress_seconds
   std::size_t kv_bytes_before = 0;     ///< host KV cache bytes of the uncompressed context
   std::size_t kv_bytes_after = 0;      ///< host KV cache bytes after compression
   double decode_ms_full = 0;           ///< one decode step over the full cache (median)
   double decode_ms_compressed = 0;     ///< one decode step over the compressed cache (median)
+  double decode_spread_full = 0;       ///< max / min of the timed full-cache steps (1: steady)
+  double decode_spread_compressed = 0; ///< max / min of the timed compressed-cache steps
   double logits_max_abs = 0;           ///< max |logits_compressed - logits_full| of the next token
   double logits_kl = 0;                ///< KL(softmax(full) || softmax(compressed))
 };
@@ -180,20 +182,23 @@ std::vector<Row> run(const Options& o, const Exec& exec) {
   host::LlamaHost<float> h(model);
   std::vector<float> x, logits_full(static_cast<std::size_t>(vocab)), logits(static_cast<std::size_t>(vocab));
   // One decode step of `token` at `position` over `cache` (appended, then truncated back):
-  // logits into `out`; returns the median time of `reps` steps in ms.
+  // logits into `out`; returns the median time of 5 steps (after an untimed one) in ms, their
+  // max / min in `spread`.
+  double spread = 1;
   auto decode = [&](KvCache<float>& cache, std::int64_t position, index_t token_index, std::vector<float>& out) {
     const index_t m = cache.size();
     std::vector<double> times;
     std::vector<float> xv(std::size_t(c.hidden));
-    for (int r = 0; r < 5; ++r) {
+    for (int r = -1; r < 5; ++r) {  // step -1 warms the caches up and is not timed
       const auto t0 = clock::now();
       h.embed(&next_token, 1, matrix_view(xv.data(), 1, c.hidden));
       h.forward(matrix_view(xv.data(), 1, c.hidden), &position, &token_index, Causal(m), cache, exec);
       h.logits(matrix_view<const float>(xv.data(), 1, c.hidden), matrix_view(out.data(), 1, vocab), exec);
       cache.truncate(m);
-      times.push_back(secs(t0) * 1e3);
+      if (r >= 0) times.push_back(secs(t0) * 1e3);
     }
-    std::nth_element(times.begin(), times.begin() + 2, times.end());
+    std::sort(times.begin(), times.end());
+    spread = times.front() > 0 ? times.back() / times.front() : 1;
     return times[2];
   };
   auto prefill = [&](KvCache<float>& cache, const std::int64_t* ids, index_t count) {
@@ -204,12 +209,14 @@ std::vector<Row> run(const Options& o, const Exec& exec) {
     h.embed(ids, count, matrix_view(x.data(), count, c.hidden));
     h.forward(matrix_view(x.data(), count, c.hidden), pos.data(), idx.data(), Causal(0), cache, exec);
   };
+  double spread_full = 1;  // of the full-cache decode, measured once below
   auto finish = [&](Row& r, const KvCache<float>& full, double decode_full_ms) {
     r.context_tokens = n;
-    r.compression_ratio = double(r.compressed_entries) / double(n);
+    r.compression_ratio = double(n) / double(r.compressed_entries);
     r.compress_tokens_per_s = double(n) / r.compress_seconds;
     r.kv_bytes_before = full.bytes_used();
     r.decode_ms_full = decode_full_ms;
+    r.decode_spread_full = spread_full;
     logit_distance(logits_full.data(), logits.data(), vocab, r.logits_max_abs, r.logits_kl);
   };
 
@@ -218,6 +225,7 @@ std::vector<Row> run(const Options& o, const Exec& exec) {
   auto full = h.make_cache(n + 1);
   prefill(full, context.data(), n);
   const double decode_full_ms = decode(full, n, n, logits_full);
+  spread_full = spread;
   std::vector<Row> rows;
 
   // IC-Former: context embeddings -> digests per chunk of 512; the host then sees the soft
@@ -261,6 +269,7 @@ std::vector<Row> run(const Options& o, const Exec& exec) {
     h.forward(matrix_view(soft.data(), chunks * k, c.hidden), pos.data(), idx.data(), Causal(0), cache, exec);
     r.kv_bytes_after = cache.bytes_used();
     r.decode_ms_compressed = decode(cache, chunks * k, chunks * k, logits);
+    r.decode_spread_compressed = spread;
     finish(r, full, decode_full_ms);
     rows.push_back(r);
   }
@@ -283,6 +292,7 @@ std::vector<Row> run(const Options& o, const Exec& exec) {
     std::int64_t position;
     spans.push(&next_token, 1, &position);
     r.decode_ms_compressed = decode(cache, position, sn, logits);
+    r.decode_spread_compressed = spread;
     finish(r, full, decode_full_ms);
     rows.push_back(r);
   }
@@ -303,6 +313,7 @@ std::vector<Row> run(const Options& o, const Exec& exec) {
     r.compressed_entries = cache.size();
     r.kv_bytes_after = cache.bytes_used();
     r.decode_ms_compressed = decode(cache, plan.decode_position(), n, logits);
+    r.decode_spread_compressed = spread;
     finish(r, full, decode_full_ms);
     rows.push_back(r);
   }

@@ -34,7 +34,14 @@ TEST_CASE("ctxcomp demo runs every method and its JSON is consistent", "[cli][de
   const auto j = nlohmann::json::parse(r.out);
   // The tool and this test are built with the same flags: the same kernels for Compute::bf16.
   CHECK(j.at("bf16_compute").get<std::string>() == simd::bf16_compute_kernels());
-  CHECK(j.at("bf16_compute").get<std::string>() == (simd::Bf16Dot<simd::Vec>::native ? "avx512-bf16" : "emulated"));
+  CHECK(j.at("bf16_compute").get<std::string>() ==
+        (amx::enabled() ? "amx" : simd::Bf16Dot<simd::Vec>::native ? "avx512-bf16" : "emulated"));
+  bool disturbed = false;
+  for (const auto& row : j.at("rows"))
+    disturbed = disturbed || row.at("decode_spread_full").get<double>() > 1.5 ||
+                row.at("decode_spread_compressed").get<double>() > 1.5;
+  CHECK(j.at("timings_disturbed").get<bool>() == disturbed);
+  CHECK_THAT(j.at("note").get<std::string>(), Contains("digest embeddings") && Contains("anchor embeddings"));
   // The seeded host: 4 layers, 2 kv heads of 64, fp32 cache.
   const demo::SeededLlama seeded;
   const auto& c = seeded.model.config;
@@ -48,9 +55,12 @@ TEST_CASE("ctxcomp demo runs every method and its JSON is consistent", "[cli][de
     CHECK(tokens == 256);
     CHECK(entries > 0);
     CHECK(entries < tokens);
-    CHECK(row.at("compression_ratio").get<double>() == double(entries) / double(tokens));
+    CHECK(row.at("compression_ratio").get<double>() == double(tokens) / double(entries));  // r: tokens per entry
     CHECK(row.at("kv_bytes_before").get<std::size_t>() == kv_bytes(tokens));
     CHECK(row.at("kv_bytes_after").get<std::size_t>() == kv_bytes(entries));
+    // the spread of the timed decode steps (max / min), which flags disturbed timings
+    CHECK(row.at("decode_spread_full").get<double>() >= 1.0);
+    CHECK(row.at("decode_spread_compressed").get<double>() >= 1.0);
     for (const char* f : {"compress_seconds", "compress_tokens_per_s", "decode_ms_full", "decode_ms_compressed",
                           "logits_max_abs", "logits_kl"}) {
       INFO(f);
