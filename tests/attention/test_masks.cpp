@@ -1,5 +1,8 @@
 // Every mask's per-tile answers agree with its per-element answers, on tiles of awkward sizes.
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
 #include <numeric>
 #include <random>
 
@@ -25,6 +28,29 @@ void check_tiles(const Mask& mask, index_t q_len, index_t kv_len, const char* wh
             for (index_t k = k0; k < k1; ++k) REQUIRE(mask.visible(q, k) == (t == TileVisibility::All));
         }
   CHECK(all + none > 0);  // the shortcut is actually taken somewhere
+  // The exports for an engine's own kernel: over the whole call and a sub-range, dense (with a
+  // row stride wider than the range) and as bits, each element equal to visible().
+  struct R {
+    index_t q0, q1, k0, k1;
+  };
+  for (R r : {R{0, q_len, 0, kv_len}, R{q_len / 3, q_len - q_len / 4, kv_len / 5, kv_len - 1}}) {
+    const index_t w = r.k1 - r.k0, ld = w + 2, words = (w + 63) / 64 + 1;
+    std::vector<float> dense(std::size_t((r.q1 - r.q0) * ld), 7.f);
+    std::vector<std::uint64_t> bits(std::size_t((r.q1 - r.q0) * words), ~std::uint64_t(0));
+    export_mask(mask, r.q0, r.q1, r.k0, r.k1, dense.data(), ld, 0.f, -INFINITY, 16);
+    export_mask_bits(mask, r.q0, r.q1, r.k0, r.k1, bits.data(), words, 16);
+    for (index_t q = r.q0; q < r.q1; ++q) {
+      const float* row = dense.data() + (q - r.q0) * ld;
+      const std::uint64_t* brow = bits.data() + (q - r.q0) * words;
+      for (index_t k = r.k0; k < r.k1; ++k) {
+        const bool v = mask.visible(q, k), b = (brow[(k - r.k0) / 64] >> ((k - r.k0) % 64)) & 1u;
+        REQUIRE(row[k - r.k0] == (v ? 0.f : -INFINITY));
+        REQUIRE(b == v);
+      }
+      REQUIRE(row[w] == 7.f);  // past the range: untouched
+      for (index_t k = w; k < 64 * words; ++k) REQUIRE(((brow[k / 64] >> (k % 64)) & 1u) == 0u);
+    }
+  }
 }
 }  // namespace
 
@@ -71,6 +97,28 @@ TEST_CASE("per-tile answers agree with per-element answers", "[masks]") {
   check_tiles(CellOrder{meta, tok.data(), q_index.data(), 50, 0}, 50, cells, "cell order");
   check_tiles(CellSentinel{roles.data(), 120, 0, meta, tok.data(), 0}, 120, cells, "cell sentinel");
   check_tiles(CellSentinel{roles.data(), 120, 20, meta, tok.data(), 0}, 100, cells, "cell sentinel offset");
+}
+
+TEST_CASE("mask exports refuse bad ranges and strides by name, writing nothing", "[masks][errors]") {
+  std::vector<float> out(64, 5.f);
+  auto err = [&](auto&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  using Catch::Matchers::Contains;
+  CHECK_THAT(err([&] { export_mask(Causal(0), 4, 2, 0, 4, out.data(), 4, 1.f, 0.f); }), Contains("export_mask: rows [4, 2)"));
+  CHECK_THAT(err([&] { export_mask(Causal(0), 0, 2, 0, 8, out.data(), 4, 1.f, 0.f); }), Contains("row stride 4 is below the 8"));
+  std::uint64_t w = 0;
+  CHECK_THAT(err([&] { export_mask_bits(Causal(0), 0, 1, 0, 130, &w, 2); }), Contains("export_mask_bits: row stride 2"));
+  std::vector<int> ids{1, -1, 2, -2};
+  auto roles = sentinel_roles(ids.data(), 4, -1, -2);  // roles for 4 tokens; a range of 6 keys
+  CHECK_THAT(err([&] { export_mask(SentinelSpans{roles.data(), 4, 0, nullptr}, 0, 4, 0, 6, out.data(), 6, 1.f, 0.f); }),
+             Contains("export_mask"));
+  CHECK(std::all_of(out.begin(), out.end(), [](float x) { return x == 5.f; }));
 }
 
 TEST_CASE("count_visible counts the causal triangle", "[masks]") {

@@ -52,6 +52,55 @@ TEST_CASE("span tracker positions and errors", "[fold]") {
   CHECK_THROWS_WITH(fold::SpanTracker(3, 3), Contains("both 3"));
 }
 
+TEST_CASE("span tracker rollback equals replaying the stream without the rolled-back tokens", "[fold]") {
+  // A stream with spans; checkpoints at every point (ordinary token, inside a span, right
+  // after <CL> and after <CR>); draft tokens pushed (including sentinels), then rolled back, then
+  // other tokens: everything the tracker reports equals a tracker that saw only the kept ones.
+  const std::vector<std::int64_t> stream{5, 6, 126, 7, 8, 127, 9, 126, 10, 11, 127, 12, 13};
+  const std::vector<std::int64_t> draft{126, 20, 21}, draft2{22, 127, 23}, after{30, 126, 31, 127, 32};
+  for (std::size_t cut = 0; cut <= stream.size(); ++cut) {
+    INFO("checkpoint after " << cut << " tokens");
+    fold::SpanTracker tr(126, 127, 128), replay(126, 127, 128);
+    std::vector<std::int64_t> pos(64), rpos(64);
+    tr.push(stream.data(), index_t(cut), pos.data());
+    const auto cp = tr.checkpoint();
+    const bool open = tr.span_open();
+    // draft tokens that keep the stream valid: inside an open span only ordinary and <CR>
+    const auto& d = open ? draft2 : draft;
+    tr.push(d.data(), index_t(d.size()), pos.data());
+    tr.rollback(cp);
+    CHECK(tr.size() == index_t(cut));
+    const auto& cont = open ? std::vector<std::int64_t>{40, 127, 41} : after;
+    tr.push(cont.data(), index_t(cont.size()), pos.data());
+    std::vector<std::int64_t> kept(stream.begin(), stream.begin() + std::ptrdiff_t(cut));
+    kept.insert(kept.end(), cont.begin(), cont.end());
+    std::vector<std::int64_t> all_pos(kept.size());
+    replay.push(kept.data(), index_t(kept.size()), all_pos.data());
+    CHECK(std::equal(pos.begin(), pos.begin() + std::ptrdiff_t(cont.size()), all_pos.end() - std::ptrdiff_t(cont.size())));
+    REQUIRE(tr.size() == replay.size());
+    for (index_t t = 0; t < tr.size(); ++t) {
+      CHECK(tr.roles()[std::size_t(t)].role == replay.roles()[std::size_t(t)].role);
+      CHECK(tr.roles()[std::size_t(t)].span == replay.roles()[std::size_t(t)].span);
+      CHECK(tr.evictable(t) == replay.evictable(t));
+    }
+    CHECK(tr.closed_spans() == replay.closed_spans());
+    CHECK(tr.span_open() == replay.span_open());
+    for (std::int32_t j = 0; j < replay.closed_spans(); ++j) CHECK(tr.span_begin(j) == replay.span_begin(j));
+  }
+  // A checkpoint past the stream, or of another stream: named, and nothing changes.
+  fold::SpanTracker a(126, 127, 128), b(126, 127, 128);
+  std::vector<std::int64_t> p(16);
+  a.push(stream.data(), 4, p.data());
+  b.push(stream.data(), 9, p.data());
+  CHECK_THROWS_WITH(a.rollback(b.checkpoint()), Contains("the checkpoint is at token 9, the tracker holds 4"));
+  fold::SpanTracker c(126, 127, 128);
+  const std::vector<std::int64_t> other{5, 6, 7, 8};
+  c.push(other.data(), 4, p.data());
+  auto cp = c.checkpoint();
+  CHECK_THROWS_WITH(b.rollback(cp), Contains("does not describe this stream at token 4"));
+  CHECK(b.size() == 9);
+}
+
 TEST_CASE("every sentinel fixture through the host with folding", "[fold][fixtures]") {
   const auto model = host::LlamaModel<float>::load(llama_dir());
   for (const char* c : kCases)

@@ -294,6 +294,67 @@ index_t count_visible(const Mask& mask, index_t q_len, index_t kv_len, index_t t
   return n;
 }
 
+namespace detail {
+/// Checks an export range against the mask and the output; `fn` names the caller.
+template <class Mask>
+void check_export(const Mask& mask, index_t q0, index_t q1, index_t k0, index_t k1, const void* out, index_t ld,
+                  index_t min_ld, const char* fn) {
+  CTXCOMP_CHECK(0 <= q0 && q0 <= q1 && 0 <= k0 && k0 <= k1, fn, ": rows [", q0, ", ", q1, ") x columns [", k0, ", ",
+                k1, ") is not a range");
+  CTXCOMP_CHECK(ld >= min_ld, fn, ": row stride ", ld, " is below the ", min_ld, " the range needs");
+  CTXCOMP_CHECK(out != nullptr || q0 == q1 || k0 == k1, fn, ": null output");
+  if (q1 > 0 && k1 > 0) mask.check(q1, k1, fn);
+}
+/// Calls f(q, k0, k1, value) for runs of one value over rows [q0, q1) x columns [k0, k1): whole
+/// tiles from mask.tile(), per element inside mixed tiles.
+template <class Mask, class F>
+void for_each_run(const Mask& mask, index_t q0, index_t q1, index_t k0, index_t k1, index_t tile, F&& f) {
+  for (index_t a = q0; a < q1; a += tile)
+    for (index_t b = k0; b < k1; b += tile) {
+      const index_t a1 = std::min(q1, a + tile), b1 = std::min(k1, b + tile);
+      const TileVisibility v = mask.tile(a, a1, b, b1);
+      for (index_t q = a; q < a1; ++q) {
+        if (v != TileVisibility::Mixed) {
+          f(q, b, b1, v == TileVisibility::All);
+          continue;
+        }
+        for (index_t k = b; k < b1; ++k) f(q, k, k + 1, mask.visible(q, k));
+      }
+    }
+}
+}  // namespace detail
+
+/// Writes `mask` over rows [q0, q1) x columns [k0, k1) into out[(q - q0) * ld + (k - k0)] as
+/// `on` (visible) or `off` (hidden): 0 and -inf for an additive mask, 1 and 0 for a boolean
+/// one. For an engine that keeps its own attention kernel and takes only the mask: any mask of
+/// this file (structured, sentinel, cells), over a tile range the caller chooses, into the
+/// caller's memory (nothing allocated; whole tiles come from mask.tile()). The range must lie
+/// inside a call the mask can describe (its check(q1, k1)); errors name export_mask.
+template <class Mask, class T>
+void export_mask(const Mask& mask, index_t q0, index_t q1, index_t k0, index_t k1, T* out, index_t ld, T on, T off,
+                 index_t tile = 64) {
+  detail::check_export(mask, q0, q1, k0, k1, out, ld, k1 - k0, "export_mask");
+  detail::for_each_run(mask, q0, q1, k0, k1, std::max<index_t>(1, tile), [&](index_t q, index_t a, index_t b, bool v) {
+    std::fill(out + (q - q0) * ld + (a - k0), out + (q - q0) * ld + (b - k0), v ? on : off);
+  });
+}
+
+/// Writes `mask` over rows [q0, q1) x columns [k0, k1) as bits: row q - q0 is `words` 64-bit
+/// words from out + (q - q0) * words, bit (k - k0) % 64 of word (k - k0) / 64 set when key k is
+/// visible (least significant bit first, as FlashInfer packs its custom masks; bits past k1
+/// are 0). `words` >= ceil((k1 - k0) / 64). Otherwise as export_mask.
+template <class Mask>
+void export_mask_bits(const Mask& mask, index_t q0, index_t q1, index_t k0, index_t k1, std::uint64_t* out,
+                      index_t words, index_t tile = 64) {
+  detail::check_export(mask, q0, q1, k0, k1, out, words, (k1 - k0 + 63) / 64, "export_mask_bits");
+  for (index_t q = q0; q < q1; ++q) std::fill(out + (q - q0) * words, out + (q - q0 + 1) * words, std::uint64_t(0));
+  detail::for_each_run(mask, q0, q1, k0, k1, std::max<index_t>(1, tile), [&](index_t q, index_t a, index_t b, bool v) {
+    if (!v) return;
+    std::uint64_t* row = out + (q - q0) * words;
+    for (index_t k = a - k0; k < b - k0; ++k) row[k / 64] |= std::uint64_t(1) << (k % 64);
+  });
+}
+
 /// llama.cpp's KQ mask over a cell cache: query row i, of sequence `seq` at position q_pos[i],
 /// sees cell c iff the cell is live, holds a token of `seq` (or the cache has one sequence), and
 /// pos[c] <= q_pos[i]. Per tile: None when no cell of the tile is live for `seq` or all of them

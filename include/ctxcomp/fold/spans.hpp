@@ -74,6 +74,47 @@ class SpanTracker {
       return SentinelSpans{roles_.data(), size(), first, cache.token_index()};
   }
 
+  /// A point of the stream to come back to: what the tracker had seen there (a few integers;
+  /// copy or store it with the session). For speculative decoding (draft tokens pushed, then the
+  /// rejected ones rolled back) and for saved sessions.
+  struct Checkpoint {
+    index_t tokens = 0;              ///< tokens pushed at that point
+    std::size_t spans_opened = 0;    ///< `<CL>`s among them
+    SentinelRoleState state{};       ///< span state after them
+    std::int64_t ordinary = 0;       ///< ordinary tokens among them (the next position id)
+  };
+  /// The current point.
+  Checkpoint checkpoint() const noexcept { return {size(), span_begin_.size(), state_, ordinary_}; }
+  /// Forgets every token pushed after `cp`, as if they had never arrived: the next push continues
+  /// from there (roles, position ids, spans). A checkpoint past the tokens pushed, or one that
+  /// does not describe this tracker's stream at that point, is an error and nothing changes.
+  /// The cache is the host's: truncate it to the same tokens (`kv::truncate_logical(cache,
+  /// cp.tokens)`). K/V a fold already evicted cannot come back, so roll back only to a point
+  /// after the `<CR>` of every span folded since (a span still open, or closed and not yet
+  /// folded, is fine).
+  void rollback(const Checkpoint& cp) {
+    CTXCOMP_CHECK(cp.tokens >= 0 && cp.tokens <= size(), "SpanTracker::rollback: the checkpoint is at token ",
+                  cp.tokens, ", the tracker holds ", size());
+    const std::size_t opened = std::size_t(
+        std::lower_bound(span_begin_.begin(), span_begin_.end(), cp.tokens) - span_begin_.begin());
+    std::int64_t ordinary = 0;  // sentinels (<CL>, <CR>) take no position of their own
+    for (index_t t = 0; t < cp.tokens; ++t) {
+      const SpanRole r = roles_[std::size_t(t)].role;
+      ordinary += (r == SpanRole::Open || r == SpanRole::Close) ? 0 : 1;
+    }
+    const SpanRole last = cp.tokens > 0 ? roles_[std::size_t(cp.tokens - 1)].role : SpanRole::Ordinary;
+    const bool open = last == SpanRole::Open || last == SpanRole::Inner;
+    const std::int32_t closed = std::int32_t(opened) - (open ? 1 : 0);
+    CTXCOMP_CHECK(cp.spans_opened == opened && cp.ordinary == ordinary && cp.state.open == open &&
+                      cp.state.span == closed,
+                  "SpanTracker::rollback: the checkpoint does not describe this stream at token ", cp.tokens,
+                  " (from another tracker?)");
+    roles_.resize(std::size_t(cp.tokens));
+    span_begin_.resize(opened);
+    state_ = cp.state;
+    ordinary_ = cp.ordinary;
+  }
+
   /// Whether stream token t may be evicted: a `<CL>` or inner token of a closed span.
   bool evictable(index_t t) const noexcept {
     const TokenRole& r = roles_[std::size_t(t)];
