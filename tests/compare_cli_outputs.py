@@ -8,7 +8,9 @@ For refactors that must keep the results ("same bits"): build the old and the ne
 Every IC-Former, sentinel, SAC and checkpoints fixture goes through `icformer`, `fold` and `sac`
 (fp32 and bf16 compute, every --kv-layout, 1 and 2 threads) and through `demo --json`; the
 tensors of each pair of output files must be byte-identical (metadata that names the run, such
-as timings, is not compared). Prints one line per run and exits 1 on the first difference.
+as timings, is not compared). `--ignore FIELD` (repeatable, before the two paths) leaves a demo
+JSON field out whose meaning changed on purpose. Prints one line per run and exits 1 on the first
+difference.
 """
 import json
 import os
@@ -94,9 +96,14 @@ def run(cli, args, out):
 
 
 def main():
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    ignore = set()  # demo JSON fields whose meaning changed on purpose between the two builds
+    while len(args) >= 2 and args[0] == "--ignore":
+        ignore.add(args[1])
+        args = args[2:]
+    if len(args) != 2:
         sys.exit(__doc__)
-    old, new = sys.argv[1:]
+    old, new = args
     n = 0
     with tempfile.TemporaryDirectory() as tmp:
         for label, args in runs():
@@ -113,8 +120,10 @@ def main():
             n += 1
         demo = [json.loads(run(cli, "demo --tokens 256 --threads 2 --json", "-")) for cli in (old, new)]
         for j in demo:
+            for key in [k for k in j if k in ignore or k == "timings_disturbed"]:
+                j.pop(key)
             for row in j.get("rows", []):
-                for key in [k for k in row if any(t in k for t in ("seconds", "_ms", "per_s"))]:
+                for key in [k for k in row if k in ignore or any(t in k for t in ("seconds", "_ms", "per_s", "spread"))]:
                     row.pop(key)
         if demo[0] != demo[1]:
             sys.exit("DIFFERENT demo --json (timings left out)")
