@@ -56,7 +56,7 @@ int run_demo(DemoArgs a) {
       "trained with <CL>/<CR> sentinels (random itself unless --model). So max|dlog| and KL only show that each "
       "method runs end to end and changes the next-token distribution; they do not measure what a trained "
       "compressor keeps. Sizes, ratios and timings are real.";
-  // Timings another process disturbed: the 5 timed decode steps spread over 1.5x (max / min).
+  // Timings the machine disturbed: the middle three of the 5 timed decode steps spread over 1.5x.
   constexpr double kSpreadLimit = 1.5;
   bool disturbed = false;
   for (const auto& r : rows)
@@ -94,8 +94,9 @@ int run_demo(DemoArgs a) {
   std::printf("\nratio = context tokens per kept entry (r, as sac's --ratio and the sac_r<r> rows); KV bytes are the host's cache (all layers); decode = one token, median "
               "of 5;\nmax|dlog| and KL compare the next-token logits with the uncompressed run.\n* %s\n", note);
   if (disturbed)
-    std::printf("! the 5 timed decode steps of this figure spread over %.1fx (max / min): another process took the "
-                "cores while it ran; rerun on an idle machine before comparing it.\n", kSpreadLimit);
+    std::printf("! the middle three of this figure's 5 timed decode steps spread over %.1fx (slowest / fastest): the "
+                "cores were not steady while it was measured (another process, or the hypervisor); rerun on an idle "
+                "machine before comparing it.\n", kSpreadLimit);
   return 0;
 }
 

@@ -35,8 +35,8 @@ struct Row {
   std::size_t kv_bytes_after = 0;      ///< host KV cache bytes after compression
   double decode_ms_full = 0;           ///< one decode step over the full cache (median)
   double decode_ms_compressed = 0;     ///< one decode step over the compressed cache (median)
-  double decode_spread_full = 0;       ///< max / min of the timed full-cache steps (1: steady)
-  double decode_spread_compressed = 0; ///< max / min of the timed compressed-cache steps
+  double decode_spread_full = 0;       ///< slowest / fastest of the middle 3 of 5 timed full-cache steps (1: steady)
+  double decode_spread_compressed = 0; ///< the same for the compressed-cache steps
   double logits_max_abs = 0;           ///< max |logits_compressed - logits_full| of the next token
   double logits_kl = 0;                ///< KL(softmax(full) || softmax(compressed))
 };
@@ -182,8 +182,8 @@ std::vector<Row> run(const Options& o, const Exec& exec) {
   host::LlamaHost<float> h(model);
   std::vector<float> x, logits_full(static_cast<std::size_t>(vocab)), logits(static_cast<std::size_t>(vocab));
   // One decode step of `token` at `position` over `cache` (appended, then truncated back):
-  // logits into `out`; returns the median time of 5 steps (after an untimed one) in ms, their
-  // max / min in `spread`.
+  // logits into `out`; returns the median time of 5 steps (after an untimed one) in ms, and in
+  // `spread` the slowest / fastest of the middle three.
   double spread = 1;
   auto decode = [&](KvCache<float>& cache, std::int64_t position, index_t token_index, std::vector<float>& out) {
     const index_t m = cache.size();
@@ -198,7 +198,9 @@ std::vector<Row> run(const Options& o, const Exec& exec) {
       if (r >= 0) times.push_back(secs(t0) * 1e3);
     }
     std::sort(times.begin(), times.end());
-    spread = times.front() > 0 ? times.back() / times.front() : 1;
+    // The spread without the fastest and the slowest step: one stray step (a timer tick, a
+    // page fault) is noise at this scale; another process on the cores slows several.
+    spread = times[1] > 0 ? times[3] / times[1] : 1;
     return times[2];
   };
   auto prefill = [&](KvCache<float>& cache, const std::int64_t* ids, index_t count) {
