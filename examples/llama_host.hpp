@@ -1,11 +1,13 @@
-// Reference host: a Llama-architecture forward pass built only from ctxcomp blocks
-// (embeddings, RMSNorm, RoPE, grouped-query attention through the fused kernel, SwiGLU, lm
-// head), loading Hugging Face checkpoints (config.json + model.safetensors or sharded
+// Reference host: a Llama-architecture (and GPT-NeoX) forward pass built only from ctxcomp
+// blocks (embeddings, RMSNorm or LayerNorm, RoPE, grouped-query attention through the fused
+// kernel, SwiGLU or GELU MLP, lm head), loading Hugging Face checkpoints (config.json + model.safetensors or sharded
 // model-0000k-of-0000N.safetensors with model.safetensors.index.json; F32/F16/BF16) and running
 // prefill or token-by-token decode over a KvCache. The worked example of embedding ctxcomp in an
 // engine: small on purpose. Semantics: transformers' LlamaForCausalLM, MistralForCausalLM (no
 // sliding window), Qwen2ForCausalLM (q/k/v biases) and Qwen3ForCausalLM (per-head q/k RMSNorm
-// before RoPE), eager attention; tied or untied embeddings; Llama 3 RoPE. Loading is strict: a
+// before RoPE) and GPTNeoXForCausalLM (LayerNorm with bias, fused query_key_value, partial
+// rotary, parallel or sequential residual, exact GELU), eager attention; tied or untied
+// embeddings; Llama 3 RoPE. Loading is strict: a
 // checkpoint tensor the host would not use is an error, never silently dropped. A PEFT LoRA
 // adapter (a directory, or a checkpoint in the LoRA-injected layout) is merged at load time
 // (io/lora.hpp).
@@ -35,6 +37,13 @@ struct LlamaLayerWeights {
   SwiGLUWeights<T> mlp;
   const T* q_norm = nullptr;  // [head_dim], Qwen3: RMSNorm of each query head before RoPE
   const T* k_norm = nullptr;  // [head_dim], likewise for keys
+  // GPT-NeoX: LayerNorm biases (the norms are LayerNorms when these are set), the fused
+  // query_key_value [3 * heads * head_dim x hidden] (per head [q | k | v]; q, k, v then empty),
+  // `o` = attention.dense, and the GELU MLP in place of `mlp`.
+  const T* input_norm_bias = nullptr;
+  const T* post_attention_norm_bias = nullptr;
+  WeightView<T> qkv;
+  GeluMlpWeights<T> gelu_mlp;
 };
 
 /// A loaded checkpoint: config and weights (owned, converted to T).
@@ -44,6 +53,7 @@ struct LlamaModel {
   const T* embed = nullptr;  // [vocab x hidden]
   std::vector<LlamaLayerWeights<T>> layers;
   const T* final_norm = nullptr;
+  const T* final_norm_bias = nullptr;  // GPT-NeoX's final_layer_norm bias (a LayerNorm)
   WeightView<T> lm_head;
   std::shared_ptr<io::TensorStore<T>> store;
   std::shared_ptr<io::LoraAdapter> lora;  // the merged LoRA adapter, if any
@@ -57,7 +67,7 @@ struct LlamaModel {
     const auto j = io::read_json(cp);
     auto& c = m.config;
     c.arch = io::decoder_arch(j, cp);
-    const io::TransformerDims t = io::transformer_dims(j, cp);
+    const io::TransformerDims t = c.arch.gpt_neox ? io::gpt_neox_dims(j, cp) : io::transformer_dims(j, cp);
     c.hidden = t.hidden, c.heads = t.heads, c.kv_heads = t.kv_heads, c.head_dim = t.head_dim;
     c.intermediate = t.intermediate, c.layers = t.layers, c.rms_eps = t.rms_eps, c.rope = t.rope;
     c.vocab = io::config_int(j, "vocab_size", cp);
@@ -73,17 +83,49 @@ struct LlamaModel {
                                   ? j["_name_or_path"].get<std::string>() : std::string());
       st.set_overlay(m.lora);
       // An adapter trained with added tokens stores the resized embeddings: its vocabulary.
-      if (m.lora->replacement("model.embed_tokens.weight").second) {
-        const auto es = st.shape_of("model.embed_tokens.weight");
+      if (m.lora->replacement(embed_name(c.arch)).second) {
+        const auto es = st.shape_of(embed_name(c.arch));
         if (es.size() == 2) c.vocab = es[0];  // (its width is checked as it loads)
       }
     }
+    const auto& a = c.arch;
+    const std::int64_t d = c.hidden;
+    auto wv = [&](const std::string& p, std::int64_t o, std::int64_t i, bool bias) {
+      return st.load_weight(p + ".weight", o, i, bias ? p + ".bias" : std::string());
+    };
+    m.embed = st.load(embed_name(a), {c.vocab, d});
+    if (a.gpt_neox) {
+      load_gpt_neox_layers(m, st);
+    } else {
+      load_llama_layers(m, st);
+    }
+    const std::string head = a.gpt_neox ? "embed_out" : "lm_head";
+    if (!a.tied_embeddings) {
+      m.lm_head = wv(head, c.vocab, d, false);
+    } else {
+      // Tied: the output layer is the embedding matrix. A stored output layer must then be a copy of it.
+      m.lm_head = WeightView<T>{m.embed, c.vocab, d};
+      if (const T* h = st.load_if_present(head + ".weight", {c.vocab, d}))
+        CTXCOMP_CHECK(std::equal(h, h + c.vocab * d, m.embed, [](T x, T y) { return to_float(x) == to_float(y); }),
+                      cp, ": tie_word_embeddings is true but ", head, ".weight differs from ", embed_name(a));
+    }
+    st.check_all_consumed(a.name, io::harmless_extra_tensor);
+    if (m.lora) m.lora->check_all_used(a.name);
+    return m;
+  }
+
+ private:
+  static std::string embed_name(const io::DecoderArch& a) {
+    return a.gpt_neox ? "gpt_neox.embed_in.weight" : "model.embed_tokens.weight";
+  }
+
+  static void load_llama_layers(LlamaModel& m, io::TensorStore<T>& st) {
+    const auto& c = m.config;
     const auto& a = c.arch;
     const std::int64_t d = c.hidden, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim, in = c.intermediate;
     auto wv = [&](const std::string& p, std::int64_t o, std::int64_t i, bool bias) {
       return st.load_weight(p + ".weight", o, i, bias ? p + ".bias" : std::string());
     };
-    m.embed = st.load("model.embed_tokens.weight", {c.vocab, d});
     for (index_t i = 0; i < c.layers; ++i) {
       const std::string p = "model.layers." + std::to_string(i) + ".";
       LlamaLayerWeights<T> l;
@@ -102,19 +144,32 @@ struct LlamaModel {
       m.layers.push_back(l);
     }
     m.final_norm = st.load("model.norm.weight", {d});
-    if (!a.tied_embeddings) {
-      m.lm_head = wv("lm_head", c.vocab, d, false);
-    } else {
-      // Tied: the output layer is the embedding matrix. A stored lm_head must then be a copy of it.
-      m.lm_head = WeightView<T>{m.embed, c.vocab, d};
-      if (const T* head = st.load_if_present("lm_head.weight", {c.vocab, d}))
-        CTXCOMP_CHECK(std::equal(head, head + c.vocab * d, m.embed,
-                                 [](T x, T y) { return to_float(x) == to_float(y); }),
-                      cp, ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
+  }
+
+  // GPT-NeoX: gpt_neox.layers.N.{input_layernorm, post_attention_layernorm}.{weight, bias},
+  // attention.query_key_value / attention.dense, mlp.dense_h_to_4h / dense_4h_to_h, and
+  // gpt_neox.final_layer_norm.
+  static void load_gpt_neox_layers(LlamaModel& m, io::TensorStore<T>& st) {
+    const auto& c = m.config;
+    const auto& a = c.arch;
+    const std::int64_t d = c.hidden, qd = c.heads * c.head_dim, in = c.intermediate;
+    auto wv = [&](const std::string& p, std::int64_t o, std::int64_t i, bool bias) {
+      return st.load_weight(p + ".weight", o, i, bias ? p + ".bias" : std::string());
+    };
+    for (index_t i = 0; i < c.layers; ++i) {
+      const std::string p = "gpt_neox.layers." + std::to_string(i) + ".";
+      LlamaLayerWeights<T> l;
+      l.input_norm = st.load(p + "input_layernorm.weight", {d});
+      l.input_norm_bias = st.load(p + "input_layernorm.bias", {d});
+      l.post_attention_norm = st.load(p + "post_attention_layernorm.weight", {d});
+      l.post_attention_norm_bias = st.load(p + "post_attention_layernorm.bias", {d});
+      l.qkv = wv(p + "attention.query_key_value", 3 * qd, d, a.qkv_bias);
+      l.o = wv(p + "attention.dense", d, qd, a.o_bias);
+      l.gelu_mlp = {wv(p + "mlp.dense_h_to_4h", in, d, true), wv(p + "mlp.dense_4h_to_h", d, in, true)};
+      m.layers.push_back(l);
     }
-    st.check_all_consumed(a.name, io::harmless_extra_tensor);
-    if (m.lora) m.lora->check_all_used(a.name);
-    return m;
+    m.final_norm = st.load("gpt_neox.final_layer_norm.weight", {d});
+    m.final_norm_bias = st.load("gpt_neox.final_layer_norm.bias", {d});
   }
 };
 
@@ -180,22 +235,37 @@ class LlamaHost {
     }
 
     const index_t hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, d = c.hidden;
+    const bool neox = c.arch.gpt_neox, parallel = c.arch.parallel_residual;
     ws_.reserve(Workspace::bytes_for<float>(t * d) * 2 + Workspace::bytes_for<float>(t * qd) * 2 +
-                Workspace::bytes_for<float>(t * kd) * 2);
+                Workspace::bytes_for<float>(t * kd) * 2 +
+                (neox ? Workspace::bytes_for<float>(t * 3 * qd) + Workspace::bytes_for<float>(t * d) : 0));
     float* h = ws_.take<float>(t * d);
     float* tmp = ws_.take<float>(t * d);
     float* q = ws_.take<float>(t * qd);
     float* att = ws_.take<float>(t * qd);
     float* kb = ws_.take<float>(t * kd);
     float* vb = ws_.take<float>(t * kd);
+    float* qkv = neox ? ws_.take<float>(t * 3 * qd) : nullptr;  // the fused projection's output
+    float* mlp_out = neox ? ws_.take<float>(t * d) : nullptr;    // parallel residual: the MLP beside attention
     AttentionOptions aopt;
     aopt.compute = compute_;
     for (index_t l = 0; l < c.layers; ++l) {
       const auto& w = L[std::size_t(l)];
-      rmsnorm(const_view(x), w.input_norm, d, c.rms_eps, matrix_view(h, t, d));
-      linear(matrix_view<const float>(h, t, d), w.q, matrix_view(q, t, qd), lin_ws_, exec, compute_);
-      linear(matrix_view<const float>(h, t, d), w.k, matrix_view(kb, t, kd), lin_ws_, exec, compute_);
-      linear(matrix_view<const float>(h, t, d), w.v, matrix_view(vb, t, kd), lin_ws_, exec, compute_);
+      norm(const_view(x), w.input_norm, w.input_norm_bias, matrix_view(h, t, d));
+      if (w.qkv.data) {  // GPT-NeoX: one projection, then per token and head [q | k | v]
+        linear(matrix_view<const float>(h, t, d), w.qkv, matrix_view(qkv, t, 3 * qd), lin_ws_, exec, compute_);
+        for (index_t i = 0; i < t; ++i)
+          for (index_t hh = 0; hh < c.heads; ++hh) {
+            const float* src = qkv + i * 3 * qd + hh * 3 * hd;
+            std::copy(src, src + hd, q + i * qd + hh * hd);
+            std::copy(src + hd, src + 2 * hd, kb + i * kd + hh * hd);
+            std::copy(src + 2 * hd, src + 3 * hd, vb + i * kd + hh * hd);
+          }
+      } else {
+        linear(matrix_view<const float>(h, t, d), w.q, matrix_view(q, t, qd), lin_ws_, exec, compute_);
+        linear(matrix_view<const float>(h, t, d), w.k, matrix_view(kb, t, kd), lin_ws_, exec, compute_);
+        linear(matrix_view<const float>(h, t, d), w.v, matrix_view(vb, t, kd), lin_ws_, exec, compute_);
+      }
       if (w.q_norm) rmsnorm_heads(HeadsView<float>::token_major(q, t, c.heads, hd), w.q_norm, hd, c.rms_eps);
       if (w.k_norm) rmsnorm_heads(HeadsView<float>::token_major(kb, t, c.kv_heads, hd), w.k_norm, hd, c.rms_eps);
       rope_.apply(HeadsView<float>::token_major(q, t, c.heads, hd), positions);
@@ -210,12 +280,20 @@ class LlamaHost {
       attention(HeadsView<const float>::token_major(q, t, c.heads, hd), read_only(kc), read_only(vc), mask,
                 HeadsView<float>::token_major(att, t, c.heads, hd), aopt, attn_ws_, exec);
       linear(matrix_view<const float>(att, t, qd), w.o, matrix_view(tmp, t, d), lin_ws_, exec, compute_);
+      if (parallel) {  // GPT-NeoX: x = (mlp(ln2(x)) + attn(ln1(x))) + x, transformers' order
+        norm(const_view(x), w.post_attention_norm, w.post_attention_norm_bias, matrix_view(h, t, d));
+        mlp(w, matrix_view<const float>(h, t, d), matrix_view(mlp_out, t, d), exec);
+        auto m = matrix_view(mlp_out, t, d);
+        m += matrix_view<const float>(tmp, t, d);
+        x += const_view(m);
+        continue;
+      }
       x += matrix_view<const float>(tmp, t, d);
-      rmsnorm(const_view(x), w.post_attention_norm, d, c.rms_eps, matrix_view(h, t, d));
-      swiglu(matrix_view<const float>(h, t, d), w.mlp, matrix_view(tmp, t, d), mlp_ws_, lin_ws_, exec, compute_);
+      norm(const_view(x), w.post_attention_norm, w.post_attention_norm_bias, matrix_view(h, t, d));
+      mlp(w, matrix_view<const float>(h, t, d), matrix_view(tmp, t, d), exec);
       x += matrix_view<const float>(tmp, t, d);
     }
-    rmsnorm(const_view(x), m_.final_norm, d, c.rms_eps, x);
+    norm(const_view(x), m_.final_norm, m_.final_norm_bias, x);
   }
 
   /// logits [t x vocab] = lm_head(hidden), hidden being forward()'s output.
@@ -229,6 +307,22 @@ class LlamaHost {
   const std::vector<index_t>& last_slots() const noexcept { return slots_; }
 
  private:
+  // RMSNorm, or LayerNorm when the model gives a bias (GPT-NeoX).
+  void norm(MatrixView<const float> in, const T* weight, const T* bias, MatrixView<float> out) const {
+    if (bias)
+      layernorm(in, weight, bias, m_.config.hidden, m_.config.rms_eps, out);
+    else
+      rmsnorm(in, weight, m_.config.hidden, m_.config.rms_eps, out);
+  }
+  // The layer's MLP: SwiGLU, or GPT-NeoX's GELU MLP.
+  template <class Exec>
+  void mlp(const LlamaLayerWeights<T>& w, MatrixView<const float> in, MatrixView<float> out, const Exec& exec) {
+    if (w.gelu_mlp.up.data)
+      gelu_mlp(in, w.gelu_mlp, out, mlp_ws_, lin_ws_, exec, compute_);
+    else
+      swiglu(in, w.mlp, out, mlp_ws_, lin_ws_, exec, compute_);
+  }
+
   const LlamaModel<T>& m_;
   Rope rope_;
   Compute compute_ = Compute::fp32;

@@ -42,6 +42,9 @@ class SacCompressingWeights {
       return w;
     }
     const io::SacLora sac = io::SacLora::open(adapter);
+    if (c.arch.gpt_neox)
+      fail(adapter, ": a converted SAC adapter holds q_proj / v_proj LoRA matrices (Llama-family models); ",
+           c.arch.name, " has one fused query_key_value instead (a PEFT adapter directory targeting it works)");
     if (sac.layers() > c.layers)
       fail(adapter, ": holds a LoRA for layer ", sac.layers() - 1, ", the model has ", c.layers,
            " layers (an adapter.pt of another model?)");

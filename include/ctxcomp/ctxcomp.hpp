@@ -17,6 +17,8 @@
 #include "core/views.hpp"
 #include "core/workspace.hpp"
 
+#include "nn/gelu_mlp.hpp"
+#include "nn/layernorm.hpp"
 #include "nn/linear.hpp"
 #include "nn/rmsnorm.hpp"
 #include "nn/rope.hpp"

@@ -1,5 +1,6 @@
-// The nn blocks (RMSNorm, linear with and without bias, SwiGLU, RoPE in every variant) against
-// double-precision references written from their definitions.
+// The nn blocks (RMSNorm, LayerNorm, linear with and without bias, SwiGLU, the GELU MLP, RoPE in
+// every variant, partial rotary included) against double-precision references written from
+// their definitions, and the vector kernels against their scalar twins.
 #include <cmath>
 #include <vector>
 
@@ -218,6 +219,115 @@ TEST_CASE("linear bias and per-head RMSNorm match double references", "[nn][chec
     }
   CHECK_THROWS_WITH(rmsnorm_heads(HeadsView<float>::token_major(x.data(), tokens, heads, hd), g.data(), hd - 1, 1e-6f),
                     Contains("head_dim 8"));
+}
+
+TEST_CASE("LayerNorm matches a double reference; its vector kernel matches its scalar twin", "[nn][gpt_neox]") {
+  const index_t T = 9, H = 77;  // a width that leaves a remainder after every vector width
+  auto x = random_vector(std::size_t(T * H), 21, -3.f, 5.f), w = random_vector(std::size_t(H), 22, 0.5f, 1.5f),
+       b = random_vector(std::size_t(H), 23, -0.3f, 0.3f);
+  std::vector<float> y(std::size_t(T * H)), ys(std::size_t(T * H)), inplace = x;
+  layernorm(matrix_view<const float>(x.data(), T, H), w.data(), b.data(), H, 1e-5f, matrix_view(y.data(), T, H));
+  layernorm<float, simd::ScalarVec>(matrix_view<const float>(x.data(), T, H), w.data(), b.data(), H, 1e-5f,
+                                    matrix_view(ys.data(), T, H));
+  layernorm(matrix_view<const float>(inplace.data(), T, H), w.data(), b.data(), H, 1e-5f,
+            matrix_view(inplace.data(), T, H));
+  CHECK(inplace == y);  // out may alias x
+  for (index_t t = 0; t < T; ++t) {
+    double mean = 0, var = 0;
+    for (index_t i = 0; i < H; ++i) mean += x[std::size_t(t * H + i)];
+    mean /= H;
+    for (index_t i = 0; i < H; ++i) var += (x[std::size_t(t * H + i)] - mean) * (x[std::size_t(t * H + i)] - mean);
+    var /= H;
+    for (index_t i = 0; i < H; ++i) {
+      const double ref = (x[std::size_t(t * H + i)] - mean) / std::sqrt(var + 1e-5) * w[i] + b[i];
+      REQUIRE(std::abs(y[std::size_t(t * H + i)] - ref) <= 4e-6 * (1 + std::abs(ref)));
+      REQUIRE(std::abs(ys[std::size_t(t * H + i)] - ref) <= 4e-6 * (1 + std::abs(ref)));
+    }
+  }
+  // A constant row has variance 0: y = bias exactly (eps keeps the scale finite).
+  std::vector<float> flat(static_cast<std::size_t>(H), 2.5f), fy(static_cast<std::size_t>(H));
+  layernorm(matrix_view<const float>(flat.data(), 1, H), w.data(), b.data(), H, 1e-5f, matrix_view(fy.data(), 1, H));
+  CHECK(fy == b);
+  CHECK_THROWS_WITH(layernorm(matrix_view<const float>(x.data(), T, H), w.data(), b.data(), H - 1, 1e-5f,
+                              matrix_view(y.data(), T, H)),
+                    Contains("layernorm: weight and bias have 76 elements but x has 77 features"));
+  CHECK_THROWS_WITH(layernorm(matrix_view<const float>(x.data(), T, H), w.data(), static_cast<const float*>(nullptr), H,
+                              1e-5f, matrix_view(y.data(), T, H)),
+                    Contains("layernorm: weight and bias"));
+}
+
+TEST_CASE("exact GELU and the GELU MLP match double references", "[nn][gpt_neox][threads]") {
+  // The kernel (xsimd's erf) against its scalar twin (std::erf) and the double definition.
+  std::vector<float> g = random_vector(1003, 31, -8.f, 8.f);
+  g.insert(g.end(), {0.f, -0.f, 1e-30f, -1e-30f, 30.f, -30.f});
+  std::vector<float> gv = g, gs = g;
+  kernels::gelu(gv.data(), index_t(gv.size()));
+  kernels::gelu<simd::ScalarVec>(gs.data(), index_t(gs.size()));
+  for (std::size_t i = 0; i < g.size(); ++i) {
+    const double ref = 0.5 * double(g[i]) * (1 + std::erf(double(g[i]) / std::sqrt(2.0)));
+    INFO("x = " << g[i]);
+    // The formula's own fp32 error (torch's is the same formula): erf within 2 ulp of 1 in
+    // absolute terms, which 1 + erf cancels for x << 0, scaled by x / 2; plus the roundings of
+    // the products.
+    const double bound = 0.5 * std::abs(double(g[i])) * 2 * 0x1p-24 + 4 * 0x1p-24 * std::abs(ref) + 1e-37;
+    REQUIRE(std::abs(gv[i] - ref) <= bound);
+    REQUIRE(std::abs(gs[i] - ref) <= bound);
+  }
+
+  const index_t T = 13, H = 40, I = 150;
+  auto x = random_vector(std::size_t(T * H), 32, -2.f, 2.f), wu = random_vector(std::size_t(I * H), 33),
+       bu = random_vector(std::size_t(I), 34), wd = random_vector(std::size_t(H * I), 35),
+       bd = random_vector(std::size_t(H), 36);
+  GeluMlpWeights<float> w{{wu.data(), I, H, bu.data()}, {wd.data(), H, I, bd.data()}};
+  std::vector<float> out(std::size_t(T * H)), out2(std::size_t(T * H)), ref(std::size_t(T * H));
+  for (index_t t = 0; t < T; ++t) {
+    std::vector<double> h(static_cast<std::size_t>(I));
+    for (index_t j = 0; j < I; ++j) {
+      double u = bu[std::size_t(j)];
+      for (index_t i = 0; i < H; ++i) u += double(x[std::size_t(t * H + i)]) * wu[std::size_t(j * H + i)];
+      h[std::size_t(j)] = 0.5 * u * (1 + std::erf(u / std::sqrt(2.0)));
+    }
+    for (index_t o = 0; o < H; ++o) {
+      double s = bd[std::size_t(o)];
+      for (index_t j = 0; j < I; ++j) s += h[std::size_t(j)] * wd[std::size_t(o * I + j)];
+      ref[std::size_t(t * H + o)] = float(s);
+    }
+  }
+  Workspace ws, lws;
+  gelu_mlp(matrix_view<const float>(x.data(), T, H), w, matrix_view(out.data(), T, H), ws, lws);
+  CHECK(relative_error(out.data(), ref.data(), out.size()) <= 1e-5);
+  gelu_mlp(matrix_view<const float>(x.data(), T, H), w, matrix_view(out2.data(), T, H), ws, lws, test::two_threads());
+  CHECK(out == out2);
+  GeluMlpWeights<float> bad{{wu.data(), I, H, bu.data()}, {wd.data(), H, I - 1, bd.data()}};
+  CHECK_THROWS_WITH(gelu_mlp(matrix_view<const float>(x.data(), T, H), bad, matrix_view(out.data(), T, H), ws, lws),
+                    Contains("gelu_mlp: down is 40 x 149, expected 40 x 150"));
+}
+
+TEST_CASE("partial rotary (GPT-NeoX rotary_pct) rotates the first dims and leaves the rest", "[nn][rope][gpt_neox]") {
+  const index_t heads = 3, tokens = 5, hd = 16;
+  for (index_t rot : {4, 8, 16}) {
+    INFO("rotary_dim " << rot);
+    RopeConfig cfg;
+    cfg.rotary_dim = rot;
+    Rope rope(cfg, hd);
+    auto x = random_vector(std::size_t(heads * tokens * hd), 41 + rot);
+    const auto before = x;
+    const std::int64_t pos[tokens] = {0, 3, 17, 250, 4095};
+    rope.apply(HeadsView<float>::token_major(x.data(), tokens, heads, hd), pos);
+    for (index_t t = 0; t < tokens; ++t)
+      for (index_t h = 0; h < heads; ++h) {
+        const float* in = before.data() + (t * heads + h) * hd;
+        const float* out = x.data() + (t * heads + h) * hd;
+        for (index_t i = 0; i < rot / 2; ++i) {  // transformers: inv_freq over the rotary dims only
+          const double f = 1.0 / std::pow(10000.0, double(2 * i) / double(rot)), a = double(pos[t]) * f;
+          const double r1 = in[i] * std::cos(a) - in[i + rot / 2] * std::sin(a);
+          const double r2 = in[i + rot / 2] * std::cos(a) + in[i] * std::sin(a);
+          REQUIRE(std::abs(out[i] - r1) <= 2e-6 * (1 + double(pos[t]) * f));
+          REQUIRE(std::abs(out[i + rot / 2] - r2) <= 2e-6 * (1 + double(pos[t]) * f));
+        }
+        for (index_t i = rot; i < hd; ++i) REQUIRE(out[i] == in[i]);  // the pass-through dims
+      }
+  }
 }
 
 }  // namespace test_nn_nn

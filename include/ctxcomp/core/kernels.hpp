@@ -140,6 +140,21 @@ inline void silu_mul(float* g, const float* u, index_t n) noexcept {
   for (; i < n; ++i) g[i] = g[i] / (1.f + simd::ScalarVec::exp(-g[i])) * u[i];
 }
 
+/// x[i] = gelu(x[i]) in place, the exact form x / 2 * (1 + erf(x / sqrt(2))) (torch's
+/// F.gelu with approximate "none", GPT-NeoX's hidden_act "gelu").
+template <class V = simd::Vec>
+inline void gelu(float* x, index_t n) noexcept {
+  constexpr int W = V::width;
+  constexpr float kInvSqrt2 = 0.70710678118654752440f;
+  const auto half = V::broadcast(0.5f), one = V::broadcast(1.f), s = V::broadcast(kInvSqrt2);
+  index_t i = 0;
+  for (const index_t nv = n / W * W; i < nv; i += W) {
+    const auto v = V::load(x + i);
+    V::store(x + i, v * half * (one + V::erf(v * s)));
+  }
+  for (; i < n; ++i) x[i] = x[i] * 0.5f * (1.f + simd::ScalarVec::erf(x[i] * kInvSqrt2));
+}
+
 /// dst[i] = float(src[i]) for float, bf16, fp16 or qint8 (without its scale), widened in
 /// registers by V::load.
 template <class V = simd::Vec, class T>

@@ -32,7 +32,7 @@ namespace ctxcomp::simd {
 struct ScalarVec {
   /// The vector interface every kernel is written against (XsimdVec has the same members):
   /// the register type, its width in floats and the register count, loads (widening bf16 /
-  /// fp16 / qint8), store, broadcast, zero, fma, max, pin (keep in a register), exp2, exp, div,
+  /// fp16 / qint8), store, broadcast, zero, fma, max, pin (keep in a register), exp2, exp, erf, div,
   /// horizontal sum and max, and the instruction set's name.
   ///@{
   using type = float;
@@ -58,6 +58,7 @@ struct ScalarVec {
   static type pin(type v) noexcept { return v; }
   static type exp2(type x) noexcept { return std::exp2(x); }
   static type exp(type x) noexcept { return std::exp(x); }
+  static type erf(type x) noexcept { return std::erf(x); }
   static type div(type a, type b) noexcept { return a / b; }
   static float reduce_add(type v) noexcept { return v; }
   /// What reduce_add_lanes needs to put its sums in row order (nothing for one lane).
@@ -157,6 +158,7 @@ struct XsimdVec {
   }
   static type exp2(type x) noexcept { return xsimd::exp2(x); }
   static type exp(type x) noexcept { return xsimd::exp(x); }
+  static type erf(type x) noexcept { return xsimd::erf(x); }
   static type div(type a, type b) noexcept { return a / b; }
   static float reduce_add(type v) noexcept { return xsimd::hadd(v); }  // xsimd >= 9: reduce_add
   /// The lane permutation that puts haddp's sums in row order. xsimd 8.1's AVX-512 haddp returns

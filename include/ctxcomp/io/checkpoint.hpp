@@ -187,8 +187,10 @@ inline std::size_t config_architecture(const nlohmann::json& j, const std::strin
 /// runs: LlamaForCausalLM (attention_bias, mlp_bias), MistralForCausalLM (no sliding window),
 /// Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (per-head q/k RMSNorm before RoPE,
 /// attention_bias). Everything else about the block is Llama's (RMSNorm, SwiGLU with silu,
-/// rotate_half RoPE). Settings that would change the computation in a way the host does not
-/// implement (sliding windows, another activation, non-full attention layers) are errors.
+/// rotate_half RoPE). GPTNeoXForCausalLM is its own block (DecoderArch::gpt_neox), and its config
+/// may hold only the keys gpt_neox_config_keys() lists. Settings that would change the
+/// computation in a way the host does not implement (sliding windows, another activation,
+/// non-full attention layers) are errors.
 struct DecoderArch {
   std::string name;              ///< e.g. "Qwen3ForCausalLM"
   bool qkv_bias = false;         ///< q/k/v projections carry a bias
@@ -196,16 +198,123 @@ struct DecoderArch {
   bool mlp_bias = false;         ///< gate/up/down carry a bias
   bool qk_norm = false;          ///< RMSNorm over each head of q and k (weight [head_dim]) before RoPE
   bool tied_embeddings = false;  ///< the output layer is the embedding matrix
+  /// GPTNeoXForCausalLM (gpt_neox_arch): LayerNorm with bias instead of RMSNorm, one fused
+  /// query_key_value projection (per head [q | k | v]), the exact-GELU MLP dense_h_to_4h /
+  /// dense_4h_to_h with biases, partial rotary (RopeConfig::rotary_dim), and the tensor names
+  /// gpt_neox.* / embed_out.
+  bool gpt_neox = false;
+  bool parallel_residual = false;  ///< GPT-NeoX use_parallel_residual: x + attn(ln1(x)) + mlp(ln2(x))
 };
+
+/// The keys a GPT-NeoX config.json may hold (GPTNeoXConfig's own, transformers 4.x and 5.x, and
+/// the generic PretrainedConfig ones that do not change the computation). Any other key is an
+/// error naming it: a setting this host does not implement must not be dropped silently.
+inline const std::set<std::string>& gpt_neox_config_keys() {
+  static const std::set<std::string> keys{
+      // GPTNeoXConfig
+      "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+      "rotary_pct", "partial_rotary_factor", "rotary_emb_base", "rope_theta", "rope_scaling", "rope_parameters",
+      "attention_dropout", "hidden_dropout", "classifier_dropout", "max_position_embeddings", "initializer_range",
+      "layer_norm_eps", "use_cache", "tie_word_embeddings", "use_parallel_residual", "attention_bias",
+      // PretrainedConfig (identity, dtype, tokens, outputs, generation defaults of 4.x)
+      "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype",
+      "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "is_decoder",
+      "is_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder",
+      "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss",
+      "pruned_heads", "chunk_size_feed_forward", "finetuning_task", "id2label", "label2id", "tokenizer_class",
+      "prefix", "task_specific_params", "problem_type", "max_length", "min_length", "do_sample", "early_stopping",
+      "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+      "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+      "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+      "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+      "begin_suppress_tokens", "gradient_checkpointing", "_attn_implementation", "attn_implementation"};
+  return keys;
+}
+
+/// A GPT-NeoX config's rotary settings, as transformers reads them: transformers 5's
+/// `rope_parameters` {rope_theta, rope_type, partial_rotary_factor}, or the older top-level
+/// `rotary_emb_base` (or `rope_theta`), `rotary_pct` (or `partial_rotary_factor`) and
+/// `rope_scaling`; defaults base 10000 and factor 0.25 (GPTNeoXConfig's). The rotated dims are
+/// int(head_dim * factor), in the rotate_half (NEOX) form over the first of them; an odd count
+/// is an error.
+inline RopeConfig gpt_neox_rope(const nlohmann::json& j, index_t head_dim, const std::string& file) {
+  auto both = [&](const nlohmann::json& o, const char* a, const char* b, double fallback) {
+    const double va = config_number(o, a, file, std::nan("")), vb = config_number(o, b, file, std::nan(""));
+    if (!std::isnan(va) && !std::isnan(vb) && va != vb)
+      fail(file, ": '", a, "' (", va, ") and '", b, "' (", vb, ") disagree");
+    return !std::isnan(va) ? va : !std::isnan(vb) ? vb : fallback;
+  };
+  nlohmann::json view = j;  // rope_from_config reads rope_theta / rope_scaling / rope_parameters
+  double factor;
+  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
+    if (!j["rope_parameters"].is_object()) fail(file, ": 'rope_parameters' is not an object");
+    factor = config_number(j["rope_parameters"], "partial_rotary_factor", file, 1.0);
+    for (const char* k : {"rotary_pct", "partial_rotary_factor", "rotary_emb_base"})
+      if (j.contains(k) && !j[k].is_null())
+        fail(file, ": '", k, "' at the top level and 'rope_parameters' both given (one layout or the other)");
+  } else {
+    factor = both(j, "rotary_pct", "partial_rotary_factor", 0.25);
+    view["rope_theta"] = both(j, "rotary_emb_base", "rope_theta", 10000.0);
+  }
+  RopeConfig r = rope_from_config(view, file);
+  if (!(factor > 0 && factor <= 1)) fail(file, ": the rotary fraction (", factor, ") must be in (0, 1]");
+  const auto dims = static_cast<index_t>(static_cast<double>(head_dim) * factor);  // int() in transformers
+  if (dims <= 0 || dims % 2 != 0)
+    fail(file, ": rotary fraction ", factor, " of head_dim ", head_dim, " gives ", dims,
+         " rotary dims, which must be even and positive");
+  r.rotary_dim = dims;
+  r.style = RopeStyle::RotateHalf;
+  return r;
+}
+
+/// The sizes of a GPT-NeoX config (head_dim = hidden / heads, no grouped-query heads,
+/// layer_norm_eps default 1e-5 in TransformerDims::rms_eps) and its rotary settings.
+inline TransformerDims gpt_neox_dims(const nlohmann::json& j, const std::string& file) {
+  TransformerDims t;
+  t.hidden = config_int(j, "hidden_size", file);
+  t.heads = config_int(j, "num_attention_heads", file);
+  t.intermediate = config_int(j, "intermediate_size", file);
+  t.layers = config_int(j, "num_hidden_layers", file);
+  for (const auto& [key, value] : {std::pair<const char*, index_t>{"hidden_size", t.hidden},
+                                   {"num_attention_heads", t.heads}, {"intermediate_size", t.intermediate},
+                                   {"num_hidden_layers", t.layers}})
+    if (value <= 0) fail(file, ": ", key, " (", value, ") must be positive");
+  if (t.hidden % t.heads != 0)
+    fail(file, ": hidden_size (", t.hidden, ") is not a multiple of num_attention_heads (", t.heads, ")");
+  t.kv_heads = t.heads;
+  t.head_dim = t.hidden / t.heads;
+  t.rms_eps = static_cast<float>(config_number(j, "layer_norm_eps", file, 1e-5));
+  if (!(t.rms_eps >= 0.f) || !std::isfinite(t.rms_eps))
+    fail(file, ": layer_norm_eps (", t.rms_eps, ") must be finite and not negative");
+  t.rope = gpt_neox_rope(j, t.head_dim, file);
+  return t;
+}
 
 inline DecoderArch decoder_arch(const nlohmann::json& j, const std::string& file) {
   static const std::vector<std::pair<std::string, std::string>> kSupported{{"LlamaForCausalLM", "llama"},
                                                                            {"MistralForCausalLM", "mistral"},
                                                                            {"Qwen2ForCausalLM", "qwen2"},
-                                                                           {"Qwen3ForCausalLM", "qwen3"}};
+                                                                           {"Qwen3ForCausalLM", "qwen3"},
+                                                                           {"GPTNeoXForCausalLM", "gpt_neox"}};
   const std::size_t which = config_architecture(j, file, kSupported);
   DecoderArch a;
   a.name = kSupported[which].first;
+  if (which == 4) {  // GPT-NeoX: strict about every key (gpt_neox_config_keys)
+    for (auto it = j.begin(); it != j.end(); ++it)
+      if (!gpt_neox_config_keys().count(it.key()))
+        fail(file, ": unknown GPTNeoXForCausalLM setting '", it.key(), "' (", it.value().dump(),
+             "); this loader implements GPTNeoXConfig's settings only");
+    if (j.contains("hidden_act") && !j["hidden_act"].is_null() &&
+        (!j["hidden_act"].is_string() || j["hidden_act"].get<std::string>() != "gelu"))
+      fail(file, ": hidden_act ", j["hidden_act"].dump(),
+           " is not supported for GPTNeoXForCausalLM (only \"gelu\", the exact erf form)");
+    a.gpt_neox = true;
+    a.qkv_bias = a.o_bias = config_bool_or(j, "attention_bias", file, true);
+    a.mlp_bias = true;
+    a.parallel_residual = config_bool_or(j, "use_parallel_residual", file, true);
+    a.tied_embeddings = config_bool_or(j, "tie_word_embeddings", file, false);
+    return a;
+  }
   const bool attention_bias = config_bool_or(j, "attention_bias", file, false);
   switch (which) {
     case 0:  // Llama: attention_bias covers q/k/v/o, mlp_bias gate/up/down
@@ -241,10 +350,14 @@ inline DecoderArch decoder_arch(const nlohmann::json& j, const std::string& file
 }
 
 /// Tensors a checkpoint may hold that no loader consumes because they are recomputed
-/// (the rotary frequency buffers older transformers saved).
+/// (the rotary frequency buffers older transformers saved, and GPT-NeoX's causal-mask buffers
+/// `attention.bias` / `attention.masked_bias` that transformers 4.x checkpoints carry).
 inline bool harmless_extra_tensor(const std::string& name) {
-  const std::string suffix = "rotary_emb.inv_freq";
-  return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  auto ends_with = [&](const std::string& suffix) {
+    return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  if (ends_with("rotary_emb.inv_freq")) return true;
+  return name.compare(0, 16, "gpt_neox.layers.") == 0 && (ends_with(".attention.bias") || ends_with(".attention.masked_bias"));
 }
 
 /// The safetensors files of a checkpoint directory as `save_pretrained` writes them: one
@@ -362,8 +475,8 @@ class TensorOverlay {
 /// refuse a checkpoint that holds weights it did not consume (`check_all_consumed`). With an
 /// overlay (`set_overlay`, e.g. a LoRA adapter), replaced tensors come from the adapter and
 /// updated weights are merged in fp32 before the conversion to T. A checkpoint in PEFT's
-/// LoRA-injected layout stores a module's weight as `<module>.base_layer.weight`: `load` of
-/// `<module>.weight` finds it there.
+/// LoRA-injected layout stores a module's weight and bias as `<module>.base_layer.weight` /
+/// `.bias`: `load` of `<module>.weight` / `.bias` finds them there.
 template <class T>
 class TensorStore {
  public:
@@ -440,10 +553,12 @@ class TensorStore {
   /// an injected LoRA module, or as the adapter's part of one).
   bool consumed(const std::string& name) const {
     if (tensors_.count(name) != 0) return true;
-    const std::string base = ".base_layer.weight";
-    if (name.size() > base.size() && name.compare(name.size() - base.size(), base.size(), base) == 0 &&
-        tensors_.count(name.substr(0, name.size() - base.size()) + ".weight") != 0)
-      return true;
+    for (const char* part : {"weight", "bias"}) {
+      const std::string base = std::string(".base_layer.") + part;
+      if (name.size() > base.size() && name.compare(name.size() - base.size(), base.size(), base) == 0 &&
+          tensors_.count(name.substr(0, name.size() - base.size()) + "." + part) != 0)
+        return true;
+    }
     return overlay_ && overlay_->used_checkpoint_tensor(name);
   }
   /// Where the tensors come from (a file or a directory), for messages.
@@ -474,7 +589,7 @@ class TensorStore {
       for (const auto& t : f.tensors()) where_[t.name] = {&f, &t};
   }
   /// Where `name` is read from: the adapter's replacement, the checkpoint's own tensor, or
-  /// (`<module>.weight`) the base layer of a LoRA-injected module.
+  /// (`<module>.weight` / `.bias`) the base layer of a LoRA-injected module.
   std::pair<const SafeTensors*, const TensorInfo*> locate(const std::string& name) const {
     if (overlay_) {
       auto r = overlay_->replacement(name);
@@ -482,10 +597,12 @@ class TensorStore {
     }
     auto it = where_.find(name);
     if (it != where_.end()) return it->second;
-    const std::string w = ".weight";
-    if (name.size() > w.size() && name.compare(name.size() - w.size(), w.size(), w) == 0) {
-      it = where_.find(name.substr(0, name.size() - w.size()) + ".base_layer.weight");
-      if (it != where_.end()) return it->second;
+    for (const char* part : {"weight", "bias"}) {
+      const std::string w = std::string(".") + part;
+      if (name.size() > w.size() && name.compare(name.size() - w.size(), w.size(), w) == 0) {
+        it = where_.find(name.substr(0, name.size() - w.size()) + ".base_layer." + part);
+        if (it != where_.end()) return it->second;
+      }
     }
     return {nullptr, nullptr};
   }
