@@ -166,6 +166,23 @@ inline void check_fold_output(const std::string& out, const std::string& case_fi
   }
 }
 
+/// Checks a `ctxcomp sac` output file against a SAC-format case file: decode_logits and every
+/// layer's compressed K/V within 1e-5 relative of the float64 tensors.
+inline void check_sac_output(const std::string& out, const std::string& case_file) {
+  auto es = io::SafeTensors::open(case_file);
+  auto os = io::SafeTensors::open(out);
+  std::vector<std::string> names{"decode_logits"};
+  for (const auto& t : es.tensors())
+    if (t.name.rfind("layer", 0) == 0) names.push_back(t.name);
+  REQUIRE(names.size() > 1);
+  for (const auto& t : names) {
+    INFO(t);
+    const auto got = os.read<float>(t, es.info(t).shape);
+    const auto expect = es.read<double>(t);
+    CHECK(relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
+  }
+}
+
 /// The checkpoints fixtures (tests/io, tests/cli): case directories and scratch copies to break.
 namespace checkpoints {
 namespace fs = std::filesystem;

@@ -129,6 +129,26 @@ TEST_CASE("ctxcomp sac --sac-adapter compresses with the LoRA and decodes with t
   CHECK(test::layer_kv(base, 1, false) != test::layer_kv(cache, 1, false));
 }
 
+TEST_CASE("a compressing LoRA in either format gives transformers' SAC outputs", "[sac][lora][cli][fixtures]") {
+  // sac_lora_case.safetensors: transformers' LlamaForCausalLM in float64, q_proj / v_proj of the
+  // compressing copy merged with adapter.pt's LoRA (y = x W^T + 2 x A B), decoding with the base
+  // (make_sac_lora_cases.py). peft/ is the same LoRA as a PEFT directory (alpha / r = 2).
+  const std::string in = data_dir() + "/sac_lora_case.safetensors";
+  const std::string out = test::tmp("ctxcomp_sac_lora_case.safetensors");
+  for (const std::string& adapter : {converted(), data_dir() + "/peft"}) {
+    INFO(adapter);
+    std::remove(out.c_str());
+    // The converted adapter.pt brings role_tokens / special_tokens; the PEFT directory does not.
+    const std::string embeds = adapter == converted() ? "" : " --anchor-embeds " + in;
+    const auto r = test::run_cli("sac --model " + llama_dir() + " --sac-adapter " + adapter + embeds + " --input " + in +
+                                 " --output " + out + " --chunk-size 24 --ratio 4 --threads 2");
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    test::check_sac_output(out, in);
+  }
+  std::remove(out.c_str());
+}
+
 TEST_CASE("a PEFT adapter directory as the compressing LoRA", "[sac][lora][cli]") {
   // One PEFT pair on layer 0's q_proj (r 2, alpha 4): the compressing layers are the model
   // loaded with that adapter; decoding uses the base.
