@@ -81,6 +81,7 @@ struct LlamaModel {
     if (m.lora) {
       m.lora->note_base_model(j.contains("_name_or_path") && j["_name_or_path"].is_string()
                                   ? j["_name_or_path"].get<std::string>() : std::string());
+      if (c.arch.gpt_neox) m.lora->rename_replacement("lm_head.weight", "embed_out.weight");
       st.set_overlay(m.lora);
       // An adapter trained with added tokens stores the resized embeddings: its vocabulary.
       if (m.lora->replacement(embed_name(c.arch)).second) {

@@ -30,10 +30,12 @@ namespace {
 std::string neox_dir(const std::string& c) { return test::fixtures_dir() + "/../neox/" + c; }
 const char* kPeft = "neox_parallel_rot25_peft";
 const char* kInjected = "neox_sequential_rot100_injected";
+const char* kVocab = "neox_parallel_rot25_peft_vocab";  // base vocabulary 128, the adapter's embeddings 130
+bool has_adapter_dir(const std::string& c) { return c != kInjected; }
 
 host::LlamaModel<float> load_case(const std::string& c) {
-  return c == kPeft ? host::LlamaModel<float>::load(neox_dir(c) + "/model", neox_dir(c) + "/adapter")
-                    : host::LlamaModel<float>::load(neox_dir(c) + "/model");
+  return has_adapter_dir(c) ? host::LlamaModel<float>::load(neox_dir(c) + "/model", neox_dir(c) + "/adapter")
+                            : host::LlamaModel<float>::load(neox_dir(c) + "/model");
 }
 
 std::string load_error(const std::string& dir, const std::string& adapter = {}) {
@@ -47,13 +49,13 @@ std::string load_error(const std::string& dir, const std::string& adapter = {}) 
 }  // namespace
 
 TEST_CASE("GPT-NeoX fixtures through the host with folding, in every KV layout", "[gpt_neox][fold][fixtures][lora]") {
-  for (const char* c : {kPeft, kInjected}) {
+  for (const char* c : {kPeft, kInjected, kVocab}) {
     const auto model = load_case(c);
     const auto& cfg = model.config;
     INFO(c);
     CHECK(cfg.arch.gpt_neox);
-    CHECK(cfg.arch.parallel_residual == (std::string(c) == kPeft));
-    CHECK(cfg.rope.rotary_dim == (std::string(c) == kPeft ? 4 : 16));
+    CHECK(cfg.arch.parallel_residual == (std::string(c) != kInjected));
+    CHECK(cfg.rope.rotary_dim == (std::string(c) != kInjected ? 4 : 16));
     CHECK(cfg.vocab == 130);
     REQUIRE(model.lora);
     CHECK(model.lora->pairs() == 4);  // query_key_value and dense of both layers
@@ -66,7 +68,7 @@ TEST_CASE("GPT-NeoX fixtures through the host with folding, in every KV layout",
           UNSCOPED_INFO(c << ": logits relative error vs float64 " << err);
       }
     // bf16 storage of the same checkpoint: the LoRA merged in fp32, then rounded once to bf16.
-    const auto mb = c == std::string(kPeft)
+    const auto mb = has_adapter_dir(c)
                         ? host::LlamaModel<bf16>::load(neox_dir(c) + "/model", neox_dir(c) + "/adapter")
                         : host::LlamaModel<bf16>::load(neox_dir(c) + "/model");
     for (index_t l = 0; l < cfg.layers; ++l) {
@@ -88,13 +90,13 @@ TEST_CASE("GPT-NeoX fixtures through the host with folding, in every KV layout",
 }
 
 TEST_CASE("ctxcomp fold runs a GPT-NeoX output directory as the training script leaves it", "[gpt_neox][cli][fixtures][lora]") {
-  for (const char* c : {kPeft, kInjected}) {
+  for (const char* c : {kPeft, kInjected, kVocab}) {
     INFO(c);
     const std::string in = neox_dir(c) + "/case.safetensors";
     const std::string out = test::tmp(std::string("ctxcomp_neox_") + c + ".safetensors");
     std::remove(out.c_str());
     // No --cl / --cr: the ids come from the tokenizer files (the adapter's, or the checkpoint's).
-    const std::string adapter = c == std::string(kPeft) ? " --adapter " + neox_dir(c) + "/adapter" : "";
+    const std::string adapter = has_adapter_dir(c) ? " --adapter " + neox_dir(c) + "/adapter" : "";
     const auto r = test::run_cli("fold --model " + neox_dir(c) + "/model" + adapter + " --input " + in + " --output " +
                                  out + " --threads 2");
     INFO(r.err);
@@ -191,6 +193,16 @@ TEST_CASE("GPT-NeoX inputs that cannot load are named errors, with no output wri
             {io::TensorOut::of("gpt_neox.layers.1.attention.query_key_value.weight", {128, 64}, w.data())});
     CHECK_THAT(load_error(d), Contains("tensor 'gpt_neox.layers.1.attention.query_key_value.weight' has shape [128, 64], "
                                        "expected [192, 64]"));
+  }
+  {
+    // An adapter with two output layers (transformers 5's module name and the checkpoint's).
+    const auto d = scratch_copy(neox_dir(kVocab) + "/adapter", "neox_two_heads");
+    auto st = io::SafeTensors::open(d + "/adapter_model.safetensors", io::SafeTensors::Mode::Read);
+    const auto head = st.read<float>("base_model.model.lm_head.weight");
+    rewrite(d + "/adapter_model.safetensors", [](const std::string&) { return true; },
+            {io::TensorOut::of("base_model.model.embed_out.weight", {130, 64}, head.data())});
+    CHECK_THAT(load_error(neox_dir(kVocab) + "/model", d),
+               Contains("the adapter holds both 'base_model.model.lm_head.weight' and a tensor for 'embed_out.weight'"));
   }
   {
     // A LoRA whose rank differs between A and B.

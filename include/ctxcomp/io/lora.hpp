@@ -186,6 +186,19 @@ class LoraAdapter final : public TensorOverlay {
                           "', the checkpoint says it is '" + checkpoint_name + "'");
   }
 
+  /// Moves a whole-tensor replacement stored as `from` to the checkpoint name `to` (PEFT under
+  /// transformers 5 saves GPT-NeoX's output layer under its module name `lm_head`, where the
+  /// checkpoint says `embed_out`). Both present is an error naming them.
+  void rename_replacement(const std::string& from, const std::string& to) {
+    auto it = replacements_.find(from);
+    if (it == replacements_.end()) return;
+    if (replacements_.count(to))
+      fail(origin_, ": the adapter holds both '", it->second.second->name, "' and a tensor for '", to,
+           "' (two output layers)");
+    replacements_[to] = it->second;
+    replacements_.erase(it);
+  }
+
   std::pair<const SafeTensors*, const TensorInfo*> replacement(const std::string& name) const override {
     auto it = replacements_.find(name);
     if (it == replacements_.end()) return {nullptr, nullptr};

@@ -24,6 +24,11 @@ added as 128 / 129 with `tokenizer.add_tokens(..., special_tokens=False)` and
   for LoRA r 4, alpha 8, targets `query_key_value` and `dense` (random non-zero A and B), with
   the tokenizer files (tokenizer.json, tokenizer_config.json) carrying the added tokens.
   Expected: the PEFT model loaded from those files, merged (`merge_and_unload`), in float64.
+- `neox_parallel_rot25_peft_vocab`: as the first, but `model/` is the base before the vocabulary
+  grew (128 tokens) and the adapter was saved with `save_embedding_layers=True`: it carries the
+  resized, trained `gpt_neox.embed_in` and the output layer (which PEFT names `lm_head`, the
+  module's name in transformers 5). Expected: the base reloaded, resized, the adapter loaded by
+  PEFT and merged, in float64.
 - `neox_sequential_rot100_injected`: rotary_pct 1.0, use_parallel_residual false, config in the
   older layout (top-level `rotary_pct` / `rotary_emb_base`, as RedPajama-INCITE-Base-3B-v1's).
   `model/` is the LoRA-injected checkpoint (`base_model.save_pretrained`: `base_layer`,
@@ -159,7 +164,7 @@ def write_case(out_dir, model, ids, description, report, name):
     report[name] = {"logits_f32run_max_abs": err, "relative": err / logits.abs().max().item()}
 
 
-def trained_model(g, rotary_pct, parallel):
+def trained_model(g, rotary_pct, parallel, save_base_to=None):
     cfg = GPTNeoXConfig(vocab_size=BASE_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=256, hidden_act="gelu", rotary_pct=rotary_pct, rotary_emb_base=10000,
                         max_position_embeddings=256, layer_norm_eps=1e-5, use_parallel_residual=parallel,
@@ -173,6 +178,8 @@ def trained_model(g, rotary_pct, parallel):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.15 * torch.randn(p.shape, generator=g))
+    if save_base_to:  # the base checkpoint as the hub has it, before the vocabulary grows
+        model.save_pretrained(save_base_to)
     tok = tokenizer_with_sentinels()
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.no_grad():  # the two new rows (and the trained embeddings) are random
@@ -237,6 +244,25 @@ def main():
     ids = stream(g)
     merged = pm.double().merge_and_unload()
     write_case(d, merged, ids, "GPT-NeoX rotary_pct 1.0, sequential residual, LoRA-injected checkpoint", report, name)
+
+    # Case 3: the base as the hub has it (vocabulary 128); the adapter carries the resized,
+    # trained embeddings (save_embedding_layers=True: gpt_neox.embed_in and the output layer,
+    # which PEFT names lm_head after transformers 5's module).
+    name = "neox_parallel_rot25_peft_vocab"
+    d = os.path.join(out, name)
+    shutil.rmtree(d, ignore_errors=True)
+    base, tok = trained_model(g, 0.25, True, save_base_to=os.path.join(d, "model"))
+    pm = lora(base, g)
+    pm.save_pretrained(os.path.join(d, "adapter"), save_embedding_layers=True)
+    tok.save_pretrained(os.path.join(d, "adapter"))
+    ids = stream(g)
+    reloaded = GPTNeoXForCausalLM.from_pretrained(os.path.join(d, "model"), dtype=torch.float64)
+    assert reloaded.config.vocab_size == BASE_VOCAB
+    reloaded.resize_token_embeddings(len(tok), mean_resizing=False)  # as a user reloads it, then the adapter's rows
+    merged = peft.PeftModel.from_pretrained(reloaded, os.path.join(d, "adapter")).merge_and_unload()
+    assert torch.equal(merged.get_input_embeddings().weight.float(), base.get_input_embeddings().weight.float())
+    write_case(d, merged, ids, "GPT-NeoX rotary_pct 0.25, parallel residual, base vocabulary 128, PEFT adapter with the "
+               "resized embeddings", report, name)
 
     for case in sorted(os.listdir(out)):
         p = os.path.join(out, case)
