@@ -526,6 +526,9 @@ class TensorStore {
     if (overlay_ && overlay_->updates(name)) overlay_->merge(name, w.data(), shape[0], shape[1]);
     return w;
   }
+  /// Records `name` as used without keeping its values (a writer that streams it elsewhere,
+  /// e.g. the GGUF converter after load_f32).
+  void mark_consumed(const std::string& name) { tensors_[name]; }
   /// `load` when the checkpoint holds `name`, nullptr otherwise.
   const T* load_if_present(const std::string& name, const std::vector<std::int64_t>& shape) {
     return contains(name) ? load(name, shape) : nullptr;

@@ -1,0 +1,262 @@
+// The llama.cpp bridge (engines/llamacpp.hpp, io/gguf.hpp) against stock llama.cpp v0.4.0:
+// a GGUF that ctxcomp writes loads in llama.cpp and gives the host's logits; every SAC fixture,
+// compressed by ctxcomp and written into a llama_context as a sequence state, decodes in
+// llama.cpp to the official logits (f32 cache, flash attention off: 1e-5); state blobs round-trip
+// bit for bit in f32 / f16 / bf16 with both V layouts; blobs that do not fit the context are named
+// errors and leave the sequence as it was.
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include <ctxcomp/engines/llamacpp.hpp>
+#include <ctxcomp/io/gguf.hpp>
+
+#include "catch.hpp"
+#include "common.hpp"
+#include "sac_driver.hpp"
+
+namespace test_engines_llamacpp {
+
+using namespace ctxcomp;
+namespace lc = ctxcomp::engines::llamacpp;
+using Catch::Matchers::Contains;
+using test::sac::Fixture;
+
+namespace {
+struct Backend {
+  Backend() {
+    llama_backend_init();
+    llama_log_set([](ggml_log_level level, const char* text, void*) {
+      if (level == GGML_LOG_LEVEL_ERROR) std::fputs(text, stderr);
+    }, nullptr);
+  }
+  ~Backend() { llama_backend_free(); }
+};
+const Backend& backend() {
+  static Backend b;
+  return b;
+}
+
+/// The fixture llama model as an f32 GGUF (written once per run).
+const std::string& llama_gguf() {
+  static const std::string path = [] {
+    const std::string p = test::tmp("ctxcomp_llamacpp_llama_f32.gguf");
+    io::convert_to_gguf(test::sac::llama_dir(), p, io::GgmlType::f32);
+    return p;
+  }();
+  return path;
+}
+
+struct Model {
+  llama_model* m = nullptr;
+  explicit Model(const std::string& path) {
+    (void)backend();
+    auto p = llama_model_default_params();
+    m = llama_model_load_from_file(path.c_str(), p);
+    REQUIRE(m != nullptr);
+  }
+  ~Model() { llama_model_free(m); }
+};
+
+struct Context {
+  llama_context* c = nullptr;
+  llama_context_params params;
+  Context(const Model& model, ggml_type type, bool flash, std::uint32_t n_ctx = 256) {
+    params = llama_context_default_params();
+    params.n_ctx = n_ctx, params.n_batch = n_ctx, params.n_ubatch = n_ctx, params.n_seq_max = 1;
+    params.n_threads = params.n_threads_batch = 2;
+    params.type_k = params.type_v = type;
+    params.flash_attn_type = flash ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    c = llama_init_from_model(model.m, params);
+    REQUIRE(c != nullptr);
+  }
+  ~Context() { llama_free(c); }
+};
+
+template <class Kv>
+std::vector<std::int64_t> logical_positions(const Kv& cache) {
+  std::vector<std::int64_t> p;
+  for (index_t s : kv::logical_order(cache)) p.push_back(cache.positions()[s]);
+  return p;
+}
+}  // namespace
+
+TEST_CASE("a GGUF ctxcomp writes loads in llama.cpp and gives the host's logits", "[llamacpp][gguf]") {
+  const Model model(llama_gguf());
+  Context ctx(model, GGML_TYPE_F32, false);
+  const auto hm = host::LlamaModel<float>::load(test::sac::llama_dir());
+  host::LlamaHost<float> h(hm);
+  const Fixture f("sac_multichunk");  // any token ids of this vocabulary
+  const index_t n = f.n();
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+  std::vector<index_t> idx(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+  auto cache = h.make_cache(n);
+  std::vector<float> x(static_cast<std::size_t>(n * 64)), expect(std::size_t(n * 128)), got(std::size_t(n * 128));
+  h.embed(f.ids.data(), n, matrix_view(x.data(), n, 64));
+  h.forward(matrix_view(x.data(), n, 64), pos.data(), idx.data(), Causal(0), cache);
+  h.logits(matrix_view<const float>(x.data(), n, 64), matrix_view(expect.data(), n, 128));
+  std::vector<llama_token> ids(f.ids.begin(), f.ids.end());
+  lc::decode(ctx.c, 0, ids.data(), nullptr, n, pos.data(), got.data());
+  CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
+  // llama.cpp's cache holds the host's keys (permuted per head: the llama architecture) and values.
+  const auto fmt = lc::cache_format(ctx.c, ctx.params);
+  CHECK(fmt.permute_k);
+  const auto st = lc::read_state(ctx.c, 0, fmt);
+  REQUIRE(st.cells() == n);
+  for (index_t l = 0; l < 2; ++l) {
+    const auto k = test::layer_kv(cache, l, false), v = test::layer_kv(cache, l, true);
+    CHECK(test::relative_error(st.keys[std::size_t(l)].data(), k.data(), k.size()) <= 1e-5);
+    CHECK(test::relative_error(st.values[std::size_t(l)].data(), v.data(), v.size()) <= 1e-5);
+  }
+}
+
+TEST_CASE("every SAC fixture decodes in llama.cpp from ctxcomp's compressed cache", "[llamacpp][sac][fixtures]") {
+  const Model model(llama_gguf());
+  const auto hm = host::LlamaModel<float>::load(test::sac::llama_dir());
+  for (const char* c : test::sac::kCases) {
+    INFO(c);
+    const Fixture f(c);
+    host::LlamaHost<float> h(hm);
+    const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
+    auto cache = h.make_cache(plan.anchor_count());
+    host::sac_compress(h, plan, f.ids.data(), f.role_view(), f.mask, cache);
+    Context ctx(model, GGML_TYPE_F32, false);
+    const auto fmt = lc::cache_format(ctx.c, ctx.params);
+    const std::int64_t next = plan.decode_position();
+    lc::load_state(ctx.c, 0, lc::encode_state(cache, lc::decode_positions(logical_positions(cache), next), 0, fmt), fmt);
+    // What llama.cpp holds is the compressed cache, bit for bit (f32), in the official K/V.
+    const auto st = lc::read_state(ctx.c, 0, fmt);
+    for (index_t l = 0; l < 2; ++l) {
+      CHECK(st.keys[std::size_t(l)] == test::layer_kv(cache, l, false));
+      CHECK(st.values[std::size_t(l)] == test::layer_kv(cache, l, true));
+      const auto ek = f.st.read<double>("layer" + std::to_string(l) + "_k");
+      CHECK(test::relative_error(st.keys[std::size_t(l)].data(), ek.data(), ek.size()) <= 1e-5);
+    }
+    // Decode: special_tokens[1] as an embedding at position n, then the targets at n+1, ...
+    const index_t t = index_t(f.targets.size());
+    std::vector<float> logits(std::size_t((t + 1) * 128));
+    const std::int64_t p0 = next;
+    lc::decode(ctx.c, 0, nullptr, f.special.data() + 64, 1, &p0, logits.data());
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
+    for (index_t i = 0; i < t; ++i) pos[std::size_t(i)] = next + 1 + i;
+    std::vector<llama_token> ids(f.targets.begin(), f.targets.end());
+    lc::decode(ctx.c, 0, ids.data(), nullptr, t, pos.data(), logits.data() + 128);
+    const auto expect = f.st.read<double>("decode_logits");
+    const double err = test::relative_error(logits.data(), expect.data(), logits.size());
+    UNSCOPED_INFO(c << ": llama.cpp decode logits, relative error vs float64 " << err);
+    CHECK(err <= 1e-5);
+  }
+}
+
+TEST_CASE("state blobs round-trip bit for bit in f32, f16 and bf16, with both V layouts", "[llamacpp][state]") {
+  const Model model(llama_gguf());
+  auto check = [&](auto tag, ggml_type type, bool flash) {
+    using C = decltype(tag);
+    INFO(ggml_type_name(type) << (flash ? ", flash attention (V rows)" : ", V transposed"));
+    Context ctx(model, type, flash);
+    const auto fmt = lc::cache_format(ctx.c, ctx.params);
+    CHECK(fmt.v_trans == !flash);
+    KvCache<C> cache(2, 2, 16, 40);
+    const index_t n = 37;
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+    std::vector<index_t> idx(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) pos[std::size_t(i)] = 3 * i, idx[std::size_t(i)] = i;
+    cache.append(n, pos.data(), idx.data());
+    for (index_t l = 0; l < 2; ++l)
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t i = 0; i < n; ++i) {
+          const auto kr = test::random_vector(16, unsigned(1000 + 100 * l + 10 * h + i), -3.f, 3.f);
+          const auto vr = test::random_vector(16, unsigned(5000 + 100 * l + 10 * h + i), -3.f, 3.f);
+          store_row(cache.keys(l), h, i, kr.data());
+          store_row(cache.values(l), h, i, vr.data());
+        }
+    const auto blob = lc::encode_state(cache, pos, 0, fmt);
+    lc::load_state(ctx.c, 0, blob, fmt);
+    std::vector<std::uint8_t> back(llama_state_seq_get_size(ctx.c, 0));
+    back.resize(llama_state_seq_get_data(ctx.c, back.data(), back.size(), 0));
+    CHECK(back == blob);  // llama.cpp gives back exactly what it was given
+    const auto st = lc::decode_state(back.data(), back.size(), fmt);
+    CHECK(st.positions == pos);
+    for (index_t l = 0; l < 2; ++l) {
+      CHECK(st.keys[std::size_t(l)] == test::layer_kv(cache, l, false));
+      CHECK(st.values[std::size_t(l)] == test::layer_kv(cache, l, true));
+    }
+  };
+  for (bool flash : {false, true}) {
+    check(float{}, GGML_TYPE_F32, flash);
+    check(fp16{}, GGML_TYPE_F16, flash);
+    check(bf16{}, GGML_TYPE_BF16, flash);
+  }
+}
+
+TEST_CASE("blobs that do not fit the context are named errors and leave the sequence as it was", "[llamacpp][state][errors]") {
+  const Model model(llama_gguf());
+  Context ctx(model, GGML_TYPE_F32, false, 256);
+  const auto fmt = lc::cache_format(ctx.c, ctx.params);
+  KvCache<float> cache(2, 2, 16, 300);
+  std::vector<std::int64_t> pos(300);
+  std::vector<index_t> idx(300);
+  for (index_t i = 0; i < 300; ++i) pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+  cache.append(10, pos.data(), idx.data());
+  const auto good = lc::encode_state(cache, std::vector<std::int64_t>(pos.begin(), pos.begin() + 10), 0, fmt);
+  lc::load_state(ctx.c, 0, good, fmt);
+  auto state_bytes = [&] {
+    std::vector<std::uint8_t> b(llama_state_seq_get_size(ctx.c, 0));
+    b.resize(llama_state_seq_get_data(ctx.c, b.data(), b.size(), 0));
+    return b;
+  };
+  const auto before = state_bytes();
+  auto expect_error = [&](const std::vector<std::uint8_t>& blob, const std::string& what) {
+    try {
+      lc::load_state(ctx.c, 0, blob, fmt);
+      FAIL("loaded without error: " << what);
+    } catch (const Error& e) {
+      CHECK_THAT(std::string(e.what()), Contains(what));
+    }
+    CHECK(state_bytes() == before);
+  };
+  {
+    KvCache<float> three(3, 2, 16, 10);
+    three.append(10, pos.data(), idx.data());
+    auto b = good;
+    b[std::size_t(4 + 4 + 4 + 4 + 10 * 12 + 4)] = 3;  // n_layer field
+    expect_error(b, "3 layers, the model has 2");
+    CHECK_THROWS_WITH(lc::encode_state(three, std::vector<std::int64_t>(pos.begin(), pos.begin() + 10), 0, fmt),
+                      Contains("the cache has 3 layers, the model 2"));
+  }
+  {
+    KvCache<float> wide(2, 2, 32, 10);
+    wide.append(10, pos.data(), idx.data());
+    CHECK_THROWS_WITH(lc::encode_state(wide, std::vector<std::int64_t>(pos.begin(), pos.begin() + 10), 0, fmt),
+                      Contains("the cache has 2 kv heads of 32, the model 2 of 16"));
+  }
+  {
+    auto b = good;
+    b[0] ^= 1;
+    expect_error(b, "magic");
+    auto t = good;
+    t.resize(t.size() - 3);
+    expect_error(t, "the blob ends inside the values");
+  }
+  {
+    auto f16fmt = fmt;
+    f16fmt.type_k = GGML_TYPE_F16;
+    expect_error(lc::encode_state(cache, std::vector<std::int64_t>(pos.begin(), pos.begin() + 10), 0, f16fmt),
+                 "layer 0 K type f16, the context's is f32");
+  }
+  {
+    cache.append(290, pos.data() + 10, idx.data() + 10);
+    CHECK_THROWS_WITH(lc::encode_state(cache, pos, 0, fmt), Contains("300 cells exceed the context's 256 cells per sequence"));
+  }
+  {
+    auto p = llama_context_default_params();
+    p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_AUTO;
+    CHECK_THROWS_WITH(lc::cache_format(ctx.c, p), Contains("flash_attn_type is AUTO"));
+    p.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    p.type_k = GGML_TYPE_Q8_0;
+    CHECK_THROWS_WITH(lc::cache_format(ctx.c, p), Contains("type_k type q8_0 is not supported"));
+  }
+}
+
+}  // namespace test_engines_llamacpp
