@@ -9,6 +9,7 @@
 #include <tuple>
 #include <ctxcomp/ctxcomp.hpp>
 #include <ctxcomp/io/icformer_checkpoint.hpp>
+#include <ctxcomp/io/gguf.hpp>
 #include <ctxcomp/io/tokenizer.hpp>
 
 #include <unistd.h>
@@ -468,8 +469,8 @@ int main(int argc, char** argv) {
       ->default_val("fp32")->check(CLI::IsMember({"fp32", "bf16"}));
 
   FoldArgs fa;
-  auto* fo = app.add_subcommand("fold", "Run a Llama-family checkpoint (Llama, Mistral, Qwen2, Qwen3) over input_ids, folding every <CL>...<CR> span into its <CR>");
-  fo->add_option("--model", fa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 (config.json + model.safetensors, or shards with model.safetensors.index.json)")
+  auto* fo = app.add_subcommand("fold", "Run a checkpoint (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX) over input_ids, folding every <CL>...<CR> span into its <CR>");
+  fo->add_option("--model", fa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2, Qwen3 or GPT-NeoX (config.json + model.safetensors, or shards with model.safetensors.index.json)")
       ->required()->check(CLI::ExistingDirectory);
   fo->add_option("--adapter", fa.adapter, "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into --model's weights at load time")
       ->check(CLI::ExistingDirectory);
@@ -496,8 +497,8 @@ int main(int argc, char** argv) {
       ->default_val(16)->check(CLI::Range(1, 1 << 20));
 
   SacArgs sa;
-  auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a Llama-family checkpoint, then decode");
-  sc->add_option("--model", sa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2 or Qwen3 (config.json + model.safetensors, or shards with model.safetensors.index.json)")
+  auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a checkpoint (Llama family or GPT-NeoX), then decode");
+  sc->add_option("--model", sa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2, Qwen3 or GPT-NeoX (config.json + model.safetensors, or shards with model.safetensors.index.json)")
       ->required()->check(CLI::ExistingDirectory);
   sc->add_option("--adapter", sa.adapter, "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into --model's weights at load time (compressing and decoding)")
       ->check(CLI::ExistingDirectory);
@@ -535,6 +536,17 @@ int main(int argc, char** argv) {
   sc->add_option("--block-size", sa.block_size, "Tokens per page of --kv-layout paged")
       ->default_val(16)->check(CLI::Range(1, 1 << 20));
 
+  std::string cv_model, cv_adapter, cv_output, cv_type = "f32";
+  auto* cv = app.add_subcommand("convert", "Write a Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3) as a GGUF file "
+                                           "that stock llama.cpp loads (io/gguf.hpp)");
+  cv->add_option("--model", cv_model, "Hugging Face checkpoint directory (config.json + model.safetensors or shards)")
+      ->required()->check(CLI::ExistingDirectory);
+  cv->add_option("--adapter", cv_adapter, "PEFT LoRA adapter directory merged into the weights first")
+      ->check(CLI::ExistingDirectory);
+  cv->add_option("--output", cv_output, "Output .gguf file")->required();
+  cv->add_option("--type", cv_type, "Type of the weight matrices (norms and biases stay f32)")
+      ->default_val("f32")->check(CLI::IsMember({"f32", "f16", "bf16"}));
+
   for (CLI::App* s : app.get_subcommands([](const CLI::App*) { return true; })) s->footer(kExitCodes);
   if (const int rc = check_names(app, argc, argv); rc >= 0) return rc;
   CLI11_PARSE(app, argc, argv);
@@ -546,6 +558,11 @@ int main(int argc, char** argv) {
       return run_fold(fa);
     }
     if (*sc) return run_sac(sa);
+    if (*cv) {
+      io::convert_to_gguf(cv_model, cv_output, io::parse_gguf_weight_type(cv_type), cv_adapter);
+      std::fprintf(stderr, "ctxcomp convert: wrote %s\n", cv_output.c_str());
+      return 0;
+    }
   } catch (const ctxcomp::Error& e) {
     std::fprintf(stderr, "ctxcomp: error: %s\n", e.what());
     return 1;

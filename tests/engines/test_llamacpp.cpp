@@ -1,5 +1,6 @@
 // The llama.cpp bridge (engines/llamacpp.hpp, io/gguf.hpp) against stock llama.cpp v0.4.0:
-// a GGUF that ctxcomp writes loads in llama.cpp and gives the host's logits; every SAC fixture,
+// a GGUF that ctxcomp writes (the fixture llama and every checkpoints fixture: Llama 3 RoPE,
+// tied embeddings, Qwen2 biases, Qwen3 q/k norm) loads in llama.cpp and gives the host's logits; every SAC fixture,
 // compressed by ctxcomp and written into a llama_context as a sequence state, decodes in
 // llama.cpp to the official logits (f32 cache, flash attention off: 1e-5); state blobs round-trip
 // bit for bit in f32 / f16 / bf16 with both V layouts; blobs that do not fit the context are named
@@ -108,6 +109,51 @@ TEST_CASE("a GGUF ctxcomp writes loads in llama.cpp and gives the host's logits"
     const auto k = test::layer_kv(cache, l, false), v = test::layer_kv(cache, l, true);
     CHECK(test::relative_error(st.keys[std::size_t(l)].data(), k.data(), k.size()) <= 1e-5);
     CHECK(test::relative_error(st.values[std::size_t(l)].data(), v.data(), v.size()) <= 1e-5);
+  }
+}
+
+TEST_CASE("every checkpoints fixture converts to a GGUF that gives the host's logits in llama.cpp", "[llamacpp][gguf][checkpoints]") {
+  // Llama 3 RoPE (rope_freqs), tied embeddings, bf16 shards; Qwen2 biases; Qwen3 q/k norm. The
+  // first through `ctxcomp convert`, the others through the API.
+  for (const char* c : test::checkpoints::kCheckpointCases) {
+    INFO(c);
+    const std::string dir = test::checkpoints::case_dir(c) + "/model";
+    const std::string gguf = test::tmp(std::string("ctxcomp_llamacpp_") + c + ".gguf");
+    if (c == std::string(test::checkpoints::kCheckpointCases[0])) {
+      const auto r = test::run_cli("convert --model " + dir + " --output " + gguf);
+      INFO(r.err);
+      REQUIRE(r.status == 0);
+    } else {
+      io::convert_to_gguf(dir, gguf, io::GgmlType::f32);
+    }
+    const Model model(gguf);
+    Context ctx(model, GGML_TYPE_F32, false);
+    const auto hm = host::LlamaModel<float>::load(dir);
+    host::LlamaHost<float> h(hm);
+    const auto& cfg = hm.config;
+    auto st = io::SafeTensors::open(test::checkpoints::case_dir(c) + "/case.safetensors");
+    const auto ids64 = st.read<std::int64_t>("input_ids");
+    const index_t n = index_t(ids64.size());
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+    std::vector<index_t> idx(static_cast<std::size_t>(n));
+    for (index_t i = 0; i < n; ++i) pos[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+    auto cache = h.make_cache(n);
+    std::vector<float> x(static_cast<std::size_t>(n * cfg.hidden)), expect(static_cast<std::size_t>(n * cfg.vocab)),
+        got(static_cast<std::size_t>(n * cfg.vocab));
+    h.embed(ids64.data(), n, matrix_view(x.data(), n, cfg.hidden));
+    h.forward(matrix_view(x.data(), n, cfg.hidden), pos.data(), idx.data(), Causal(0), cache);
+    h.logits(matrix_view<const float>(x.data(), n, cfg.hidden), matrix_view(expect.data(), n, cfg.vocab));
+    const std::vector<llama_token> ids(ids64.begin(), ids64.end());
+    lc::decode(ctx.c, 0, ids.data(), nullptr, n, pos.data(), got.data());
+    const double err = test::relative_error(got.data(), expect.data(), got.size());
+    UNSCOPED_INFO(c << ": llama.cpp logits vs the host, relative " << err);
+    CHECK(err <= 1e-5);
+    const auto fmt = lc::cache_format(ctx.c, ctx.params);
+    CHECK(fmt.permute_k == (c == std::string("llama3_tied_sharded_bf16")));
+    const auto kv = lc::read_state(ctx.c, 0, fmt);
+    const auto k1 = test::layer_kv(cache, 1, false);
+    CHECK(test::relative_error(kv.keys[1].data(), k1.data(), k1.size()) <= 1e-5);
+    std::remove(gguf.c_str());
   }
 }
 
