@@ -219,7 +219,11 @@ std::vector<std::uint8_t> encode_state(const Kv& cache, const std::vector<std::i
 /// layer K and V [kv_heads x cells x head_dim] (K un-permuted), widened to fp32.
 struct SequenceState {
   std::vector<std::int64_t> positions;         ///< per cell
-  std::vector<std::vector<float>> keys, values;  ///< per layer
+  /// Per layer [kv_heads x cells x head_dim].
+  ///@{
+  std::vector<std::vector<float>> keys, values;
+  ///@}
+  /// The number of cells.
   index_t cells() const noexcept { return index_t(positions.size()); }
 };
 

@@ -56,10 +56,13 @@ class GgufWriter {
  public:
   static constexpr std::uint32_t kAlignment = 32;  ///< general.alignment
 
+  /// Metadata `key` = v (GGUF value types STRING, UINT32, FLOAT32, BOOL).
+  ///@{
   void add_string(const std::string& key, const std::string& v) { kv(key, 8), str(meta_, v); }
   void add_u32(const std::string& key, std::uint32_t v) { kv(key, 4), pod(meta_, v); }
   void add_f32(const std::string& key, float v) { kv(key, 6), pod(meta_, v); }
   void add_bool(const std::string& key, bool v) { kv(key, 7), pod(meta_, std::uint8_t(v ? 1 : 0)); }
+  ///@}
 
   /// Tensor `name` of PyTorch shape `shape` (outermost first) from fp32 `values`, stored as `type`.
   void add_tensor(const std::string& name, const std::vector<std::int64_t>& shape, const float* values, GgmlType type) {
