@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include <ctxcomp/io/gguf.hpp>
 #include <ctxcomp/io/lora.hpp>
 #include <ctxcomp/io/safetensors.hpp>
 
@@ -193,6 +194,14 @@ TEST_CASE("GPT-NeoX inputs that cannot load are named errors, with no output wri
             {io::TensorOut::of("gpt_neox.layers.1.attention.query_key_value.weight", {128, 64}, w.data())});
     CHECK_THAT(load_error(d), Contains("tensor 'gpt_neox.layers.1.attention.query_key_value.weight' has shape [128, 64], "
                                        "expected [192, 64]"));
+  }
+  {
+    // GGUF conversion covers the Llama family only (llama.cpp's gptneox architecture is not written).
+    const std::string out = test::tmp("ctxcomp_neox.gguf");
+    std::remove(out.c_str());
+    CHECK_THROWS_WITH(io::convert_to_gguf(src, out, io::GgmlType::f32),
+                      Contains("GPTNeoXForCausalLM is not converted to GGUF (llama, mistral, qwen2 and qwen3 are)"));
+    CHECK(!fs::exists(out));
   }
   {
     // An adapter with two output layers (transformers 5's module name and the checkpoint's).
