@@ -5,6 +5,7 @@
 // llama.cpp to the official logits (f32 cache, flash attention off: 1e-5); state blobs round-trip
 // bit for bit in f32 / f16 / bf16 with both V layouts; blobs that do not fit the context are named
 // errors and leave the sequence as it was.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -62,9 +63,11 @@ struct Model {
 struct Context {
   llama_context* c = nullptr;
   llama_context_params params;
-  Context(const Model& model, ggml_type type, bool flash, std::uint32_t n_ctx = 256) {
+  Context(const Model& model, ggml_type type, bool flash, std::uint32_t n_ctx = 256, std::uint32_t seqs = 1,
+          bool unified = false) {
     params = llama_context_default_params();
-    params.n_ctx = n_ctx, params.n_batch = n_ctx, params.n_ubatch = n_ctx, params.n_seq_max = 1;
+    params.n_ctx = n_ctx, params.n_batch = n_ctx, params.n_ubatch = n_ctx, params.n_seq_max = seqs;
+    params.kv_unified = unified;
     params.n_threads = params.n_threads_batch = 2;
     params.type_k = params.type_v = type;
     params.flash_attn_type = flash ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
@@ -192,6 +195,67 @@ TEST_CASE("every SAC fixture decodes in llama.cpp from ctxcomp's compressed cach
     const double err = test::relative_error(logits.data(), expect.data(), logits.size());
     UNSCOPED_INFO(c << ": llama.cpp decode logits, relative error vs float64 " << err);
     CHECK(err <= 1e-5);
+  }
+}
+
+namespace {
+/// Runs a sentinel case through SentinelFolder on `gguf` and checks the logits and the kept K/V
+/// against the case's float64 tensors (1e-5).
+void check_fold_over_llamacpp(const std::string& gguf, const std::string& case_file) {
+  const Model model(gguf);
+  auto st = io::SafeTensors::open(case_file);
+  const auto ids = st.read<std::int64_t>("input_ids");
+  const index_t n = index_t(ids.size());
+  const index_t vocab = llama_vocab_n_tokens(llama_model_get_vocab(model.m));
+  Context ctx(model, GGML_TYPE_F32, false, 256, 3, true);
+  lc::SentinelFolder folder(ctx.c, ctx.params, std::stoll(st.meta("cl_id")), std::stoll(st.meta("cr_id")));
+  std::vector<float> logits(static_cast<std::size_t>(n * vocab));
+  // In two pieces, the cut inside a span: the fold state carries across calls.
+  const index_t cut = n / 2;
+  folder.push(ids.data(), cut, logits.data());
+  folder.push(ids.data() + cut, n - cut, logits.data() + cut * vocab);
+  const auto expect = st.read<double>("logits");
+  const double err = test::relative_error(logits.data(), expect.data(), logits.size());
+  UNSCOPED_INFO(case_file << ": llama.cpp folding logits, relative error vs float64 " << err);
+  CHECK(err <= 1e-5);
+  // llama.cpp's main sequence holds exactly the kept tokens (by position), with the official K/V.
+  const auto kept = lc::read_state(ctx.c, 0, folder.format());
+  const auto kept_index = st.read<std::int64_t>("kept_index");
+  const auto positions = st.read<std::int64_t>("position_ids");
+  std::vector<std::int64_t> expect_pos;
+  for (auto k : kept_index) expect_pos.push_back(positions[std::size_t(k)]);
+  std::vector<std::size_t> order(kept.positions.size());
+  for (std::size_t c = 0; c < order.size(); ++c) order[c] = c;
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return kept.positions[a] < kept.positions[b]; });
+  std::vector<std::int64_t> got_pos;
+  for (auto c : order) got_pos.push_back(kept.positions[c]);
+  REQUIRE(got_pos == expect_pos);
+  const index_t m = kept.cells(), hd = folder.format().head_dim, kvh = folder.format().kv_heads;
+  for (index_t l = 0; l < folder.format().layers; ++l)
+    for (int which = 0; which < 2; ++which) {
+      const auto& x = (which ? kept.values : kept.keys)[std::size_t(l)];
+      std::vector<float> sorted;
+      for (index_t h = 0; h < kvh; ++h)
+        for (auto c : order) sorted.insert(sorted.end(), x.begin() + (h * m + index_t(c)) * hd, x.begin() + (h * m + index_t(c) + 1) * hd);
+      const auto e = st.read<double>("layer" + std::to_string(l) + (which ? "_v" : "_k"));
+      INFO("layer " << l << (which ? " V" : " K"));
+      CHECK(test::relative_error(sorted.data(), e.data(), e.size()) <= 1e-5);
+    }
+}
+}  // namespace
+
+TEST_CASE("every sentinel and checkpoints fixture folds over a llama_context to the official outputs",
+          "[llamacpp][fold][fixtures]") {
+  for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"}) {
+    INFO(c);
+    check_fold_over_llamacpp(llama_gguf(), test::fixtures_dir() + "/sentinel/" + c + ".safetensors");
+  }
+  for (const char* c : test::checkpoints::kCheckpointCases) {
+    INFO(c);
+    const std::string gguf = test::tmp(std::string("ctxcomp_llamacpp_fold_") + c + ".gguf");
+    io::convert_to_gguf(test::checkpoints::case_dir(c) + "/model", gguf, io::GgmlType::f32);
+    check_fold_over_llamacpp(gguf, test::checkpoints::case_dir(c) + "/case.safetensors");
+    std::remove(gguf.c_str());
   }
 }
 

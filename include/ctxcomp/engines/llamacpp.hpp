@@ -32,6 +32,7 @@
 
 #include "../core/error.hpp"
 #include "../core/rows.hpp"
+#include "../fold/spans.hpp"
 #include "../kv/layout.hpp"
 
 namespace ctxcomp::engines::llamacpp {
@@ -156,51 +157,43 @@ inline std::vector<std::int64_t> decode_positions(std::vector<std::int64_t> pos,
   return pos;
 }
 
-/// The state blob of `cache` (any ctxcomp layout; cells in logical order) as sequence `seq` of a
-/// context of format `f`, with cell positions `positions` (logical order, one per cell).
-template <class Kv>
-std::vector<std::uint8_t> encode_state(const Kv& cache, const std::vector<std::int64_t>& positions, llama_seq_id seq,
-                                       const CacheFormat& f) {
-  const index_t n = cache.size();
-  const auto k0 = cache.keys(0);
-  CTXCOMP_CHECK(cache.layers() == f.layers, "llama.cpp state: the cache has ", cache.layers(),
-                " layers, the model ", f.layers);
-  CTXCOMP_CHECK(k0.heads == f.kv_heads && k0.head_dim == f.head_dim, "llama.cpp state: the cache has ", k0.heads,
-                " kv heads of ", k0.head_dim, ", the model ", f.kv_heads, " of ", f.head_dim);
+namespace detail {
+/// The blob of n cells at `positions` for sequence `seq`; get(l, values, h, c, i) gives element
+/// i of head h of cell c of layer l in the checkpoint's layout.
+template <class Get>
+std::vector<std::uint8_t> encode(index_t n, const std::vector<std::int64_t>& positions, llama_seq_id seq,
+                                 const CacheFormat& f, const Get& get) {
   CTXCOMP_CHECK(index_t(positions.size()) == n, "llama.cpp state: ", positions.size(), " positions for ", n, " cells");
   CTXCOMP_CHECK(n <= f.capacity, "llama.cpp state: ", n, " cells exceed the context's ", f.capacity,
                 " cells per sequence");
   for (std::size_t i = 0; i < positions.size(); ++i)
     CTXCOMP_CHECK(positions[i] >= 0 && positions[i] <= INT32_MAX, "llama.cpp state: position ", positions[i],
                   " of cell ", i, " is out of llama_pos range");
-  const std::size_t ek = detail::type_size(f.type_k, "type_k"), ev = detail::type_size(f.type_v, "type_v");
+  const std::size_t ek = type_size(f.type_k, "type_k"), ev = type_size(f.type_v, "type_v");
   const index_t hd = f.head_dim, kd = f.kv_heads * hd;
-  const auto order = kv::logical_order(cache);
   std::vector<std::uint8_t> b;
-  detail::put(b, kStateMagic), detail::put(b, std::int32_t(seq)), detail::put(b, std::uint32_t(1));
-  detail::put(b, std::uint32_t(n));
+  put(b, kStateMagic), put(b, std::int32_t(seq)), put(b, std::uint32_t(1));
+  put(b, std::uint32_t(n));
   for (index_t i = 0; i < n; ++i)
-    detail::put(b, std::int32_t(positions[std::size_t(i)])), detail::put(b, std::uint32_t(1)),
-        detail::put(b, std::int32_t(seq));
-  detail::put(b, std::uint32_t(f.v_trans ? 1 : 0)), detail::put(b, std::uint32_t(f.layers));
+    put(b, std::int32_t(positions[std::size_t(i)])), put(b, std::uint32_t(1)), put(b, std::int32_t(seq));
+  if (n == 0) return b;
+  put(b, std::uint32_t(f.v_trans ? 1 : 0)), put(b, std::uint32_t(f.layers));
   for (index_t l = 0; l < f.layers; ++l) {
-    const auto k = cache.keys(l);
-    detail::put(b, std::int32_t(f.type_k)), detail::put(b, std::uint64_t(kd * index_t(ek)));
+    put(b, std::int32_t(f.type_k)), put(b, std::uint64_t(kd * index_t(ek)));
     const std::size_t at = b.size();
     b.resize(at + std::size_t(n * kd) * ek);
     for (index_t c = 0; c < n; ++c)
       for (index_t h = 0; h < f.kv_heads; ++h)
         for (index_t i = 0; i < hd; ++i)
-          detail::put_value(b.data() + at + std::size_t(c * kd + h * hd + i) * ek, f.type_k,
-                            element_value(k, h, order[std::size_t(c)], detail::hf_row(i, hd, f.permute_k)));
+          put_value(b.data() + at + std::size_t(c * kd + h * hd + i) * ek, f.type_k,
+                    get(l, false, h, c, hf_row(i, hd, f.permute_k)));
   }
   for (index_t l = 0; l < f.layers; ++l) {
-    const auto v = cache.values(l);
-    detail::put(b, std::int32_t(f.type_v));
+    put(b, std::int32_t(f.type_v));
     if (f.v_trans) {
-      detail::put(b, std::uint32_t(ev)), detail::put(b, std::uint32_t(kd));
+      put(b, std::uint32_t(ev)), put(b, std::uint32_t(kd));
     } else {
-      detail::put(b, std::uint64_t(kd * index_t(ev)));
+      put(b, std::uint64_t(kd * index_t(ev)));
     }
     const std::size_t at = b.size();
     b.resize(at + std::size_t(n * kd) * ev);
@@ -209,10 +202,28 @@ std::vector<std::uint8_t> encode_state(const Kv& cache, const std::vector<std::i
         for (index_t i = 0; i < hd; ++i) {
           const index_t j = h * hd + i;
           const std::size_t off = f.v_trans ? std::size_t(j * n + c) : std::size_t(c * kd + j);
-          detail::put_value(b.data() + at + off * ev, f.type_v, element_value(v, h, order[std::size_t(c)], i));
+          put_value(b.data() + at + off * ev, f.type_v, get(l, true, h, c, i));
         }
   }
   return b;
+}
+}  // namespace detail
+
+/// The state blob of `cache` (any ctxcomp layout; cells in logical order) as sequence `seq` of a
+/// context of format `f`, with cell positions `positions` (logical order, one per cell).
+template <class Kv>
+std::vector<std::uint8_t> encode_state(const Kv& cache, const std::vector<std::int64_t>& positions, llama_seq_id seq,
+                                       const CacheFormat& f) {
+  const auto k0 = cache.keys(0);
+  CTXCOMP_CHECK(cache.layers() == f.layers, "llama.cpp state: the cache has ", cache.layers(),
+                " layers, the model ", f.layers);
+  CTXCOMP_CHECK(k0.heads == f.kv_heads && k0.head_dim == f.head_dim, "llama.cpp state: the cache has ", k0.heads,
+                " kv heads of ", k0.head_dim, ", the model ", f.kv_heads, " of ", f.head_dim);
+  const auto order = kv::logical_order(cache);
+  return detail::encode(cache.size(), positions, seq, f, [&](index_t l, bool values, index_t h, index_t c, index_t i) {
+    return values ? element_value(cache.values(l), h, order[std::size_t(c)], i)
+                  : element_value(cache.keys(l), h, order[std::size_t(c)], i);
+  });
 }
 
 /// One sequence's cache as llama.cpp holds it, in the checkpoint's layout: positions, and per
@@ -226,6 +237,20 @@ struct SequenceState {
   /// The number of cells.
   index_t cells() const noexcept { return index_t(positions.size()); }
 };
+
+/// The blob of `s` (as read_state returns it, positions possibly changed) for sequence `seq`.
+inline std::vector<std::uint8_t> encode_state(const SequenceState& s, llama_seq_id seq, const CacheFormat& f) {
+  const index_t n = s.cells(), hd = f.head_dim;
+  CTXCOMP_CHECK(n == 0 || (index_t(s.keys.size()) == f.layers && index_t(s.values.size()) == f.layers),
+                "llama.cpp state: ", s.keys.size(), " layers given, the model has ", f.layers);
+  for (index_t l = 0; l < index_t(s.keys.size()); ++l)
+    CTXCOMP_CHECK(index_t(s.keys[std::size_t(l)].size()) == n * f.kv_heads * hd &&
+                      index_t(s.values[std::size_t(l)].size()) == n * f.kv_heads * hd,
+                  "llama.cpp state: layer ", l, " does not hold ", n, " cells of ", f.kv_heads, " x ", hd);
+  return detail::encode(n, s.positions, seq, f, [&](index_t l, bool values, index_t h, index_t c, index_t i) {
+    return double((values ? s.values : s.keys)[std::size_t(l)][std::size_t((h * n + c) * hd + i)]);
+  });
+}
 
 /// Parses a state blob of format `f` (errors name the field that does not match).
 inline SequenceState decode_state(const std::uint8_t* data, std::size_t size, const CacheFormat& f) {
@@ -350,5 +375,136 @@ inline void decode(llama_context* ctx, llama_seq_id seq, const llama_token* ids,
     std::copy(l, l + vocab, logits + i * vocab);
   }
 }
+
+/// Sentinel-token folding over a llama_context: streams token ids through llama.cpp with the
+/// official sentinel mask and position ids (fold::SpanTracker), and evicts every closed span (its
+/// `<CL>` and inner tokens) from llama.cpp's cache, keeping the `<CR>` as the span's compact
+/// entry. llama.cpp's mask compares positions within a sequence and has no custom mask, so the
+/// roles use three sequences of a context created with `kv_unified = true` and `n_seq_max >= 3`:
+/// - ordinary tokens and inner tokens go into the main sequence (they see its kept cells and the
+///   span's earlier tokens, not the `<CL>`);
+/// - a `<CL>` is decoded alone in the first scratch sequence (it sees only itself);
+/// - at a `<CR>` (position q), the span's inner cells are copied to the second scratch sequence
+///   (`llama_memory_seq_cp`, a range of positions) and read back as state; the first scratch
+///   sequence is rewritten as `<CL>` + inner cells with positions min(p, q - 1) (the keys keep
+///   their rotation; positions only drive the mask and the continuity rule), and the `<CR>` is
+///   decoded there at q (it sees its `<CL>`, its span and itself); then the inner cells leave
+///   the main sequence (`llama_memory_seq_rm`), the `<CR>` cell joins it (`seq_cp` of position
+///   q) and the scratch sequences are cleared.
+/// A fold costs a state round trip of the span only. A span whose `<CR>` sits at position 0
+/// (one inner token at the very start of the stream) cannot be relabelled and is an error.
+class SentinelFolder {
+ public:
+  /// Folds over `ctx` (created with `params`: kv_unified, n_seq_max >= 3, flash attention set)
+  /// with sentinel ids `cl` / `cr`; `main` holds the stream, `scratch_cl` and `scratch_span` are
+  /// used during a fold only (they must be otherwise unused).
+  SentinelFolder(llama_context* ctx, const llama_context_params& params, std::int64_t cl, std::int64_t cr,
+                 llama_seq_id main = 0, llama_seq_id scratch_cl = 1, llama_seq_id scratch_span = 2)
+      : ctx_(ctx), fmt_(cache_format(ctx, params)), tracker_(cl, cr, llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)))),
+        main_(main), s1_(scratch_cl), s2_(scratch_span) {
+    CTXCOMP_CHECK(params.kv_unified, "SentinelFolder: the context needs kv_unified = true (spans are copied between "
+                                     "sequences by position range)");
+    CTXCOMP_CHECK(params.n_seq_max >= 3 && main >= 0 && scratch_cl >= 0 && scratch_span >= 0 &&
+                      std::uint32_t(std::max({main, scratch_cl, scratch_span})) < params.n_seq_max &&
+                      main != scratch_cl && main != scratch_span && scratch_cl != scratch_span,
+                  "SentinelFolder: three distinct sequence ids below n_seq_max (", params.n_seq_max, ") are needed");
+  }
+
+  /// Feeds ids[0, n) after what came before; writes the logits of every token to `logits`
+  /// (n x n_vocab) and folds each span whose `<CR>` arrives. Errors (a bad stream, a span llama.cpp
+  /// cannot hold) name the token; the tracker validates the whole input before anything runs.
+  void push(const std::int64_t* ids, index_t n, float* logits) {
+    const index_t base = tracker_.size();
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+    tracker_.push(ids, n, pos.data());
+    const index_t vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx_)));
+    std::vector<llama_token> tok(ids, ids + n);
+    index_t i = 0;
+    while (i < n) {
+      const SpanRole role = tracker_.roles()[std::size_t(base + i)].role;
+      if (role == SpanRole::Ordinary || role == SpanRole::Inner) {  // a run into the main sequence
+        index_t e = i;
+        while (e < n && tracker_.roles()[std::size_t(base + e)].role == role) ++e;
+        if (role == SpanRole::Inner && inner_ == 0) first_inner_ = pos[std::size_t(i)];
+        if (role == SpanRole::Inner) inner_ += e - i;
+        decode(ctx_, main_, tok.data() + i, nullptr, e - i, pos.data() + i, logits + i * vocab);
+        i = e;
+      } else if (role == SpanRole::Open) {
+        llama_memory_seq_rm(llama_get_memory(ctx_), s1_, -1, -1);
+        decode(ctx_, s1_, tok.data() + i, nullptr, 1, pos.data() + i, logits + i * vocab);
+        inner_ = 0;
+        ++i;
+      } else {
+        close_span(tok[std::size_t(i)], pos[std::size_t(i)], logits + i * vocab, base + i);
+        ++i;
+      }
+    }
+  }
+
+  /// The span tracker (roles and positions of everything pushed).
+  const fold::SpanTracker& tracker() const noexcept { return tracker_; }
+  /// The context's state format.
+  const CacheFormat& format() const noexcept { return fmt_; }
+
+ private:
+  void close_span(llama_token cr, std::int64_t q, float* logits, index_t at) {
+    CTXCOMP_CHECK(q >= 1, "SentinelFolder: the <CR> at token ", at, " has position 0 (a one-token span at the start "
+                          "of the stream), which llama.cpp's continuity rule cannot hold");
+    llama_memory_t mem = llama_get_memory(ctx_);
+    SequenceState span = read_state(ctx_, s1_, fmt_);  // the <CL>
+    CTXCOMP_CHECK(span.cells() == 1, "SentinelFolder: scratch sequence ", s1_, " holds ", span.cells(),
+                  " cells, expected the <CL> only (is it used elsewhere?)");
+    if (inner_ > 0) {
+      llama_memory_seq_rm(mem, s2_, -1, -1);
+      llama_memory_seq_cp(mem, main_, s2_, static_cast<llama_pos>(first_inner_), static_cast<llama_pos>(q + 1));
+      const SequenceState inner = read_state(ctx_, s2_, fmt_);
+      llama_memory_seq_rm(mem, s2_, -1, -1);
+      CTXCOMP_CHECK(inner.cells() == inner_, "SentinelFolder: the span holds ", inner.cells(), " cells, expected ", inner_);
+      std::vector<std::size_t> order(static_cast<std::size_t>(inner.cells()));  // by position
+      for (std::size_t c = 0; c < order.size(); ++c) order[c] = c;
+      std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return inner.positions[a] < inner.positions[b]; });
+      span = concat(span, inner, order);
+    }
+    for (auto& p : span.positions) p = std::min<std::int64_t>(p, q - 1);
+    load_state(ctx_, s1_, encode_state(span, s1_, fmt_), fmt_);
+    decode(ctx_, s1_, &cr, nullptr, 1, &q, logits);
+    if (inner_ > 0) llama_memory_seq_rm(mem, main_, static_cast<llama_pos>(first_inner_), -1);
+    CTXCOMP_CHECK(llama_memory_seq_pos_max(mem, main_) < q, "SentinelFolder: the main sequence holds positions at or "
+                                                              "after the <CR>'s (", q, ")");
+    llama_memory_seq_cp(mem, s1_, main_, static_cast<llama_pos>(q), static_cast<llama_pos>(q + 1));
+    llama_memory_seq_rm(mem, s1_, -1, -1);
+    inner_ = 0;
+  }
+
+  // `a`'s cells, then `b`'s in `order` (cells per layer [kv_heads x cells x head_dim]).
+  SequenceState concat(const SequenceState& a, const SequenceState& b, const std::vector<std::size_t>& order) const {
+    const index_t na = a.cells(), nb = b.cells(), n = na + nb, hd = fmt_.head_dim;
+    SequenceState s;
+    s.positions = a.positions;
+    for (std::size_t c : order) s.positions.push_back(b.positions[c]);
+    for (int which = 0; which < 2; ++which)
+      for (index_t l = 0; l < fmt_.layers; ++l) {
+        const auto& xa = (which ? a.values : a.keys)[std::size_t(l)];
+        const auto& xb = (which ? b.values : b.keys)[std::size_t(l)];
+        std::vector<float> x(static_cast<std::size_t>(fmt_.kv_heads * n * hd));
+        for (index_t h = 0; h < fmt_.kv_heads; ++h) {
+          std::copy(xa.begin() + (h * na) * hd, xa.begin() + (h * na + na) * hd, x.begin() + (h * n) * hd);
+          for (index_t c = 0; c < nb; ++c) {
+            const auto src = xb.begin() + (h * nb + index_t(order[std::size_t(c)])) * hd;
+            std::copy(src, src + hd, x.begin() + (h * n + na + c) * hd);
+          }
+        }
+        (which ? s.values : s.keys).push_back(std::move(x));
+      }
+    return s;
+  }
+
+  llama_context* ctx_;
+  CacheFormat fmt_;
+  fold::SpanTracker tracker_;
+  llama_seq_id main_, s1_, s2_;
+  index_t inner_ = 0;             // inner tokens of the open span so far
+  std::int64_t first_inner_ = 0;  // position of its first inner token
+};
 
 }  // namespace ctxcomp::engines::llamacpp
