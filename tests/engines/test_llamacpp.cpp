@@ -2,7 +2,10 @@
 // a GGUF that ctxcomp writes (the fixture llama and every checkpoints fixture: Llama 3 RoPE,
 // tied embeddings, Qwen2 biases, Qwen3 q/k norm) loads in llama.cpp and gives the host's logits; every SAC fixture,
 // compressed by ctxcomp and written into a llama_context as a sequence state, decodes in
-// llama.cpp to the official logits (f32 cache, flash attention off: 1e-5); state blobs round-trip
+// llama.cpp to the official logits (f32 cache, flash attention off: 1e-5); every sentinel and
+// checkpoints fixture folds over a llama_context (SentinelFolder) to the official logits and kept
+// K/V; f16 caches and flash attention within 2e-3 with the same argmax; IC-Former digests as
+// input embeddings give the host's logits; state blobs round-trip
 // bit for bit in f32 / f16 / bf16 with both V layouts; blobs that do not fit the context are named
 // errors and leave the sequence as it was.
 #include <algorithm>
@@ -257,6 +260,95 @@ TEST_CASE("every sentinel and checkpoints fixture folds over a llama_context to 
     check_fold_over_llamacpp(gguf, test::checkpoints::case_dir(c) + "/case.safetensors");
     std::remove(gguf.c_str());
   }
+}
+
+TEST_CASE("f16 caches and flash attention in llama.cpp: within 2e-3 of the official outputs, the same argmax",
+          "[llamacpp][fixtures]") {
+  // This release's CPU flash path casts K/V to f16, so both variants carry f16 rounding.
+  const Model model(llama_gguf());
+  const auto hm = host::LlamaModel<float>::load(test::sac::llama_dir());
+  auto argmax_rows = [](const float* x, index_t rows, index_t cols) {
+    std::vector<index_t> a;
+    for (index_t r = 0; r < rows; ++r) a.push_back(index_t(std::max_element(x + r * cols, x + (r + 1) * cols) - (x + r * cols)));
+    return a;
+  };
+  auto argmax_rows_d = [](const std::vector<double>& x, index_t rows, index_t cols) {
+    std::vector<index_t> a;
+    for (index_t r = 0; r < rows; ++r)
+      a.push_back(index_t(std::max_element(x.begin() + r * cols, x.begin() + (r + 1) * cols) - (x.begin() + r * cols)));
+    return a;
+  };
+  for (auto [type, flash] : {std::pair{GGML_TYPE_F16, false}, std::pair{GGML_TYPE_F32, true}, std::pair{GGML_TYPE_F16, true}}) {
+    INFO(ggml_type_name(type) << " cache, flash attention " << (flash ? "on" : "off"));
+    {  // SAC
+      const Fixture f("sac_multichunk");
+      host::LlamaHost<float> h(hm);
+      const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
+      auto cache = h.make_cache(plan.anchor_count());
+      host::sac_compress(h, plan, f.ids.data(), f.role_view(), f.mask, cache);
+      Context ctx(model, type, flash);
+      const auto fmt = lc::cache_format(ctx.c, ctx.params);
+      const std::int64_t next = plan.decode_position();
+      lc::load_state(ctx.c, 0, lc::encode_state(cache, lc::decode_positions(logical_positions(cache), next), 0, fmt), fmt);
+      const index_t t = index_t(f.targets.size());
+      std::vector<float> logits(std::size_t((t + 1) * 128));
+      lc::decode(ctx.c, 0, nullptr, f.special.data() + 64, 1, &next, logits.data());
+      std::vector<std::int64_t> pos;
+      for (index_t i = 0; i < t; ++i) pos.push_back(next + 1 + i);
+      std::vector<llama_token> ids(f.targets.begin(), f.targets.end());
+      lc::decode(ctx.c, 0, ids.data(), nullptr, t, pos.data(), logits.data() + 128);
+      const auto expect = f.st.read<double>("decode_logits");
+      const double err = test::relative_error(logits.data(), expect.data(), logits.size());
+      UNSCOPED_INFO("SAC: relative error " << err);
+      CHECK(err <= 2e-3);
+      CHECK(argmax_rows(logits.data(), t + 1, 128) == argmax_rows_d(expect, t + 1, 128));
+    }
+    {  // folding
+      auto st = io::SafeTensors::open(test::fixtures_dir() + "/sentinel/sentinel_three_spans.safetensors");
+      const auto ids = st.read<std::int64_t>("input_ids");
+      const index_t n = index_t(ids.size());
+      Context ctx(model, type, flash, 256, 3, true);
+      lc::SentinelFolder folder(ctx.c, ctx.params, 126, 127);
+      std::vector<float> logits(static_cast<std::size_t>(n * 128));
+      folder.push(ids.data(), n, logits.data());
+      const auto expect = st.read<double>("logits");
+      const double err = test::relative_error(logits.data(), expect.data(), logits.size());
+      UNSCOPED_INFO("folding: relative error " << err);
+      CHECK(err <= 2e-3);
+      CHECK(argmax_rows(logits.data(), n, 128) == argmax_rows_d(expect, n, 128));
+    }
+  }
+}
+
+TEST_CASE("IC-Former digests as llama.cpp input embeddings, then the prompt: the host's logits", "[llamacpp][icformer]") {
+  // The official soft prompt of icformer_chunked (32 digests of hidden 64), then a prompt.
+  auto ic = io::SafeTensors::open(test::fixtures_dir() + "/icformer/icformer_chunked/case.safetensors");
+  const auto digests = ic.read<float>("soft_prompt");
+  const index_t k = 32, d = 64;
+  const Fixture f("sac_basic");
+  const index_t t = f.n(), n = k + t;
+  const Model model(llama_gguf());
+  Context ctx(model, GGML_TYPE_F32, false);
+  std::vector<float> got(static_cast<std::size_t>(n * 128)), expect(static_cast<std::size_t>(n * 128));
+  const std::int64_t next = lc::feed_digests(ctx.c, 0, digests.data(), k, 0, got.data());
+  CHECK(next == k);
+  std::vector<std::int64_t> pos;
+  for (index_t i = 0; i < t; ++i) pos.push_back(next + i);
+  const std::vector<llama_token> ids(f.ids.begin(), f.ids.end());
+  lc::decode(ctx.c, 0, ids.data(), nullptr, t, pos.data(), got.data() + k * 128);
+  // The host over [digests ; embed(prompt)] at positions 0 .. n-1, causal.
+  const auto hm = host::LlamaModel<float>::load(test::sac::llama_dir());
+  host::LlamaHost<float> h(hm);
+  auto cache = h.make_cache(n);
+  std::vector<float> x(static_cast<std::size_t>(n * d));
+  std::copy(digests.begin(), digests.end(), x.begin());
+  h.embed(f.ids.data(), t, matrix_view(x.data() + k * d, t, d));
+  std::vector<std::int64_t> all(static_cast<std::size_t>(n));
+  std::vector<index_t> idx(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) all[std::size_t(i)] = i, idx[std::size_t(i)] = i;
+  h.forward(matrix_view(x.data(), n, d), all.data(), idx.data(), Causal(0), cache);
+  h.logits(matrix_view<const float>(x.data(), n, d), matrix_view(expect.data(), n, 128));
+  CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
 }
 
 TEST_CASE("state blobs round-trip bit for bit in f32, f16 and bf16, with both V layouts", "[llamacpp][state]") {

@@ -345,7 +345,7 @@ inline SequenceState read_state(llama_context* ctx, llama_seq_id seq, const Cach
 
 /// Runs `n` inputs of sequence `seq` through `ctx` at `positions` — token ids (`ids`) or input
 /// embeddings (`embd`, n x n_embd; one of the two) — and writes the logits of every input to
-/// `logits` (n x n_vocab).
+/// `logits` (n x n_vocab; nullptr: none are computed).
 inline void decode(llama_context* ctx, llama_seq_id seq, const llama_token* ids, const float* embd, index_t n,
                    const std::int64_t* positions, float* logits) {
   CTXCOMP_CHECK((ids == nullptr) != (embd == nullptr), "llama.cpp decode: give token ids or embeddings, not both");
@@ -363,17 +363,30 @@ inline void decode(llama_context* ctx, llama_seq_id seq, const llama_token* ids,
     batch.pos[i] = static_cast<llama_pos>(positions[i]);
     batch.n_seq_id[i] = 1;
     batch.seq_id[i][0] = seq;
-    batch.logits[i] = 1;
+    batch.logits[i] = logits != nullptr;
   }
   batch.n_tokens = std::int32_t(n);
   const int rc = llama_decode(ctx, batch);
   CTXCOMP_CHECK(rc == 0, "llama.cpp decode failed (llama_decode returned ", rc, "; see its log)");
+  if (!logits) return;
   const index_t vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
   for (index_t i = 0; i < n; ++i) {
     const float* l = llama_get_logits_ith(ctx, std::int32_t(i));
     CTXCOMP_CHECK(l != nullptr, "llama.cpp decode: no logits for input ", i);
     std::copy(l, l + vocab, logits + i * vocab);
   }
+}
+
+/// IC-Former's digests (or any soft prompt) as llama.cpp input embeddings: rows [k x n_embd] of
+/// sequence `seq` at positions first, first + 1, ...; their logits into `logits` (k x n_vocab)
+/// unless null. A batch holds embeddings or tokens, not both: the prompt that follows goes into
+/// its own `decode` call, from the returned position on.
+inline std::int64_t feed_digests(llama_context* ctx, llama_seq_id seq, const float* digests, index_t k,
+                                 std::int64_t first, float* logits = nullptr) {
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(k));
+  for (index_t i = 0; i < k; ++i) pos[std::size_t(i)] = first + i;
+  decode(ctx, seq, nullptr, digests, k, pos.data(), logits);
+  return first + k;
 }
 
 /// Sentinel-token folding over a llama_context: streams token ids through llama.cpp with the
