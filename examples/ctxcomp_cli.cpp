@@ -11,6 +11,9 @@
 #include <ctxcomp/io/icformer_checkpoint.hpp>
 #include <ctxcomp/io/gguf.hpp>
 #include <ctxcomp/io/tokenizer.hpp>
+#ifdef CTXCOMP_WITH_LLAMACPP
+#include "llamacpp_driver.hpp"
+#endif
 
 #include <unistd.h>
 
@@ -203,7 +206,47 @@ void add_cache_tensors(const Kv& cache, std::vector<std::vector<float>>& bufs, s
     }
 }
 
+/// --engine and the llama.cpp engine's options (fold and sac).
+struct EngineArgs {
+  std::string engine = "ctxcomp", gguf, cache_type = "f32", flash_attn = "off";
+};
+
+/// Adds --engine, --gguf, --cache-type and --flash-attn to `cmd`.
+void add_engine_options(CLI::App* cmd, EngineArgs& e) {
+  cmd->add_option("--engine", e.engine,
+                  "Who runs the model: ctxcomp (its reference host) or llama.cpp (stock llama.cpp through its public "
+                  "API; ctxcomp still compresses; needs a ctxcomp built with -DCTXCOMP_LLAMACPP=ON, the llamacpp preset)")
+      ->default_val("ctxcomp")->check(CLI::IsMember({"ctxcomp", "llama.cpp"}));
+  cmd->add_option("--gguf", e.gguf, "--engine llama.cpp: the model as a GGUF file (default: --model converted to a "
+                                    "temporary f32 GGUF)")->check(CLI::ExistingFile);
+  cmd->add_option("--cache-type", e.cache_type, "--engine llama.cpp: llama.cpp's K/V cache type")
+      ->default_val("f32")->check(CLI::IsMember({"f32", "f16", "bf16", "q8_0"}));
+  cmd->add_option("--flash-attn", e.flash_attn, "--engine llama.cpp: flash attention (on casts K/V to f16 in llama.cpp's CPU path)")
+      ->default_val("off")->check(CLI::IsMember({"on", "off"}));
+}
+
+#ifdef CTXCOMP_WITH_LLAMACPP
+host::llamacpp::EngineOptions engine_options(const EngineArgs& e, const std::string& model, const std::string& adapter,
+                                             int threads) {
+  host::llamacpp::EngineOptions o;
+  o.gguf = e.gguf, o.model_dir = model, o.adapter_dir = adapter, o.cache_type = e.cache_type;
+  o.flash_attn = e.flash_attn == "on", o.threads = threads;
+  return o;
+}
+#endif
+
+/// Fails unless this build has the llama.cpp engine.
+void require_llamacpp(const char* cmd) {
+#ifndef CTXCOMP_WITH_LLAMACPP
+  fail(cmd, ": --engine llama.cpp needs a ctxcomp built with llama.cpp (configure with -DCTXCOMP_LLAMACPP=ON, or "
+            "`cmake --preset llamacpp`)");
+#else
+  (void)cmd;
+#endif
+}
+
 struct FoldArgs {
+  EngineArgs e;
   std::string model, adapter, input, output;
   std::int64_t cl = -1, cr = -1;  // given with --cl / --cr, else from the checkpoint's tokenizer files
   bool cl_given = false, cr_given = false;
@@ -224,6 +267,7 @@ void print_adapter_notes(const Model& model, const char* cmd) {
 }
 
 int run_fold(FoldArgs a) {
+  if (a.e.engine == "llama.cpp") require_llamacpp("fold");
   const auto model = host::LlamaModel<float>::load(a.model, a.adapter);
   print_adapter_notes(model, "fold");
   const auto& c = model.config;
@@ -245,6 +289,29 @@ int run_fold(FoldArgs a) {
   if (open_at >= 0)
     fail(a.input, ": input_ids ends inside a span: the <CL> (id ", a.cl, ") at token ", open_at,
          " has no <CR> (id ", a.cr, ") after it");
+  if (a.e.engine == "llama.cpp") {
+    require_llamacpp("fold");
+#ifdef CTXCOMP_WITH_LLAMACPP
+    std::vector<float> logits;
+    std::vector<std::int64_t> kept;
+    std::vector<std::vector<float>> kv;
+    const auto t0 = std::chrono::steady_clock::now();
+    host::llamacpp::fold(engine_options(a.e, a.model, a.adapter, a.threads), ids, a.cl, a.cr, logits, kept, kv);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const index_t m = index_t(kept.size());
+    std::vector<io::TensorOut> outs{io::TensorOut::of("logits", {n, c.vocab}, logits.data()),
+                                    io::TensorOut::of("kept_index", {m}, kept.data())};
+    for (index_t l = 0; l < c.layers; ++l)
+      for (int which = 0; which < 2; ++which)
+        outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"), {c.kv_heads, m, c.head_dim},
+                                         kv[std::size_t(2 * l + which)].data()));
+    io::write_safetensors(a.output, outs, {{"method", "sentinel"}, {"cl_id", std::to_string(a.cl)},
+                                           {"cr_id", std::to_string(a.cr)}, {"engine", "llama.cpp"},
+                                           {"cache_type", a.e.cache_type}, {"flash_attn", a.e.flash_attn}});
+    std::fprintf(stderr, "ctxcomp fold: %td tokens through llama.cpp, cache %td -> %td entries in %.3f s\n", n, n, m, secs);
+    return 0;
+#endif
+  }
   host::LlamaHost<float> h(model);
   fold::SpanTracker spans(a.cl, a.cr, c.vocab);
   std::vector<float> logits;
@@ -274,6 +341,7 @@ int run_fold(FoldArgs a) {
 
 
 struct SacArgs {
+  EngineArgs e;
   std::string model, adapter, sac_adapter, anchor_embeds, input, output, mask = "full";
   index_t chunk_size = 0, ratio = 0;
   int threads = 1;
@@ -283,6 +351,7 @@ struct SacArgs {
 };
 
 int run_sac(const SacArgs& a) {
+  if (a.e.engine == "llama.cpp") require_llamacpp("sac");
   const auto model = host::LlamaModel<float>::load(a.model, a.adapter);
   print_adapter_notes(model, "sac");
   const auto& c = model.config;
@@ -332,22 +401,35 @@ int run_sac(const SacArgs& a) {
   host::with_kv_layout<float>(host::parse_kv_layout(a.kv_layout), KvShape{c.layers, c.kv_heads, c.head_dim},
                               plan.anchor_count() + (has_targets ? t + 1 : 0) + 1, a.block_size, [&](auto& cache) {
     const auto t0 = std::chrono::steady_clock::now();
+    const bool llama = a.e.engine == "llama.cpp";
     with_threads(a.threads, [&](const auto& exec) {
       host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec,
                          sac_w ? &sac_w->layers() : nullptr, parse_compute(a.compute));
-      if (has_targets)
+      if (has_targets && !llama)
         logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
     });
-    secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     m = cache.size();
     outs = {io::TensorOut::of("anchor_position_ids", {m}, positions.data())};
-    add_cache_tensors(cache, kv, outs);
+    if (llama) {  // the cache written into llama.cpp, decoded there and read back from it
+#ifdef CTXCOMP_WITH_LLAMACPP
+      logits = host::llamacpp::sac_decode(engine_options(a.e, a.model, a.adapter, a.threads), plan, cache,
+                                          special.data() + c.hidden, targets, kv);
+      if (!has_targets) logits.clear();
+      for (index_t l = 0; l < c.layers; ++l)
+        for (int which = 0; which < 2; ++which)
+          outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"),
+                                           {c.kv_heads, m, c.head_dim}, kv[std::size_t(2 * l + which)].data()));
+#endif
+    } else {
+      add_cache_tensors(cache, kv, outs);
+    }
+    secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   });
   if (!logits.empty()) outs.push_back(io::TensorOut::of("decode_logits", {t + 1, c.vocab}, logits.data()));
   io::write_safetensors(a.output, outs,
                         {{"method", "sac"}, {"chunk_size", std::to_string(a.chunk_size)},
                          {"compress_ratio", std::to_string(a.ratio)}, {"mask", a.mask}, {"end_idx", std::to_string(n)},
-                         {"compute", a.compute}, {"kv_layout", a.kv_layout}});
+                         {"compute", a.compute}, {"kv_layout", a.kv_layout}, {"engine", a.e.engine}});
   std::fprintf(stderr, "ctxcomp sac: %td context tokens -> %td anchors (%td chunk%s, %s mask) in %.3f s, %s\n", n, m,
                plan.chunks(), plan.chunks() == 1 ? "" : "s", a.mask.c_str(), secs, compute_note(a.compute).c_str());
   return 0;
@@ -493,6 +575,7 @@ int main(int argc, char** argv) {
                  "eviction frees cells, new tokens fill them) or paged (pages of --block-size tokens through a page "
                  "table). Outputs are the same for every layout (cells: up to fp32 summation order)")
       ->default_val("contiguous")->check(CLI::IsMember({"contiguous", "cells", "paged"}));
+  add_engine_options(fo, fa.e);
   fo->add_option("--block-size", fa.block_size, "Tokens per page of --kv-layout paged")
       ->default_val(16)->check(CLI::Range(1, 1 << 20));
 
@@ -533,6 +616,7 @@ int main(int argc, char** argv) {
                  "eviction frees cells, new tokens fill them) or paged (pages of --block-size tokens through a page "
                  "table). Outputs are the same for every layout (cells: up to fp32 summation order)")
       ->default_val("contiguous")->check(CLI::IsMember({"contiguous", "cells", "paged"}));
+  add_engine_options(sc, sa.e);
   sc->add_option("--block-size", sa.block_size, "Tokens per page of --kv-layout paged")
       ->default_val(16)->check(CLI::Range(1, 1 << 20));
 

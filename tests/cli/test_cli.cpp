@@ -307,6 +307,23 @@ TEST_CASE("ctxcomp fold and sac run on every checkpoints fixture", "[cli][checkp
 }
 
 
+TEST_CASE("--engine llama.cpp in a build without llama.cpp is a named error", "[cli][errors]") {
+#ifndef CTXCOMP_WITH_LLAMACPP
+  const std::string out = test::tmp("ctxcomp_cli_engine.safetensors");
+  std::remove(out.c_str());
+  const std::string in = test::fixtures_dir() + "/sentinel/sentinel_one_span.safetensors";
+  const auto r = test::run_cli("fold --engine llama.cpp --model " + test::fixtures_dir() + "/models/llama --input " + in +
+                               " --output " + out + " --cl 126 --cr 127");
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Contains("--engine llama.cpp needs a ctxcomp built with llama.cpp"));
+  CHECK(!fs::exists(out));
+  const auto rb = test::run_cli("fold --engine vllm --model " + test::fixtures_dir() + "/models/llama --input " + in +
+                                " --output " + out + " --cl 126 --cr 127");
+  CHECK(rb.status != 0);
+  CHECK(!fs::exists(out));
+#endif
+}
+
 TEST_CASE("the CLI reports malformed checkpoints and writes no output", "[cli][checkpoints][errors]") {
   const std::string src = case_dir("llama3_tied_sharded_bf16") + "/model";
   const std::string in = case_dir("llama3_tied_sharded_bf16") + "/case.safetensors";

@@ -351,6 +351,64 @@ TEST_CASE("IC-Former digests as llama.cpp input embeddings, then the prompt: the
   CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 1e-5);
 }
 
+TEST_CASE("ctxcomp fold and sac --engine llama.cpp reproduce every fixture", "[llamacpp][cli][fixtures]") {
+  const std::string out = test::tmp("ctxcomp_llamacpp_cli.safetensors");
+  for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"}) {
+    INFO(c);
+    std::remove(out.c_str());
+    const std::string in = test::fixtures_dir() + "/sentinel/" + c + ".safetensors";
+    const auto r = test::run_cli("fold --engine llama.cpp --model " + test::sac::llama_dir() + " --input " + in +
+                                 " --output " + out + " --cl 126 --cr 127 --threads 2");
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    test::check_fold_output(out, in);
+  }
+  for (const char* c : test::checkpoints::kCheckpointCases) {
+    INFO(c);
+    std::remove(out.c_str());
+    const std::string in = test::checkpoints::case_dir(c) + "/case.safetensors";
+    const auto r = test::run_cli("fold --engine llama.cpp --model " + test::checkpoints::case_dir(c) + "/model --input " +
+                                 in + " --output " + out + " --cl 158 --cr 159");
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    test::check_fold_output(out, in);
+  }
+  for (const char* c : test::sac::kCases) {
+    INFO(c);
+    std::remove(out.c_str());
+    const Fixture f(c);
+    const std::string in = test::sac::case_path(c);
+    const auto r = test::run_cli("sac --engine llama.cpp --model " + test::sac::llama_dir() + " --anchor-embeds " + in +
+                                 " --input " + in + " --output " + out + " --chunk-size " + std::to_string(f.chunk) +
+                                 " --ratio " + std::to_string(f.ratio) + " --mask " + f.st.meta("mask"));
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    test::check_sac_output(out, in);
+  }
+  {  // --gguf instead of a conversion, an f16 cache: within 2e-3
+    std::remove(out.c_str());
+    const std::string in = test::fixtures_dir() + "/sentinel/sentinel_three_spans.safetensors";
+    const auto r = test::run_cli("fold --engine llama.cpp --gguf " + llama_gguf() + " --cache-type f16 --model " +
+                                 test::sac::llama_dir() + " --input " + in + " --output " + out + " --cl 126 --cr 127");
+    INFO(r.err);
+    REQUIRE(r.status == 0);
+    auto es = io::SafeTensors::open(in);
+    const auto got = io::SafeTensors::open(out).read<float>("logits", es.info("logits").shape);
+    const auto expect = es.read<double>("logits");
+    CHECK(test::relative_error(got.data(), expect.data(), got.size()) <= 2e-3);
+  }
+  {  // q8_0 is refused by name, and nothing is written
+    std::remove(out.c_str());
+    const std::string in = test::fixtures_dir() + "/sentinel/sentinel_one_span.safetensors";
+    const auto r = test::run_cli("fold --engine llama.cpp --cache-type q8_0 --model " + test::sac::llama_dir() +
+                                 " --input " + in + " --output " + out + " --cl 126 --cr 127");
+    CHECK(r.status != 0);
+    CHECK_THAT(r.err, Contains("q8_0 is not supported"));
+    CHECK(!std::filesystem::exists(out));
+  }
+  std::remove(out.c_str());
+}
+
 TEST_CASE("state blobs round-trip bit for bit in f32, f16 and bf16, with both V layouts", "[llamacpp][state]") {
   const Model model(llama_gguf());
   auto check = [&](auto tag, ggml_type type, bool flash) {
