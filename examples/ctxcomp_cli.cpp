@@ -525,8 +525,8 @@ int main(int argc, char** argv) {
   demo->add_option("--tokens", da.opt.tokens, "Context tokens")->default_val(2048)->check(CLI::Range(64, 1 << 20));
   demo->add_option("--threads", da.opt.threads, threads_help)->default_val(all_cores)->check(CLI::Range(1, 64));
   demo->add_flag("--json", da.json, "Print the rows as JSON");
-  demo->add_option("--model", da.opt.model_dir, "Use this Hugging Face checkpoint as the host model")
-      ->check(CLI::ExistingDirectory);
+  demo->add_option("--model", da.opt.model_dir, "Use this Hugging Face checkpoint (directory, or a llama / qwen2 / qwen3 GGUF file) as the host model")
+      ->check(CLI::ExistingPath);
   demo->add_option("--checkpoint", da.opt.checkpoint_dir, "Use this IC-Former checkpoint (hidden size of the host)")
       ->check(CLI::ExistingDirectory);
 
@@ -552,8 +552,8 @@ int main(int argc, char** argv) {
 
   FoldArgs fa;
   auto* fo = app.add_subcommand("fold", "Run a checkpoint (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX) over input_ids, folding every <CL>...<CR> span into its <CR>");
-  fo->add_option("--model", fa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2, Qwen3 or GPT-NeoX (config.json + model.safetensors, or shards with model.safetensors.index.json)")
-      ->required()->check(CLI::ExistingDirectory);
+  fo->add_option("--model", fa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2, Qwen3 or GPT-NeoX (config.json + model.safetensors, or shards with model.safetensors.index.json), or a llama / qwen2 / qwen3 GGUF file")
+      ->required()->check(CLI::ExistingPath);
   fo->add_option("--adapter", fa.adapter, "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into --model's weights at load time")
       ->check(CLI::ExistingDirectory);
   fo->add_option("--input", fa.input, "safetensors file with tensor input_ids [n] (I64 or I32)")->required()->check(CLI::ExistingFile);
@@ -581,8 +581,8 @@ int main(int argc, char** argv) {
 
   SacArgs sa;
   auto* sc = app.add_subcommand("sac", "Compress input_ids into the K/V of SAC anchor tokens with a checkpoint (Llama family or GPT-NeoX), then decode");
-  sc->add_option("--model", sa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2, Qwen3 or GPT-NeoX (config.json + model.safetensors, or shards with model.safetensors.index.json)")
-      ->required()->check(CLI::ExistingDirectory);
+  sc->add_option("--model", sa.model, "Hugging Face checkpoint directory: Llama, Mistral, Qwen2, Qwen3 or GPT-NeoX (config.json + model.safetensors, or shards with model.safetensors.index.json), or a llama / qwen2 / qwen3 GGUF file")
+      ->required()->check(CLI::ExistingPath);
   sc->add_option("--adapter", sa.adapter, "PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into --model's weights at load time (compressing and decoding)")
       ->check(CLI::ExistingDirectory);
   sc->add_option("--sac-adapter", sa.sac_adapter,

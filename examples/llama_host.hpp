@@ -14,9 +14,11 @@
 #pragma once
 #include <ctxcomp/ctxcomp.hpp>
 #include <ctxcomp/io/checkpoint.hpp>
+#include <ctxcomp/io/gguf.hpp>
 #include <ctxcomp/io/lora.hpp>
 #include <ctxcomp/kv/kv_cache.hpp>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -58,13 +60,18 @@ struct LlamaModel {
   std::shared_ptr<io::TensorStore<T>> store;
   std::shared_ptr<io::LoraAdapter> lora;  // the merged LoRA adapter, if any
 
-  /// Loads checkpoint `dir`; with `adapter_dir`, merges that PEFT LoRA adapter directory into its
+  /// Loads checkpoint `dir` (a directory, or a GGUF file of the llama / qwen2 / qwen3
+  /// architecture: io::GgufCheckpoint); with `adapter_dir`, merges that PEFT LoRA adapter directory into its
   /// weights (fp32 merge before any conversion to T). A checkpoint in the LoRA-injected layout
   /// merges its own LoRA; it cannot take a second adapter.
   static LlamaModel load(const std::string& dir, const std::string& adapter_dir = {}) {
     LlamaModel m;
-    const std::string cp = dir + "/config.json";
-    const auto j = io::read_json(cp);
+    // A GGUF file (io/gguf.hpp) stands for a checkpoint directory: its config and tensors.
+    const bool gguf = io::is_gguf_path(dir);
+    std::optional<io::GgufCheckpoint> g;
+    if (gguf) g.emplace(io::GgufCheckpoint::open(dir));
+    const std::string cp = gguf ? dir : dir + "/config.json";
+    const auto j = gguf ? g->config() : io::read_json(cp);
     auto& c = m.config;
     c.arch = io::decoder_arch(j, cp);
     const io::TransformerDims t = c.arch.gpt_neox ? io::gpt_neox_dims(j, cp) : io::transformer_dims(j, cp);
@@ -72,9 +79,10 @@ struct LlamaModel {
     c.intermediate = t.intermediate, c.layers = t.layers, c.rms_eps = t.rms_eps, c.rope = t.rope;
     c.vocab = io::config_int(j, "vocab_size", cp);
     CTXCOMP_CHECK(c.vocab > 0, cp, ": vocab_size (", c.vocab, ") must be positive");  // the rest: transformer_dims
-    m.store = std::make_shared<io::TensorStore<T>>(io::TensorStore<T>::open_dir(dir));
+    m.store = gguf ? std::make_shared<io::TensorStore<T>>(g->tensors(), dir)
+                   : std::make_shared<io::TensorStore<T>>(io::TensorStore<T>::open_dir(dir));
     auto& st = *m.store;
-    m.lora = io::LoraAdapter::injected(st, dir);
+    if (!gguf) m.lora = io::LoraAdapter::injected(st, dir);
     if (m.lora && !adapter_dir.empty())
       fail(dir, ": the checkpoint already holds a LoRA (injected layout); it cannot take the adapter '", adapter_dir, "' too");
     if (!adapter_dir.empty()) m.lora = io::LoraAdapter::load(adapter_dir);

@@ -485,6 +485,11 @@ class TensorStore {
     files_.push_back(SafeTensors::open(path));
     index_files();
   }
+  /// Tensors already parsed (e.g. a GGUF file's, renamed: io/gguf.hpp), named `origin` in messages.
+  TensorStore(SafeTensors tensors, std::string origin) : origin_(std::move(origin)) {
+    files_.push_back(std::move(tensors));
+    index_files();
+  }
   /// A checkpoint directory: `model.safetensors` or the shards of `model.safetensors.index.json`.
   static TensorStore open_dir(const std::string& dir) { return TensorStore(CheckpointFiles::open(dir)); }
   /// Moves the store (deque and map nodes do not move: pointers stay valid).
