@@ -200,6 +200,16 @@ inline std::string scratch_copy(const std::string& from, const std::string& name
 }
 
 inline nlohmann::json read_json_file(const std::string& p) { return io::read_json(p); }
+
+/// The error LlamaModel<float>::load(dir, adapter) reports, or "(loaded without error)".
+inline std::string load_error(const std::string& dir, const std::string& adapter = {}) {
+  try {
+    host::LlamaModel<float>::load(dir, adapter);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(loaded without error)";
+}
 inline void write_json_file(const std::string& p, const nlohmann::json& j) { std::ofstream(p) << j.dump(2); }
 
 /// Rewrites a safetensors file keeping every tensor whose name `keep` accepts, plus `extra`.

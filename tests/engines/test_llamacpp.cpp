@@ -163,37 +163,48 @@ TEST_CASE("every checkpoints fixture converts to a GGUF that gives the host's lo
   }
 }
 
+namespace {
+/// SAC case `f` compressed by ctxcomp's fp32 host into `cache`, written into a llama.cpp context of
+/// `type` / `flash`, then decoded there: special_tokens[1] as an embedding at position n, the
+/// targets at n+1, ...; returns the decode logits and (`held`) llama.cpp's state after loading.
+std::vector<float> sac_through_llamacpp(const Model& model, const host::LlamaModel<float>& hm, const Fixture& f,
+                                        ggml_type type, bool flash, KvCache<float>& cache, lc::SequenceState& held) {
+  host::LlamaHost<float> h(hm);
+  const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
+  cache = h.make_cache(plan.anchor_count());
+  host::sac_compress(h, plan, f.ids.data(), f.role_view(), f.mask, cache);
+  Context ctx(model, type, flash);
+  const auto fmt = lc::cache_format(ctx.c, ctx.params);
+  const std::int64_t next = plan.decode_position();
+  lc::load_state(ctx.c, 0, lc::encode_state(cache, lc::decode_positions(logical_positions(cache), next), 0, fmt), fmt);
+  held = lc::read_state(ctx.c, 0, fmt);
+  const index_t t = index_t(f.targets.size());
+  std::vector<float> logits(static_cast<std::size_t>((t + 1) * 128));
+  lc::decode(ctx.c, 0, nullptr, f.special.data() + 64, 1, &next, logits.data());
+  std::vector<std::int64_t> pos;
+  for (index_t i = 0; i < t; ++i) pos.push_back(next + 1 + i);
+  const std::vector<llama_token> ids(f.targets.begin(), f.targets.end());
+  lc::decode(ctx.c, 0, ids.data(), nullptr, t, pos.data(), logits.data() + 128);
+  return logits;
+}
+}  // namespace
+
 TEST_CASE("every SAC fixture decodes in llama.cpp from ctxcomp's compressed cache", "[llamacpp][sac][fixtures]") {
   const Model model(llama_gguf());
   const auto hm = host::LlamaModel<float>::load(test::sac::llama_dir());
   for (const char* c : test::sac::kCases) {
     INFO(c);
     const Fixture f(c);
-    host::LlamaHost<float> h(hm);
-    const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
-    auto cache = h.make_cache(plan.anchor_count());
-    host::sac_compress(h, plan, f.ids.data(), f.role_view(), f.mask, cache);
-    Context ctx(model, GGML_TYPE_F32, false);
-    const auto fmt = lc::cache_format(ctx.c, ctx.params);
-    const std::int64_t next = plan.decode_position();
-    lc::load_state(ctx.c, 0, lc::encode_state(cache, lc::decode_positions(logical_positions(cache), next), 0, fmt), fmt);
+    KvCache<float> cache(1, 1, 2, 1);
+    lc::SequenceState st;
+    const auto logits = sac_through_llamacpp(model, hm, f, GGML_TYPE_F32, false, cache, st);
     // What llama.cpp holds is the compressed cache, bit for bit (f32), in the official K/V.
-    const auto st = lc::read_state(ctx.c, 0, fmt);
     for (index_t l = 0; l < 2; ++l) {
       CHECK(st.keys[std::size_t(l)] == test::layer_kv(cache, l, false));
       CHECK(st.values[std::size_t(l)] == test::layer_kv(cache, l, true));
       const auto ek = f.st.read<double>("layer" + std::to_string(l) + "_k");
       CHECK(test::relative_error(st.keys[std::size_t(l)].data(), ek.data(), ek.size()) <= 1e-5);
     }
-    // Decode: special_tokens[1] as an embedding at position n, then the targets at n+1, ...
-    const index_t t = index_t(f.targets.size());
-    std::vector<float> logits(std::size_t((t + 1) * 128));
-    const std::int64_t p0 = next;
-    lc::decode(ctx.c, 0, nullptr, f.special.data() + 64, 1, &p0, logits.data());
-    std::vector<std::int64_t> pos(static_cast<std::size_t>(t));
-    for (index_t i = 0; i < t; ++i) pos[std::size_t(i)] = next + 1 + i;
-    std::vector<llama_token> ids(f.targets.begin(), f.targets.end());
-    lc::decode(ctx.c, 0, ids.data(), nullptr, t, pos.data(), logits.data() + 128);
     const auto expect = f.st.read<double>("decode_logits");
     const double err = test::relative_error(logits.data(), expect.data(), logits.size());
     UNSCOPED_INFO(c << ": llama.cpp decode logits, relative error vs float64 " << err);
@@ -282,21 +293,10 @@ TEST_CASE("f16 caches and flash attention in llama.cpp: within 2e-3 of the offic
     INFO(ggml_type_name(type) << " cache, flash attention " << (flash ? "on" : "off"));
     {  // SAC
       const Fixture f("sac_multichunk");
-      host::LlamaHost<float> h(hm);
-      const auto plan = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
-      auto cache = h.make_cache(plan.anchor_count());
-      host::sac_compress(h, plan, f.ids.data(), f.role_view(), f.mask, cache);
-      Context ctx(model, type, flash);
-      const auto fmt = lc::cache_format(ctx.c, ctx.params);
-      const std::int64_t next = plan.decode_position();
-      lc::load_state(ctx.c, 0, lc::encode_state(cache, lc::decode_positions(logical_positions(cache), next), 0, fmt), fmt);
       const index_t t = index_t(f.targets.size());
-      std::vector<float> logits(std::size_t((t + 1) * 128));
-      lc::decode(ctx.c, 0, nullptr, f.special.data() + 64, 1, &next, logits.data());
-      std::vector<std::int64_t> pos;
-      for (index_t i = 0; i < t; ++i) pos.push_back(next + 1 + i);
-      std::vector<llama_token> ids(f.targets.begin(), f.targets.end());
-      lc::decode(ctx.c, 0, ids.data(), nullptr, t, pos.data(), logits.data() + 128);
+      KvCache<float> cache(1, 1, 2, 1);
+      lc::SequenceState held;
+      const auto logits = sac_through_llamacpp(model, hm, f, type, flash, cache, held);
       const auto expect = f.st.read<double>("decode_logits");
       const double err = test::relative_error(logits.data(), expect.data(), logits.size());
       UNSCOPED_INFO("SAC: relative error " << err);

@@ -26,14 +26,7 @@ using test::layer_kv;
 using namespace ctxcomp::test::checkpoints;
 
 namespace {
-std::string load_error(const std::string& dir) {
-  try {
-    host::LlamaModel<float>::load(dir);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(loaded without error)";
-}
+using test::checkpoints::load_error;
 
 }  // namespace
 

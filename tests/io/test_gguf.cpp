@@ -20,14 +20,7 @@ using namespace ctxcomp;
 using Catch::Matchers::Contains;
 
 namespace {
-std::string load_error(const std::string& path) {
-  try {
-    host::LlamaModel<float>::load(path);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(loaded without error)";
-}
+using test::checkpoints::load_error;
 
 /// A tiny llama GGUF written here (hidden 8, 2 heads of 4, 1 layer, ff 32, vocab 10): `meta_edit`
 /// is applied to the writer before the tensors, `keep` selects them, `v_shape` is attn_v's.

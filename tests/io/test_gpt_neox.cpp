@@ -39,14 +39,7 @@ host::LlamaModel<float> load_case(const std::string& c) {
                             : host::LlamaModel<float>::load(neox_dir(c) + "/model");
 }
 
-std::string load_error(const std::string& dir, const std::string& adapter = {}) {
-  try {
-    host::LlamaModel<float>::load(dir, adapter);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(loaded without error)";
-}
+using test::checkpoints::load_error;
 }  // namespace
 
 TEST_CASE("GPT-NeoX fixtures through the host with folding, in every KV layout", "[gpt_neox][fold][fixtures][lora]") {

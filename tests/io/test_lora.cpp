@@ -131,14 +131,7 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-std::string load_error(const std::string& dir, const std::string& adapter = {}) {
-  try {
-    host::LlamaModel<float>::load(dir, adapter);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(loaded without error)";
-}
+using test::checkpoints::load_error;
 }  // namespace
 
 TEST_CASE("a PEFT LoRA adapter merges into the weights: the logits of the merged checkpoint, bit for bit",
