@@ -220,9 +220,10 @@ std::vector<std::uint8_t> encode_state(const Kv& cache, const std::vector<std::i
   CTXCOMP_CHECK(k0.heads == f.kv_heads && k0.head_dim == f.head_dim, "llama.cpp state: the cache has ", k0.heads,
                 " kv heads of ", k0.head_dim, ", the model ", f.kv_heads, " of ", f.head_dim);
   const auto order = kv::logical_order(cache);
-  return detail::encode(cache.size(), positions, seq, f, [&](index_t l, bool values, index_t h, index_t c, index_t i) {
-    return values ? element_value(cache.values(l), h, order[std::size_t(c)], i)
-                  : element_value(cache.keys(l), h, order[std::size_t(c)], i);
+  std::vector<decltype(cache.keys(0))> keys, values;  // one view per layer, not per element
+  for (index_t l = 0; l < f.layers; ++l) keys.push_back(cache.keys(l)), values.push_back(cache.values(l));
+  return detail::encode(cache.size(), positions, seq, f, [&](index_t l, bool v, index_t h, index_t c, index_t i) {
+    return element_value((v ? values : keys)[std::size_t(l)], h, order[std::size_t(c)], i);
   });
 }
 
@@ -252,8 +253,10 @@ inline std::vector<std::uint8_t> encode_state(const SequenceState& s, llama_seq_
   });
 }
 
-/// Parses a state blob of format `f` (errors name the field that does not match).
-inline SequenceState decode_state(const std::uint8_t* data, std::size_t size, const CacheFormat& f) {
+/// Parses a state blob of format `f` (errors name the field that does not match). With
+/// `with_values` false the blob is only checked: positions are read, K/V are left empty.
+inline SequenceState decode_state(const std::uint8_t* data, std::size_t size, const CacheFormat& f,
+                                  bool with_values = true) {
   detail::Reader r{data, size};
   const auto magic = r.get<std::uint32_t>("the magic");
   CTXCOMP_CHECK(magic == kStateMagic, "llama.cpp state: magic ", magic, " is not 0xaf143cd8 (", kStateMagic, ")");
@@ -283,6 +286,7 @@ inline SequenceState decode_state(const std::uint8_t* data, std::size_t size, co
     CTXCOMP_CHECK(row == std::uint64_t(kd) * ek, "llama.cpp state: layer ", l, " K rows of ", row, " bytes, expected ",
                   kd * index_t(ek), " (", f.kv_heads, " heads of ", hd, ")");
     const std::uint8_t* p = r.bytes(std::size_t(n) * row, "the keys");
+    if (!with_values) continue;
     std::vector<float> k(std::size_t(n * kd));
     for (index_t c = 0; c < index_t(n); ++c)
       for (index_t h = 0; h < f.kv_heads; ++h)
@@ -307,6 +311,7 @@ inline SequenceState decode_state(const std::uint8_t* data, std::size_t size, co
                     " bytes, expected ", kd * index_t(ev));
     }
     const std::uint8_t* p = r.bytes(std::size_t(n * kd) * ev, "the values");
+    if (!with_values) continue;
     std::vector<float> v(std::size_t(n * kd));
     for (index_t c = 0; c < index_t(n); ++c)
       for (index_t h = 0; h < f.kv_heads; ++h)
@@ -325,7 +330,7 @@ inline SequenceState decode_state(const std::uint8_t* data, std::size_t size, co
 /// format first; a blob llama.cpp still refuses leaves the sequence as it was before the call
 /// (its previous state is saved and put back). Errors name the mismatch.
 inline void load_state(llama_context* ctx, llama_seq_id seq, const std::vector<std::uint8_t>& b, const CacheFormat& f) {
-  (void)decode_state(b.data(), b.size(), f);  // named errors before llama.cpp sees it
+  (void)decode_state(b.data(), b.size(), f, /*with_values=*/false);  // named errors before llama.cpp sees it
   std::vector<std::uint8_t> before(llama_state_seq_get_size(ctx, seq));
   if (!before.empty()) before.resize(llama_state_seq_get_data(ctx, before.data(), before.size(), seq));
   llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
