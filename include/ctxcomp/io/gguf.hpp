@@ -541,7 +541,10 @@ class GgufCheckpoint {
         return fallback;
       }
       if (!meta[p + k].is_number()) fail(path, ": GGUF key '", p + k, "' is not a number");
-      return meta[p + k].get<double>();
+      const double v = meta[p + k].get<double>();  // finite and in range before any integer cast
+      if (!std::isfinite(v) || std::abs(v) > 9007199254740992.0)
+        fail(path, ": GGUF key '", p + k, "' (", v, ") is not a finite number in range");
+      return v;
     };
     nlohmann::json c;
     c["architectures"] = {a->second.first};
