@@ -7,8 +7,8 @@
 // - sac/decode: one decode step's attention over the anchors-only cache of a 4096-token context
 //   vs the uncompressed cache (fp16), with the compressed cache's bytes per context token.
 // - sac/llama32_1b: the SAC paper's configuration at full size (Llama-3.2-1B shape, bf16 weights,
-//   llama3 RoPE): compressing a 2040-token context in chunks of 510 at ratio 5 (full mask) beside
-//   the plain causal prefill of the same context, and one decode step (16 layers and the lm head)
+//   llama3 RoPE): compressing a 2040-token context in chunks of 510 at ratio 5 (full mask), with
+//   fp32 and (_bf16dot) bf16 compute, beside the plain causal prefill of the same context, and one decode step (16 layers and the lm head)
 //   over the compressed vs the full cache (bf16 K/V).
 // CTXCOMP_BENCH_SMOKE=1 shrinks every shape.
 #include "../examples/sac_driver.hpp"
@@ -126,28 +126,23 @@ void decode(benchmark::State& st, index_t ratio) {
   st.counters["GBps"] = bench::rate(layer_bytes * 1e-9);
 }
 
-/// The Llama-3.2-1B-shaped model, built once (about 2.5 GB of bf16 weights).
-const bench::SyntheticLlama<bf16>& llama32_1b() {
-  static const bench::SyntheticLlama<bf16> m(bench::LlamaShape::llama32_1b());
-  return m;
-}
-constexpr index_t kPaperTokens = 2040, kPaperChunk = 510, kPaperRatio = 5;
-
-std::vector<std::int64_t> paper_ids(index_t vocab) {
-  std::vector<std::int64_t> ids(static_cast<std::size_t>(kPaperTokens));
-  for (index_t i = 0; i < kPaperTokens; ++i) ids[std::size_t(i)] = (i * 7919 + 13) % vocab;
-  return ids;
-}
+using bench::kPaperChunk;
+using bench::kPaperRatio;
+using bench::kPaperTokens;
+using bench::llama32_1b;
+using bench::paper_ids;
 
 double cache_bytes(const KvCache<bf16>& c) {
   return 2.0 * double(c.layers() * c.kv_heads() * c.size() * c.head_dim()) * sizeof(bf16);
 }
 
-/// SAC compression of the whole context (compress = true) or its plain causal prefill.
-void paper_context(benchmark::State& st, bool compress, int threads) {
+/// SAC compression of the whole context (compress = true) or its plain causal prefill, with
+/// `compute` arithmetic in the projections (fp32: bf16 weights widened; bf16: bf16 pair dots).
+void paper_context(benchmark::State& st, bool compress, int threads, Compute compute) {
   const auto& llama = llama32_1b();
   const auto& c = llama.model.config;
   host::LlamaHost<bf16, bf16> h(llama.model);
+  h.set_compute(compute);
   const auto ids = paper_ids(c.vocab);
   const auto plan = anchor::AnchorPlan::uniform(kPaperTokens, kPaperChunk, kPaperRatio);
   const auto roles = bench::random_buffer(std::size_t(plan.max_anchors_per_chunk() * c.hidden), 5, 0.02f);
@@ -250,8 +245,12 @@ const bool registered = [] {
   auto paper = [](benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); };
   for (int t : bench::thread_counts()) {
     const std::string ts = bench::thread_suffix(t);
-    paper(benchmark::RegisterBenchmark(("sac/llama32_1b/compress_2040_r5" + ts).c_str(), paper_context, true, t));
-    paper(benchmark::RegisterBenchmark(("sac/llama32_1b/prefill_2040" + ts).c_str(), paper_context, false, t));
+    paper(benchmark::RegisterBenchmark(("sac/llama32_1b/compress_2040_r5" + ts).c_str(), paper_context, true, t,
+                                       Compute::fp32));
+    paper(benchmark::RegisterBenchmark(("sac/llama32_1b/compress_2040_r5_bf16dot" + ts).c_str(), paper_context, true,
+                                       t, Compute::bf16));
+    paper(benchmark::RegisterBenchmark(("sac/llama32_1b/prefill_2040" + ts).c_str(), paper_context, false, t,
+                                       Compute::fp32));
   }
   ms(benchmark::RegisterBenchmark("sac/llama32_1b/decode_compressed", paper_decode, true));
   ms(benchmark::RegisterBenchmark("sac/llama32_1b/decode_full", paper_decode, false));

@@ -88,8 +88,25 @@ RULES = [
      "SAC layer compression vs causal prefill (speed-up)"),
     (r"^sac/llama32_1b/compress_2040_r5(_t\d+)?$",
      lambda m: f"sac/llama32_1b/prefill_2040{m[1] or ''}", "time", "SAC compression vs plain prefill (speed-up)"),
+    (r"^sac/llama32_1b/compress_2040_r5_bf16dot(_t\d+)?$",
+     lambda m: f"sac/llama32_1b/compress_2040_r5{m[1] or ''}", "time",
+     "SAC compression, bf16 compute vs fp32 (speed-up)"),
     (r"^sac/llama32_1b/decode_compressed$", lambda m: "sac/llama32_1b/decode_full", "time",
      "decode over the SAC cache vs the full cache (speed-up)"),
+    # Beside stock llama.cpp (bench_llamacpp.cpp, built in the llamacpp preset), same model and threads
+    (r"^sac/llama32_1b/(compress_2040_r5(?:_bf16dot)?|prefill_2040)(_t\d+)?$",
+     lambda m: f"llamacpp/prefill/2040{m[2] or ''}", "context_tokens_per_s",
+     "ctxcomp vs llama.cpp's own prefill of the same context, context tokens/s (compress_2040_r5_bf16dot: "
+     ">= 1.2 wanted)"),
+    (r"^sac/llama32_1b/compress_2040_r5(_t\d+)?$", lambda m: "llamacpp/load_state/sac_r5", "time",
+     "writing the SAC cache into llama.cpp as a share of compressing it (load time / compression time; "
+     "<= 0.05 wanted)"),
+    (r"^llamacpp/decode/(sac_r5|sentinel_half)_(\d+)(_t\d+)?$",
+     lambda m: f"llamacpp/decode/full_{m[2]}{m[3] or ''}", "time",
+     "llama.cpp decode over a compressed cache vs the full one (speed-up)"),
+    (r"^llamacpp/decode/(sac_r5|sentinel_half)_(\d+)(_t\d+)?$",
+     lambda m: f"llamacpp/decode/full_{m[2]}{m[3] or ''}", "kv_cache_bytes",
+     "llama.cpp KV cache bytes, compressed vs full"),
     (r"^sac/decode/(ctx\d+)_r(\d+)$", lambda m: f"sac/decode/{m[1]}_uncompressed", "time",
      "decode attention over anchors vs the full cache (speed-up)"),
 ]

@@ -4,7 +4,10 @@
 // the default shape (hidden 256, 4 heads of 64).
 #pragma once
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <memory>
+#include <string>
 
 #include "../examples/llama_host.hpp"
 #include "bench_common.hpp"
@@ -87,6 +90,47 @@ struct SyntheticLlama {
     return 2 * n * d * (2 * qd + 2 * kd) + 3 * 2 * n * d * in + 4 * qd * pairs;
   }
 
+  /// Writes the model as a Hugging Face checkpoint directory (config.json and model.safetensors,
+  /// weights in T), e.g. for io::convert_to_gguf. Llama-family names; the layout the loaders read.
+  void write_checkpoint(const std::string& dir) const {
+    const auto& c = model.config;
+    nlohmann::json j = {{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"},
+                        {"hidden_size", c.hidden}, {"intermediate_size", c.intermediate},
+                        {"num_attention_heads", c.heads}, {"num_key_value_heads", c.kv_heads},
+                        {"head_dim", c.head_dim}, {"num_hidden_layers", c.layers}, {"vocab_size", c.vocab},
+                        {"rms_norm_eps", c.rms_eps}, {"rope_theta", c.rope.theta}, {"hidden_act", "silu"},
+                        {"max_position_embeddings", 131072}, {"tie_word_embeddings", c.arch.tied_embeddings}};
+    if (c.rope.llama3.enabled())
+      j["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", c.rope.llama3.factor},
+                           {"low_freq_factor", c.rope.llama3.low_freq_factor},
+                           {"high_freq_factor", c.rope.llama3.high_freq_factor},
+                           {"original_max_position_embeddings", c.rope.llama3.original_max_position_embeddings}};
+    std::filesystem::create_directories(dir);
+    std::ofstream(dir + "/config.json") << j.dump(2);
+    std::vector<io::TensorOut> t;
+    auto put = [&](const std::string& name, std::vector<std::int64_t> shape, const T* data) {
+      t.push_back(io::TensorOut::of(name, std::move(shape), data));
+    };
+    const std::int64_t d = c.hidden, in = c.intermediate, qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim;
+    put("model.embed_tokens.weight", {c.vocab, d}, model.embed);
+    for (index_t l = 0; l < c.layers; ++l) {
+      const auto& w = model.layers[std::size_t(l)];
+      const std::string h = "model.layers." + std::to_string(l) + ".";
+      put(h + "input_layernorm.weight", {d}, w.input_norm);
+      put(h + "self_attn.q_proj.weight", {qd, d}, w.q.data);
+      put(h + "self_attn.k_proj.weight", {kd, d}, w.k.data);
+      put(h + "self_attn.v_proj.weight", {kd, d}, w.v.data);
+      put(h + "self_attn.o_proj.weight", {d, qd}, w.o.data);
+      put(h + "post_attention_layernorm.weight", {d}, w.post_attention_norm);
+      put(h + "mlp.gate_proj.weight", {in, d}, w.mlp.gate.data);
+      put(h + "mlp.up_proj.weight", {in, d}, w.mlp.up.data);
+      put(h + "mlp.down_proj.weight", {d, in}, w.mlp.down.data);
+    }
+    put("model.norm.weight", {d}, model.final_norm);
+    if (!c.arch.tied_embeddings) put("lm_head.weight", {c.vocab, d}, model.lm_head.data);
+    io::write_safetensors(dir + "/model.safetensors", t);
+  }
+
  private:
   T* add(std::size_t n, float scale, float offset) {
     storage.emplace_back(n);
@@ -95,5 +139,21 @@ struct SyntheticLlama {
     return storage.back().data();
   }
 };
+
+/// The Llama-3.2-1B-shaped model, built once (about 2.5 GB of bf16 weights).
+inline const SyntheticLlama<bf16>& llama32_1b() {
+  static const SyntheticLlama<bf16> m(LlamaShape::llama32_1b());
+  return m;
+}
+
+/// The SAC paper's configuration: a 2040-token context in chunks of 510 at ratio 5.
+inline constexpr index_t kPaperTokens = 2040, kPaperChunk = 510, kPaperRatio = 5;
+
+/// The token ids of that context (the same in every benchmark that runs it).
+inline std::vector<std::int64_t> paper_ids(index_t vocab) {
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(kPaperTokens));
+  for (index_t i = 0; i < kPaperTokens; ++i) ids[std::size_t(i)] = (i * 7919 + 13) % vocab;
+  return ids;
+}
 
 }  // namespace ctxcomp::bench

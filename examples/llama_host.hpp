@@ -77,6 +77,7 @@ struct LlamaModel {
     const io::TransformerDims t = c.arch.gpt_neox ? io::gpt_neox_dims(j, cp) : io::transformer_dims(j, cp);
     c.hidden = t.hidden, c.heads = t.heads, c.kv_heads = t.kv_heads, c.head_dim = t.head_dim;
     c.intermediate = t.intermediate, c.layers = t.layers, c.rms_eps = t.rms_eps, c.rope = t.rope;
+    if (gguf) c.rope.freq_factors = g->rope_freq_factors();  // Llama 3 RoPE in a GGUF (rope_freqs)
     c.vocab = io::config_int(j, "vocab_size", cp);
     CTXCOMP_CHECK(c.vocab > 0, cp, ": vocab_size (", c.vocab, ") must be positive");  // the rest: transformer_dims
     m.store = gguf ? std::make_shared<io::TensorStore<T>>(g->tensors(), dir)

@@ -1,6 +1,7 @@
 // GGUF files as checkpoints (io/gguf.hpp): what convert_to_gguf writes reads back to the same
 // weights (q/k rows un-permuted, F16 / BF16 as stored) and the same logits, bit for bit, through
-// the API and `ctxcomp fold --model FILE.gguf`; Q8_0 tensors dequantise as llama.cpp defines
+// the API and `ctxcomp fold --model FILE.gguf` (Llama 3 RoPE comes back as llama.cpp's
+// per-frequency factors: the fixture's logits within its tolerance); Q8_0 tensors dequantise as llama.cpp defines
 // them; malformed files, unknown keys and tensors, missing or mis-shaped tensors and unsupported
 // architectures are named errors.
 #include <cstdio>
@@ -65,13 +66,16 @@ TEST_CASE("a converted GGUF reads back to the checkpoint's weights and logits, b
     std::string dir, type;
     std::int64_t cl, cr;
     std::string case_file;
+    bool llama3 = false;  // Llama 3 RoPE: read back as llama.cpp's per-frequency factors
   };
   const std::vector<Case> cases{
       {test::fixtures_dir() + "/models/llama", "f32", 126, 127, test::fixtures_dir() + "/sentinel/sentinel_three_spans.safetensors"},
       {test::checkpoints::case_dir("qwen2_bias_fp16") + "/model", "f16", 158, 159,
        test::checkpoints::case_dir("qwen2_bias_fp16") + "/case.safetensors"},
       {test::checkpoints::case_dir("qwen3_qknorm_bf16") + "/model", "bf16", 158, 159,
-       test::checkpoints::case_dir("qwen3_qknorm_bf16") + "/case.safetensors"}};
+       test::checkpoints::case_dir("qwen3_qknorm_bf16") + "/case.safetensors"},
+      {test::checkpoints::case_dir("llama3_tied_sharded_bf16") + "/model", "bf16", 158, 159,
+       test::checkpoints::case_dir("llama3_tied_sharded_bf16") + "/case.safetensors", true}};
   for (const auto& c : cases) {
     INFO(c.dir << " as " << c.type);
     const std::string g = test::tmp("ctxcomp_gguf_roundtrip.gguf");
@@ -87,16 +91,27 @@ TEST_CASE("a converted GGUF reads back to the checkpoint's weights and logits, b
       for (auto [x, y] : {std::pair{la.q, lb.q}, {la.k, lb.k}, {la.v, lb.v}, {la.o, lb.o}})
         REQUIRE(std::equal(x.data, x.data + x.out_features * x.in_features, y.data));
     }
-    auto st = io::SafeTensors::open(c.case_file);
-    const auto ids = st.read<std::int64_t>("input_ids");
-    std::vector<float> logits[2];
-    for (int i = 0; i < 2; ++i) {
-      host::LlamaHost<float> h(i ? b : a);
-      auto cache = h.make_cache(index_t(ids.size()));
-      fold::SpanTracker spans(c.cl, c.cr, a.config.vocab);
-      logits[i] = host::run_with_folding(h, ids.data(), index_t(ids.size()), spans, cache, host::FoldSchedule::EverySpan);
+    if (c.llama3) {
+      // The file holds the rule as divisors (rope_freqs), as llama.cpp reads it: the same
+      // frequencies up to fp32 rounding, so the logits are checked against the fixture below.
+      REQUIRE(a.config.rope.llama3.enabled());
+      CHECK(!b.config.rope.llama3.enabled());
+      CHECK(b.config.rope.freq_factors == llama3_freq_factors(a.config.rope, a.config.head_dim));
+      const auto fa = Rope(a.config.rope, a.config.head_dim).inv_freq(), fb = Rope(b.config.rope, b.config.head_dim).inv_freq();
+      REQUIRE(fa.size() == fb.size());
+      for (std::size_t i = 0; i < fa.size(); ++i) CHECK(std::abs(fa[i] - fb[i]) <= 1e-6 * fa[i]);
+    } else {
+      auto st = io::SafeTensors::open(c.case_file);
+      const auto ids = st.read<std::int64_t>("input_ids");
+      std::vector<float> logits[2];
+      for (int i = 0; i < 2; ++i) {
+        host::LlamaHost<float> h(i ? b : a);
+        auto cache = h.make_cache(index_t(ids.size()));
+        fold::SpanTracker spans(c.cl, c.cr, a.config.vocab);
+        logits[i] = host::run_with_folding(h, ids.data(), index_t(ids.size()), spans, cache, host::FoldSchedule::EverySpan);
+      }
+      CHECK(logits[0] == logits[1]);
     }
-    CHECK(logits[0] == logits[1]);
     // The CLI takes the file where it takes a directory.
     const std::string out = test::tmp("ctxcomp_gguf_fold.safetensors");
     std::remove(out.c_str());
@@ -152,11 +167,16 @@ TEST_CASE("malformed or unsupported GGUF files are named errors", "[gguf][errors
                w.add_tensor("blk.0.attn_sinks.weight", {8}, z.data(), io::GgmlType::f32);
              })),
              Contains("tensor 'blk.0.attn_sinks.weight' is not one this reader maps"));
-  CHECK_THAT(load_error(tiny("freqs", [](io::GgufWriter& w) {
-               const std::vector<float> z(2, 1.f);
-               w.add_tensor("rope_freqs.weight", {2}, z.data(), io::GgmlType::f32);
-             })),
-             Contains("'rope_freqs.weight' (Llama 3 RoPE factors) is not read"));
+  // Llama 3 RoPE factors: half the head size (4 here), positive.
+  auto freqs = [](std::vector<float> f) {
+    return tiny("freqs", [f](io::GgufWriter& w) {
+      w.add_tensor("rope_freqs.weight", {std::int64_t(f.size())}, f.data(), io::GgmlType::f32);
+    });
+  };
+  CHECK(load_error(freqs({1.f, 8.f})) == "(loaded without error)");
+  CHECK(host::LlamaModel<float>::load(freqs({1.f, 8.f})).config.rope.freq_factors == std::vector<float>{1.f, 8.f});
+  CHECK_THAT(load_error(freqs({1.f, 8.f, 8.f})), Contains("tensor 'rope_freqs.weight' must hold 2 F32 values"));
+  CHECK_THAT(load_error(freqs({1.f, 0.f})), Contains("rope_freqs.weight[1] (0) is not a positive factor"));
   // Truncated anywhere: in the header, in the tensor infos, in the data.
   const std::string ok = tiny("trunc", [](io::GgufWriter&) {});
   std::ifstream f(ok, std::ios::binary);

@@ -155,6 +155,19 @@ TEST_CASE("llama3 RoPE frequencies match a double-precision transcription of the
       else ++blended;
     }
     if (c.dim == 16) CHECK((scaled > 0 && kept > 0 && blended > 0));
+    // The same rule as llama.cpp's per-frequency divisors (a GGUF's rope_freqs).
+    RopeConfig by_factors;
+    by_factors.theta = c.theta;
+    by_factors.freq_factors = llama3_freq_factors(cfg, c.dim);
+    Rope rf(by_factors, c.dim);
+    for (std::size_t i = 0; i < expect.size(); ++i) CHECK(std::abs(rf.inv_freq()[i] - expect[i]) <= 1e-6 * expect[i]);
+  }
+  {
+    RopeConfig bad;
+    bad.freq_factors = {1.f, 2.f};
+    CHECK_THROWS_WITH(Rope(bad, 8), Contains("Rope: 2 frequency factors for 4 rotary frequencies"));
+    bad.freq_factors = {1.f, 2.f, -1.f, 4.f};
+    CHECK_THROWS_WITH(Rope(bad, 8), Contains("Rope: frequency factor 2 (-1) must be positive"));
   }
   // Both config layouts give the same rule; other types are named in the error.
   nlohmann::json old_layout = {{"rope_theta", 500000.0},

@@ -270,25 +270,7 @@ inline void convert_to_gguf(const std::string& dir, const std::string& out, Ggml
     (void)st.load("lm_head.weight", {vocab, d});  // a stored copy of the tied embeddings
   }
   if (t.rope.llama3.enabled()) {  // convert_hf_to_gguf's rope_freqs: what each frequency is divided by
-    const auto& l = t.rope.llama3;
-    RopeConfig plain = t.rope;
-    plain.llama3 = {};
-    const std::vector<float> f = rope_inv_freq(plain, hd);
-    std::vector<float> factors;
-    const double low_wavelen = l.original_max_position_embeddings / l.low_freq_factor;
-    const double high_wavelen = l.original_max_position_embeddings / l.high_freq_factor;
-    for (float x : f) {
-      const double wavelen = 2 * 3.14159265358979323846 / double(x);
-      if (wavelen < high_wavelen) {
-        factors.push_back(1.f);
-      } else if (wavelen > low_wavelen) {
-        factors.push_back(static_cast<float>(l.factor));
-      } else {
-        const double smooth = (l.original_max_position_embeddings / wavelen - l.low_freq_factor) /
-                              (l.high_freq_factor - l.low_freq_factor);
-        factors.push_back(static_cast<float>(1.0 / ((1 - smooth) / l.factor + smooth)));
-      }
-    }
+    const std::vector<float> factors = llama3_freq_factors(t.rope, hd);
     w.add_tensor("rope_freqs.weight", {std::int64_t(factors.size())}, factors.data(), GgmlType::f32);
   }
   st.check_all_consumed(a.name, harmless_extra_tensor);
@@ -305,8 +287,9 @@ namespace ctxcomp::io {
 /// the llama architecture), F32 / F16 / BF16 as stored and Q8_0 dequantised to F32. Reads GGUF
 /// v2 and v3 of the llama, qwen2 and qwen3 architectures as convert_to_gguf and llama.cpp's
 /// converter write them. Strict: an unknown `<arch>.` key or tensor, a missing one, a shape that
-/// does not fit, another architecture, another tensor type, Llama 3 RoPE factors (`rope_freqs`),
-/// and any offset or size outside the file are errors naming the file and the item.
+/// does not fit, another architecture, another tensor type, and any offset or size outside the
+/// file are errors naming the file and the item. Llama 3 RoPE factors (`rope_freqs`) are kept
+/// apart: rope_freq_factors().
 class GgufCheckpoint {
  public:
   /// Reads and checks `path` (held in memory while converting; the result owns its tensors).
@@ -394,6 +377,16 @@ class GgufCheckpoint {
         fail(path, ": tensor '", t.name, "' (", bytes, " bytes at offset ", t.offset, ") lies outside the file (",
              b.size(), " bytes)");
       const std::uint8_t* src = b.data() + data + t.offset;
+      if (t.name == "rope_freqs.weight") {  // Llama 3 RoPE: what each rotary frequency is divided by
+        if (t.type != 0 || t.ne.size() != 1 || t.ne[0] != hd / 2)
+          fail(path, ": tensor 'rope_freqs.weight' must hold ", hd / 2, " F32 values (half the head size ", hd, ")");
+        g.rope_freq_factors_.resize(std::size_t(hd / 2));
+        std::memcpy(g.rope_freq_factors_.data(), src, bytes);
+        for (std::size_t i = 0; i < g.rope_freq_factors_.size(); ++i)
+          if (!(std::isfinite(g.rope_freq_factors_[i]) && g.rope_freq_factors_[i] > 0.f))
+            fail(path, ": rope_freqs.weight[", i, "] (", g.rope_freq_factors_[i], ") is not a positive factor");
+        continue;
+      }
       const std::string hf = hf_name(t.name, path);
       std::vector<std::int64_t> shape(t.ne.rbegin(), t.ne.rend());  // PyTorch order
       if (t.name == "token_embd.weight") vocab = shape[0];
@@ -441,6 +434,9 @@ class GgufCheckpoint {
   const SafeTensors& tensors() const noexcept { return *tensors_; }
   /// The file.
   const std::string& path() const noexcept { return path_; }
+  /// Llama 3 RoPE as llama.cpp stores it (tensor `rope_freqs`): rotary frequency i is divided by
+  /// factor i (RopeConfig::freq_factors); empty when the file has none. Not a config.json key.
+  const std::vector<float>& rope_freq_factors() const noexcept { return rope_freq_factors_; }
 
  private:
   struct Reader {
@@ -506,8 +502,6 @@ class GgufCheckpoint {
         {"ffn_gate.weight", "mlp.gate_proj.weight"},          {"ffn_up.weight", "mlp.up_proj.weight"},
         {"ffn_down.weight", "mlp.down_proj.weight"},          {"ffn_gate.bias", "mlp.gate_proj.bias"},
         {"ffn_up.bias", "mlp.up_proj.bias"},                  {"ffn_down.bias", "mlp.down_proj.bias"}};
-    if (g == "rope_freqs.weight")
-      fail(path, ": tensor 'rope_freqs.weight' (Llama 3 RoPE factors) is not read; use the checkpoint directory");
     if (g.compare(0, 4, "blk.") == 0) {
       const auto dot = g.find('.', 4);
       if (dot != std::string::npos && dot > 4 && g.find_first_not_of("0123456789", 4) == dot)
@@ -580,6 +574,7 @@ class GgufCheckpoint {
   std::string path_;
   nlohmann::json config_;
   std::shared_ptr<SafeTensors> tensors_;
+  std::vector<float> rope_freq_factors_;
 };
 
 /// Whether `path` names a GGUF file (a regular file whose name ends in .gguf).

@@ -1,6 +1,7 @@
 // Rotary position embedding for arbitrary per-token position ids, in Llama's rotate_half form
 // (dimension i pairs with i + rotary_dim/2) or GPT-J's interleaved form (2i pairs with 2i+1),
-// with theta, linear position scaling and Llama 3.x frequency scaling. Layout: HeadsView
+// with theta, linear position scaling and Llama 3.x frequency scaling (from a config's
+// rope_scaling, or as llama.cpp's per-frequency factors from a GGUF). Layout: HeadsView
 // [heads x tokens x head_dim], in place. Source: transformers' LlamaRotaryEmbedding /
 // apply_rotary_pos_emb and `_compute_llama3_parameters` (inv_freq in fp32, as there).
 #pragma once
@@ -39,34 +40,77 @@ struct RopeConfig {
   RopeStyle style = RopeStyle::RotateHalf;  ///< which dimensions pair up
   index_t rotary_dim = 0;                   ///< rotated dimensions; 0 = the whole head_dim
   Llama3Scaling llama3{};                   ///< rope_type "llama3" (disabled by default)
+  /// Per-frequency divisors, as llama.cpp's `rope_freqs` tensor holds Llama 3 scaling in a GGUF:
+  /// inv_freq[i] is divided by freq_factors[i] (rotary_dim / 2 positive values); empty: none.
+  std::vector<float> freq_factors;
 };
 
 /// The rotary frequencies inv_freq[i] = 1 / theta^(2i / rotary_dim), i < rotary_dim / 2, in fp32
 /// as transformers computes them, then the Llama 3 rule when `cfg.llama3` is enabled (also in
-/// fp32, the order of transformers' tensor expression).
+/// fp32, the order of transformers' tensor expression), then the division by `cfg.freq_factors`
+/// when given (llama.cpp's rope_freqs; checked: rotary_dim / 2 positive finite values).
 inline std::vector<float> rope_inv_freq(const RopeConfig& cfg, index_t rotary_dim) {
   std::vector<float> f(static_cast<std::size_t>(rotary_dim / 2));
   for (index_t i = 0; i < rotary_dim / 2; ++i) {
     const float e = static_cast<float>(2 * i) / static_cast<float>(rotary_dim);
     f[std::size_t(i)] = 1.0f / std::pow(static_cast<float>(cfg.theta), e);
   }
-  if (!cfg.llama3.enabled()) return f;
-  const auto& l = cfg.llama3;
-  const float factor = static_cast<float>(l.factor), low = static_cast<float>(l.low_freq_factor),
-              high = static_cast<float>(l.high_freq_factor), old = static_cast<float>(l.original_max_position_embeddings);
-  const float low_wavelen = static_cast<float>(l.original_max_position_embeddings / l.low_freq_factor);
-  const float high_wavelen = static_cast<float>(l.original_max_position_embeddings / l.high_freq_factor);
-  const float two_pi = static_cast<float>(2.0 * 3.14159265358979323846);
-  for (auto& x : f) {
-    const float wavelen = two_pi / x;
-    if (wavelen > low_wavelen) {
-      x = x / factor;
-    } else if (!(wavelen < high_wavelen)) {
-      const float smooth = (old / wavelen - low) / (high - low);
-      x = (1.f - smooth) * x / factor + smooth * x;
+  if (cfg.llama3.enabled()) {
+    const auto& l = cfg.llama3;
+    const float factor = static_cast<float>(l.factor), low = static_cast<float>(l.low_freq_factor),
+                high = static_cast<float>(l.high_freq_factor), old = static_cast<float>(l.original_max_position_embeddings);
+    const float low_wavelen = static_cast<float>(l.original_max_position_embeddings / l.low_freq_factor);
+    const float high_wavelen = static_cast<float>(l.original_max_position_embeddings / l.high_freq_factor);
+    const float two_pi = static_cast<float>(2.0 * 3.14159265358979323846);
+    for (auto& x : f) {
+      const float wavelen = two_pi / x;
+      if (wavelen > low_wavelen) {
+        x = x / factor;
+      } else if (!(wavelen < high_wavelen)) {
+        const float smooth = (old / wavelen - low) / (high - low);
+        x = (1.f - smooth) * x / factor + smooth * x;
+      }
+    }
+  }
+  if (!cfg.freq_factors.empty()) {
+    CTXCOMP_CHECK(cfg.freq_factors.size() == f.size(), "Rope: ", cfg.freq_factors.size(),
+                  " frequency factors for ", f.size(), " rotary frequencies");
+    for (std::size_t i = 0; i < f.size(); ++i) {
+      const float q = cfg.freq_factors[i];
+      CTXCOMP_CHECK(std::isfinite(q) && q > 0.f, "Rope: frequency factor ", i, " (", q, ") must be positive");
+      f[i] = f[i] / q;
     }
   }
   return f;
+}
+
+/// Llama 3 scaling (`cfg.llama3`) as per-frequency divisors, the way llama.cpp's converter writes
+/// them into a GGUF (`rope_freqs`, computed in double from the fp32 base frequencies): 1 for a
+/// kept frequency, `factor` for a scaled one, 1 / ((1 - smooth) / factor + smooth) between.
+/// RopeConfig::freq_factors takes them back.
+inline std::vector<float> llama3_freq_factors(const RopeConfig& cfg, index_t rotary_dim) {
+  const auto& l = cfg.llama3;
+  CTXCOMP_CHECK(l.enabled(), "llama3_freq_factors: the config has no Llama 3 scaling");
+  RopeConfig plain = cfg;
+  plain.llama3 = {};
+  plain.freq_factors.clear();
+  const std::vector<float> f = rope_inv_freq(plain, rotary_dim);
+  std::vector<float> factors;
+  const double low_wavelen = l.original_max_position_embeddings / l.low_freq_factor;
+  const double high_wavelen = l.original_max_position_embeddings / l.high_freq_factor;
+  for (float x : f) {
+    const double wavelen = 2 * 3.14159265358979323846 / double(x);
+    if (wavelen < high_wavelen) {
+      factors.push_back(1.f);
+    } else if (wavelen > low_wavelen) {
+      factors.push_back(static_cast<float>(l.factor));
+    } else {
+      const double smooth = (l.original_max_position_embeddings / wavelen - l.low_freq_factor) /
+                            (l.high_freq_factor - l.low_freq_factor);
+      factors.push_back(static_cast<float>(1.0 / ((1 - smooth) / l.factor + smooth)));
+    }
+  }
+  return factors;
 }
 
 /// Cos/sin table for positions [0, size()) of one head_dim; grows on demand (the only
