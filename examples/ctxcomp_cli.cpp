@@ -7,6 +7,7 @@
 #include <thread>
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <ctxcomp/ctxcomp.hpp>
 #include <ctxcomp/io/icformer_checkpoint.hpp>
 #include <ctxcomp/io/gguf.hpp>
@@ -200,10 +201,26 @@ void add_cache_tensors(const Kv& cache, std::vector<std::vector<float>>& bufs, s
       auto& buf = bufs[std::size_t(2 * l + which)];
       buf.clear();
       for (index_t hh = 0; hh < v.heads; ++hh)
-        for (index_t t : order) buf.insert(buf.end(), v.row(hh, t), v.row(hh, t) + v.head_dim);
+        for (index_t t : order)
+          for (index_t i = 0; i < v.head_dim; ++i) buf.push_back(static_cast<float>(element_value(v, hh, t, i)));
       outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"),
                                        {cache.kv_heads(), m, cache.head_dim()}, buf.data()));
     }
+}
+
+/// Calls f(tag) with tag::type the K/V storage type --kv-type names: fp32 (float), fp16, bf16 or
+/// int8 (qint8: symmetric, one fp32 scale per row).
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+template <class F>
+void with_kv_type(const std::string& t, F&& f) {
+  if (t == "fp32") return f(TypeTag<float>{});
+  if (t == "fp16") return f(TypeTag<fp16>{});
+  if (t == "bf16") return f(TypeTag<bf16>{});
+  if (t == "int8") return f(TypeTag<qint8>{});
+  fail("--kv-type '", t, "' is not one of fp32, fp16, bf16, int8");
 }
 
 /// --engine and the llama.cpp engine's options (fold and sac).
@@ -252,7 +269,7 @@ struct FoldArgs {
   bool cl_given = false, cr_given = false;
   bool every_span = false, at_end = false;
   int threads = 1;
-  std::string kv_layout = "contiguous";
+  std::string kv_layout = "contiguous", kv_type = "fp32";
   index_t block_size = 16;
 };
 
@@ -268,6 +285,8 @@ void print_adapter_notes(const Model& model, const char* cmd) {
 
 int run_fold(FoldArgs a) {
   if (a.e.engine == "llama.cpp") require_llamacpp("fold");
+  if (a.e.engine == "llama.cpp" && a.kv_type != "fp32")
+    fail("fold: --kv-type is ctxcomp's cache storage; with --engine llama.cpp the cache is llama.cpp's (--cache-type)");
   const auto model = host::LlamaModel<float>::load(a.model, a.adapter);
   print_adapter_notes(model, "fold");
   const auto& c = model.config;
@@ -312,28 +331,32 @@ int run_fold(FoldArgs a) {
     return 0;
 #endif
   }
-  host::LlamaHost<float> h(model);
   fold::SpanTracker spans(a.cl, a.cr, c.vocab);
   std::vector<float> logits;
   std::vector<std::int64_t> kept;
   std::vector<std::vector<float>> kv;
   std::vector<io::TensorOut> outs;
   double secs = 0;
-  host::with_kv_layout<float>(host::parse_kv_layout(a.kv_layout), KvShape{c.layers, c.kv_heads, c.head_dim},
-                              std::max<index_t>(n, 1), a.block_size, [&](auto& cache) {
-    const auto t0 = std::chrono::steady_clock::now();
-    with_threads(a.threads, [&](const auto& exec) {
-      logits = host::run_with_folding(h, ids.data(), n, spans, cache,
-                                      a.at_end ? host::FoldSchedule::AtEnd : host::FoldSchedule::EverySpan, exec);
+  with_kv_type(a.kv_type, [&](auto tag) {
+    using C = typename decltype(tag)::type;
+    host::LlamaHost<float, C> h(model);
+    host::with_kv_layout<C>(host::parse_kv_layout(a.kv_layout), KvShape{c.layers, c.kv_heads, c.head_dim},
+                            std::max<index_t>(n, 1), a.block_size, [&](auto& cache) {
+      const auto t0 = std::chrono::steady_clock::now();
+      with_threads(a.threads, [&](const auto& exec) {
+        logits = host::run_with_folding(h, ids.data(), n, spans, cache,
+                                        a.at_end ? host::FoldSchedule::AtEnd : host::FoldSchedule::EverySpan, exec);
+      });
+      secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      for (index_t s : kv::logical_order(cache)) kept.push_back(cache.token_index()[s]);
+      outs = {io::TensorOut::of("logits", {n, c.vocab}, logits.data()),
+              io::TensorOut::of("kept_index", {index_t(kept.size())}, kept.data())};
+      add_cache_tensors(cache, kv, outs);
     });
-    secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    for (index_t s : kv::logical_order(cache)) kept.push_back(cache.token_index()[s]);
-    outs = {io::TensorOut::of("logits", {n, c.vocab}, logits.data()),
-            io::TensorOut::of("kept_index", {index_t(kept.size())}, kept.data())};
-    add_cache_tensors(cache, kv, outs);
   });
   const index_t m = index_t(kept.size());
-  io::write_safetensors(a.output, outs, {{"method", "sentinel"}, {"cl_id", std::to_string(a.cl)}, {"cr_id", std::to_string(a.cr)}, {"kv_layout", a.kv_layout}});
+  io::write_safetensors(a.output, outs, {{"method", "sentinel"}, {"cl_id", std::to_string(a.cl)}, {"cr_id", std::to_string(a.cr)},
+                                         {"kv_layout", a.kv_layout}, {"kv_type", a.kv_type}});
   std::fprintf(stderr, "ctxcomp fold: %td tokens, %d spans folded, cache %td -> %td entries in %.3f s\n", n,
                int(spans.closed_spans()), n, m, secs);
   return 0;
@@ -346,12 +369,15 @@ struct SacArgs {
   index_t chunk_size = 0, ratio = 0;
   int threads = 1;
   std::string compute = "fp32";
-  std::string kv_layout = "contiguous";
+  std::string kv_layout = "contiguous", kv_type = "fp32";
   index_t block_size = 16;
 };
 
 int run_sac(const SacArgs& a) {
   if (a.e.engine == "llama.cpp") require_llamacpp("sac");
+  if (a.e.engine == "llama.cpp" && a.kv_type != "fp32")
+    fail("sac: --kv-type is ctxcomp's cache storage; with --engine llama.cpp the compressed cache goes into llama.cpp's "
+         "(--cache-type)");
   const auto model = host::LlamaModel<float>::load(a.model, a.adapter);
   print_adapter_notes(model, "sac");
   const auto& c = model.config;
@@ -390,7 +416,6 @@ int run_sac(const SacArgs& a) {
     fail(embeds_file, ": special_tokens must be [2 x ", c.hidden, "], found [", ns, " x ", ds, "]");
   const auto plan = anchor::AnchorPlan::uniform(n, a.chunk_size, a.ratio);
   const auto mask = a.mask == "anchor" ? anchor::ChunkMask::Anchor : anchor::ChunkMask::Full;
-  host::LlamaHost<float> h(model);
   const index_t t = index_t(targets.size());
   std::vector<float> logits;
   std::vector<std::vector<float>> kv;
@@ -398,38 +423,45 @@ int run_sac(const SacArgs& a) {
   const auto positions = plan.anchor_position_ids();
   index_t m = 0;
   double secs = 0;
-  host::with_kv_layout<float>(host::parse_kv_layout(a.kv_layout), KvShape{c.layers, c.kv_heads, c.head_dim},
-                              plan.anchor_count() + (has_targets ? t + 1 : 0) + 1, a.block_size, [&](auto& cache) {
-    const auto t0 = std::chrono::steady_clock::now();
-    const bool llama = a.e.engine == "llama.cpp";
-    with_threads(a.threads, [&](const auto& exec) {
-      host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec,
-                         sac_w ? &sac_w->layers() : nullptr, parse_compute(a.compute));
-      if (has_targets && !llama)
-        logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
-    });
-    m = cache.size();
-    outs = {io::TensorOut::of("anchor_position_ids", {m}, positions.data())};
-    if (llama) {  // the cache written into llama.cpp, decoded there and read back from it
+  with_kv_type(a.kv_type, [&](auto tag) {
+    using C = typename decltype(tag)::type;
+    host::LlamaHost<float, C> h(model);
+    host::with_kv_layout<C>(host::parse_kv_layout(a.kv_layout), KvShape{c.layers, c.kv_heads, c.head_dim},
+                            plan.anchor_count() + (has_targets ? t + 1 : 0) + 1, a.block_size, [&](auto& cache) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const bool llama = a.e.engine == "llama.cpp";
+      with_threads(a.threads, [&](const auto& exec) {
+        host::sac_compress(h, plan, ids.data(), matrix_view<const float>(roles.data(), mem, dr), mask, cache, exec,
+                           sac_w ? &sac_w->layers() : nullptr, parse_compute(a.compute));
+        if (has_targets && !llama)
+          logits = host::sac_decode(h, plan, cache, special.data() + c.hidden, targets.data(), t, exec);
+      });
+      m = cache.size();
+      outs = {io::TensorOut::of("anchor_position_ids", {m}, positions.data())};
+      if (llama) {  // the cache written into llama.cpp, decoded there and read back from it
 #ifdef CTXCOMP_WITH_LLAMACPP
-      logits = host::llamacpp::sac_decode(engine_options(a.e, a.model, a.adapter, a.threads), plan, cache,
-                                          special.data() + c.hidden, targets, kv);
-      if (!has_targets) logits.clear();
-      for (index_t l = 0; l < c.layers; ++l)
-        for (int which = 0; which < 2; ++which)
-          outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"),
-                                           {c.kv_heads, m, c.head_dim}, kv[std::size_t(2 * l + which)].data()));
+        if constexpr (std::is_same_v<C, float>) {  // (--kv-type is refused with llama.cpp's cache)
+          logits = host::llamacpp::sac_decode(engine_options(a.e, a.model, a.adapter, a.threads), plan, cache,
+                                              special.data() + c.hidden, targets, kv);
+          if (!has_targets) logits.clear();
+          for (index_t l = 0; l < c.layers; ++l)
+            for (int which = 0; which < 2; ++which)
+              outs.push_back(io::TensorOut::of("layer" + std::to_string(l) + (which ? "_v" : "_k"),
+                                               {c.kv_heads, m, c.head_dim}, kv[std::size_t(2 * l + which)].data()));
+        }
 #endif
-    } else {
-      add_cache_tensors(cache, kv, outs);
-    }
-    secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      } else {
+        add_cache_tensors(cache, kv, outs);
+      }
+      secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    });
   });
   if (!logits.empty()) outs.push_back(io::TensorOut::of("decode_logits", {t + 1, c.vocab}, logits.data()));
   io::write_safetensors(a.output, outs,
                         {{"method", "sac"}, {"chunk_size", std::to_string(a.chunk_size)},
                          {"compress_ratio", std::to_string(a.ratio)}, {"mask", a.mask}, {"end_idx", std::to_string(n)},
-                         {"compute", a.compute}, {"kv_layout", a.kv_layout}, {"engine", a.e.engine}});
+                         {"compute", a.compute}, {"kv_layout", a.kv_layout}, {"kv_type", a.kv_type},
+                         {"engine", a.e.engine}});
   std::fprintf(stderr, "ctxcomp sac: %td context tokens -> %td anchors (%td chunk%s, %s mask) in %.3f s, %s\n", n, m,
                plan.chunks(), plan.chunks() == 1 ? "" : "s", a.mask.c_str(), secs, compute_note(a.compute).c_str());
   return 0;
@@ -575,6 +607,10 @@ int main(int argc, char** argv) {
                  "eviction frees cells, new tokens fill them) or paged (pages of --block-size tokens through a page "
                  "table). Outputs are the same for every layout (cells: up to fp32 summation order)")
       ->default_val("contiguous")->check(CLI::IsMember({"contiguous", "cells", "paged"}));
+  fo->add_option("--kv-type", fa.kv_type,
+                 "Storage of the K/V cache with --engine ctxcomp: fp32 (default; the official results), fp16, bf16, or int8 "
+                 "(symmetric, one fp32 scale per row); arithmetic stays fp32. Error bounds: docs/integration.md")
+      ->default_val("fp32")->check(CLI::IsMember({"fp32", "fp16", "bf16", "int8"}));
   add_engine_options(fo, fa.e);
   fo->add_option("--block-size", fa.block_size, "Tokens per page of --kv-layout paged")
       ->default_val(16)->check(CLI::Range(1, 1 << 20));
@@ -616,6 +652,10 @@ int main(int argc, char** argv) {
                  "eviction frees cells, new tokens fill them) or paged (pages of --block-size tokens through a page "
                  "table). Outputs are the same for every layout (cells: up to fp32 summation order)")
       ->default_val("contiguous")->check(CLI::IsMember({"contiguous", "cells", "paged"}));
+  sc->add_option("--kv-type", sa.kv_type,
+                 "Storage of the K/V cache with --engine ctxcomp: fp32 (default; the official results), fp16, bf16, or int8 "
+                 "(symmetric, one fp32 scale per row); arithmetic stays fp32. Error bounds: docs/integration.md")
+      ->default_val("fp32")->check(CLI::IsMember({"fp32", "fp16", "bf16", "int8"}));
   add_engine_options(sc, sa.e);
   sc->add_option("--block-size", sa.block_size, "Tokens per page of --kv-layout paged")
       ->default_val(16)->check(CLI::Range(1, 1 << 20));

@@ -1,5 +1,6 @@
 // The `ctxcomp` tool end to end: fixtures through the CLI, and its errors.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <thread>
 #include <cstdlib>
@@ -423,6 +424,75 @@ TEST_CASE("ctxcomp fold and sac give the fixtures' outputs in every --kv-layout"
             .status != 0);
 }
 
+
+TEST_CASE("fold and sac --kv-type fp16 / bf16 / int8 stay within the documented bounds, in every layout",
+          "[cli][fold][sac][kv_types]") {
+  // docs/integration.md ("K/V storage types"): logits and kept K/V within 4 unit roundoffs u of
+  // the storage type (fp16 2^-11, bf16 2^-8; int8: half a quantisation step of a row, 1/254 of
+  // its largest magnitude), relative to the tensor's largest magnitude, of the official float64
+  // outputs.
+  struct Type {
+    const char* name;
+    double u;
+  };
+  const std::string fx = test::fixtures_dir();
+  for (const Type ty : {Type{"fp16", std::ldexp(1.0, -11)}, Type{"bf16", std::ldexp(1.0, -8)}, Type{"int8", 1.0 / 254}}) {
+    const double bound = 4 * ty.u;
+    for (const char* layout : {"contiguous", "cells", "paged"}) {
+      for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"}) {
+        INFO(c << " --kv-type " << ty.name << " --kv-layout " << layout);
+        const std::string in = fx + "/sentinel/" + c + ".safetensors";
+        const std::string out = test::tmp(std::string("kvtype_fold_") + ty.name + ".safetensors");
+        const auto r = test::run_cli("fold --model " + fx + "/models/llama --input " + in + " --output " + out +
+                                     " --kv-type " + ty.name + " --kv-layout " + layout + " --block-size 5 --cl 126 --cr 127");
+        INFO(r.err);
+        REQUIRE(r.status == 0);
+        auto es = io::SafeTensors::open(in);
+        auto os = io::SafeTensors::open(out);
+        CHECK(os.meta("kv_type") == ty.name);
+        CHECK(os.read<std::int64_t>("kept_index") == es.read<std::int64_t>("kept_index"));
+        for (const char* t : {"logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"}) {
+          const auto got = os.read<float>(t, es.info(t).shape);
+          const auto expect = es.read<double>(t);
+          const double err = test::relative_error(got.data(), expect.data(), got.size());
+          INFO(t << ": " << err << " (bound " << bound << ")");
+          CHECK(err <= bound);
+        }
+      }
+      for (const char* c : {"sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"}) {
+        INFO(c << " --kv-type " << ty.name << " --kv-layout " << layout);
+        const std::string in = fx + "/sac/" + c + ".safetensors";
+        const std::string out = test::tmp(std::string("kvtype_sac_") + ty.name + ".safetensors");
+        auto es = io::SafeTensors::open(in);
+        const auto r = test::run_cli("sac --model " + fx + "/models/llama --anchor-embeds " + in + " --input " + in +
+                                     " --output " + out + " --chunk-size " + es.meta("chunk_size") + " --ratio " +
+                                     es.meta("compress_ratio") + " --mask " + es.meta("mask") + " --kv-type " + ty.name +
+                                     " --kv-layout " + layout + " --block-size 3");
+        INFO(r.err);
+        REQUIRE(r.status == 0);
+        auto os = io::SafeTensors::open(out);
+        CHECK(os.meta("kv_type") == ty.name);
+        for (const char* t : {"decode_logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"}) {
+          const auto got = os.read<float>(t, es.info(t).shape);
+          const auto expect = es.read<double>(t);
+          const double err = test::relative_error(got.data(), expect.data(), got.size());
+          INFO(t << ": " << err << " (bound " << bound << ")");
+          CHECK(err <= bound);
+        }
+      }
+    }
+  }
+  // Another name, or --kv-type with llama.cpp's cache, is refused by name.
+  auto r = test::run_cli("fold --model " + fx + "/models/llama --input " + fx + "/sentinel/sentinel_one_span.safetensors" +
+                         " --output " + test::tmp("bad.safetensors") + " --cl 126 --cr 127 --kv-type fp8");
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Contains("--kv-type"));
+  r = test::run_cli("sac --model " + fx + "/models/llama --anchor-embeds " + fx + "/sac/sac_basic.safetensors --input " + fx +
+                    "/sac/sac_basic.safetensors --output " + test::tmp("bad.safetensors") +
+                    " --chunk-size 8 --ratio 4 --kv-type int8 --engine llama.cpp");
+  CHECK(r.status != 0);
+  CHECK_THAT(r.err, Contains("--kv-type") || Contains("needs a ctxcomp built with llama.cpp"));
+}
 
 TEST_CASE("ctxcomp sac reproduces every sac fixture", "[cli][sac][fixtures]") {
   for (const char* c : kCases) {
