@@ -122,6 +122,64 @@ void evict_in_every_layout() {
           moved * std::size_t(2 * s.layers * s.kv_heads) * (std::size_t(s.head_dim) * sizeof(C) + (is_quantized_v<C> ? 4 : 0)));
     check_holds(kv, kept);
   }
+  // Engines that allocate each layer on its own, with V in another layout than K (llama.cpp,
+  // vLLM): a pointer per layer and the values' own strides.
+  const index_t cap = 40, hd = s.head_dim, kh = s.kv_heads;
+  std::vector<std::vector<C>> lk, lv;  // one allocation per layer and side
+  std::vector<std::vector<float>> lks, lvs;
+  std::vector<C*> pk, pv;
+  std::vector<float*> pks, pvs;
+  for (index_t l = 0; l < s.layers; ++l) {
+    lk.emplace_back(static_cast<std::size_t>(cap * kh * hd + 3 * l)), lv.emplace_back(static_cast<std::size_t>(cap * kh * hd + 5));
+    lks.emplace_back(static_cast<std::size_t>(cap * kh)), lvs.emplace_back(static_cast<std::size_t>(cap * kh));
+  }
+  for (index_t l = 0; l < s.layers; ++l) {
+    pk.push_back(lk[std::size_t(l)].data() + 3 * l), pv.push_back(lv[std::size_t(l)].data() + 5);
+    pks.push_back(lks[std::size_t(l)].data()), pvs.push_back(lvs[std::size_t(l)].data());
+  }
+  KvBuffers<C> per_layer;
+  per_layer.layer_keys = pk.data(), per_layer.layer_values = pv.data();
+  per_layer.head_stride = cap * hd, per_layer.token_stride = hd;             // K head-major
+  per_layer.value_head_stride = hd, per_layer.value_token_stride = kh * hd;  // V token-major
+  per_layer.layer_key_scales = pks.data(), per_layer.layer_value_scales = pvs.data();
+  per_layer.scale_head_stride = cap, per_layer.scale_token_stride = 1;
+  per_layer.value_scale_head_stride = 1, per_layer.value_scale_token_stride = kh;
+  SECTION("contiguous, a buffer per layer, V token-major beside K head-major") {
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(cap));
+    std::vector<index_t> idx(static_cast<std::size_t>(cap));
+    ContiguousKv<C> kv(s, per_layer, cap, pos.data(), idx.data());
+    fill(kv, n);
+    kv.evict(drop);
+    check_holds(kv, kept);
+  }
+  SECTION("cells, a buffer per layer, V token-major beside K head-major; compact()") {
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(cap), -1);
+    std::vector<index_t> idx(static_cast<std::size_t>(cap), 0);
+    CellKv<C> kv(s, per_layer, cap, pos.data(), idx.data());
+    fill(kv, n);
+    kv.evict(drop);
+    check_holds(kv, kept);
+    kv.compact();
+    check_holds(kv, kept);
+  }
+  SECTION("paged, a pool per layer, V pages NHD beside K pages HND") {
+    const index_t page = 4, pool_pages = cap / page;
+    PagedBuffers<C> b;
+    b.layer_keys = pk.data(), b.layer_values = pv.data(), b.pool_pages = pool_pages, b.page_size = page;
+    b.page_stride = page * kh * hd, b.head_stride = page * hd, b.token_stride = hd;  // K: HND
+    b.value_head_stride = hd, b.value_token_stride = kh * hd;                         // V: NHD
+    b.layer_key_scales = pks.data(), b.layer_value_scales = pvs.data();
+    b.scale_page_stride = page * kh, b.scale_head_stride = page, b.scale_token_stride = 1;
+    b.value_scale_head_stride = 1, b.value_scale_token_stride = kh;
+    std::vector<index_t> free_pages(static_cast<std::size_t>(pool_pages)), pages(static_cast<std::size_t>(pool_pages)), idx(static_cast<std::size_t>(cap));
+    for (index_t i = 0; i < pool_pages; ++i) free_pages[std::size_t(i)] = (i * 7) % pool_pages;  // scattered
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(cap));
+    PagePool pool{free_pages.data(), pool_pages, pool_pages};
+    PagedKv<C> kv(s, b, &pool, pages.data(), pool_pages, pos.data(), idx.data());
+    fill(kv, n);
+    kv.evict(drop);
+    check_holds(kv, kept);
+  }
   SECTION("cells: eviction frees cells, moves nothing; appends fill the holes; compact()") {
     host::CellStorage<C> st(s, 40);
     fill(st.kv, n);
@@ -313,6 +371,26 @@ TEST_CASE("KV layouts reject bad page tables, pools, strides and metadata, uncha
     bad.token_stride = 4;
     PagePool pool{free_list.data(), 4, 4};
     CHECK_THROWS_WITH(PagedKv<float>(s, bad, &pool, pages.data(), 4, pos.data(), idx.data()), Contains("strides overlap"));
+    // The values' own strides are checked on their own; so are per-layer pointers.
+    b = KvBuffers<float>::head_major(k.data(), v.data(), s, 4);
+    b.value_token_stride = 4;
+    CHECK_THROWS_WITH(ContiguousKv<float>(s, b, 4, p.data(), ti.data()), Contains("V buffer strides overlap"));
+    bad = buf;
+    bad.value_head_stride = 4;
+    CHECK_THROWS_WITH(PagedKv<float>(s, bad, &pool, pages.data(), 4, pos.data(), idx.data()),
+                      Contains("value page pool strides overlap"));
+    float* layer_k[1] = {k.data()};
+    float* layer_v[1] = {nullptr};
+    b = KvBuffers<float>::head_major(nullptr, nullptr, s, 4);
+    b.layer_keys = layer_k;
+    CHECK_THROWS_WITH(ContiguousKv<float>(s, b, 4, p.data(), ti.data()),
+                      Contains("per-layer buffers need both layer_keys and layer_values"));
+    b.layer_values = layer_v;
+    CHECK_THROWS_WITH(CellKv<float>(s, b, 4, p.data(), ti.data()), Contains("layer 0 has a null key or value buffer"));
+    bad = buf;
+    bad.layer_keys = layer_k, bad.layer_values = layer_v;
+    CHECK_THROWS_WITH(PagedKv<float>(s, bad, &pool, pages.data(), 4, pos.data(), idx.data()),
+                      Contains("layer 0 has a null key or value pool"));
   }
   SECTION("a live cell without a token index") {
     std::vector<float> ck(64), cv(64);

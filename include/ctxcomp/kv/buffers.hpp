@@ -103,6 +103,14 @@ struct KvShape {
 /// keys + l * layer_stride + h * head_stride + t * token_stride, head_dim contiguous elements.
 /// qint8 storage also has one fp32 scale per row, at key_scales + l * scale_layer_stride + h *
 /// scale_head_stride + t * scale_token_stride (values alike).
+///
+/// Engines that allocate each layer on its own (llama.cpp, vLLM) give a pointer per layer
+/// instead: with `layer_keys` / `layer_values` set, layer l starts at layer_keys[l] /
+/// layer_values[l] (scales: layer_key_scales[l] / layer_value_scales[l]), and `keys`, `values`,
+/// `layer_stride` (and the scales' base and layer stride) are not used. The values may also have
+/// strides of their own (`value_head_stride`, `value_token_stride`; 0: the keys'), e.g. V stored
+/// token-major beside head-major K. Rows must not overlap within a layer (checked); distinct
+/// layers, and K against V, are the caller's to keep apart.
 template <class T>
 struct KvBuffers {
   T* keys = nullptr;    ///< row (0, 0, 0) of the keys
@@ -116,6 +124,18 @@ struct KvBuffers {
   /// Strides in floats of the scales between layers, heads and slots.
   ///@{
   index_t scale_layer_stride = 0, scale_head_stride = 0, scale_token_stride = 0;
+  ///@}
+  /// Per-layer buffers: arrays of `layers` pointers (the caller's, outliving the handle), or null.
+  ///@{
+  T* const* layer_keys = nullptr;
+  T* const* layer_values = nullptr;
+  float* const* layer_key_scales = nullptr;
+  float* const* layer_value_scales = nullptr;
+  ///@}
+  /// The values' own strides in elements (scales: in floats); 0 takes the keys'.
+  ///@{
+  index_t value_head_stride = 0, value_token_stride = 0;
+  index_t value_scale_head_stride = 0, value_scale_token_stride = 0;
   ///@}
 
   /// Head-major [layers][kv_heads][capacity][head_dim] (KvCache's layout); scales
@@ -132,14 +152,32 @@ struct KvBuffers {
     return {keys,       values,       capacity * s.kv_heads * s.head_dim, s.head_dim, s.kv_heads * s.head_dim,
             key_scales, value_scales, capacity * s.kv_heads,              1,          s.kv_heads};
   }
+  /// Whether the layers are given one pointer each.
+  bool per_layer() const noexcept { return layer_keys != nullptr || layer_values != nullptr; }
+  /// Row (l, 0, 0) of the keys (or values).
+  T* base(bool value_side, index_t l) const noexcept {
+    if (per_layer()) return (value_side ? layer_values : layer_keys)[l];
+    return (value_side ? values : keys) + l * layer_stride;
+  }
+  /// Strides between heads and slots of the keys (or values).
+  ///@{
+  index_t head_stride_of(bool value_side) const noexcept {
+    return value_side && value_head_stride != 0 ? value_head_stride : head_stride;
+  }
+  index_t token_stride_of(bool value_side) const noexcept {
+    return value_side && value_token_stride != 0 ? value_token_stride : token_stride;
+  }
+  ///@}
   /// Layer l's keys (or values), slots [0, tokens).
   HeadsView<T> view(bool value_side, index_t l, KvShape s, index_t tokens) const noexcept {
-    HeadsView<T> v{(value_side ? values : keys) + l * layer_stride, s.kv_heads, tokens, s.head_dim, head_stride,
-                   token_stride};
+    HeadsView<T> v{base(value_side, l), s.kv_heads, tokens, s.head_dim, head_stride_of(value_side),
+                   token_stride_of(value_side)};
     if constexpr (is_quantized_v<T>) {
-      v.scales = (value_side ? value_scales : key_scales) + l * scale_layer_stride;
-      v.scale_head_stride = scale_head_stride;
-      v.scale_token_stride = scale_token_stride;
+      v.scales = per_layer() ? (value_side ? layer_value_scales : layer_key_scales)[l]
+                             : (value_side ? value_scales : key_scales) + l * scale_layer_stride;
+      v.scale_head_stride = value_side && value_scale_head_stride != 0 ? value_scale_head_stride : scale_head_stride;
+      v.scale_token_stride =
+          value_side && value_scale_token_stride != 0 ? value_scale_token_stride : scale_token_stride;
     }
     return v;
   }
@@ -147,6 +185,9 @@ struct KvBuffers {
 
 /// Pools of K and V pages for every layer: page p of layer l at keys + l * layer_stride + p *
 /// page_stride, laid out inside by head_stride / token_stride (NHD or HND, see PagedHeadsView).
+/// As in KvBuffers, `layer_keys` / `layer_values` (and the scales') give each layer's pool its own
+/// pointer, and `value_page_stride` / `value_head_stride` / `value_token_stride` (0: the keys')
+/// give the value pool its own layout.
 template <class T>
 struct PagedBuffers {
   T* keys = nullptr;    ///< layer 0, page 0 of the key pool
@@ -163,6 +204,35 @@ struct PagedBuffers {
   ///@{
   index_t scale_layer_stride = 0, scale_page_stride = 0, scale_head_stride = 0, scale_token_stride = 0;
   ///@}
+  /// Per-layer pools: arrays of `layers` pointers (the caller's, outliving the handle), or null.
+  ///@{
+  T* const* layer_keys = nullptr;
+  T* const* layer_values = nullptr;
+  float* const* layer_key_scales = nullptr;
+  float* const* layer_value_scales = nullptr;
+  ///@}
+  /// The value pool's own strides in elements (scales: in floats); 0 takes the keys'.
+  ///@{
+  index_t value_page_stride = 0, value_head_stride = 0, value_token_stride = 0;
+  index_t value_scale_page_stride = 0, value_scale_head_stride = 0, value_scale_token_stride = 0;
+  ///@}
+
+  /// Whether the layers' pools are given one pointer each.
+  bool per_layer() const noexcept { return layer_keys != nullptr || layer_values != nullptr; }
+  /// Page 0 of layer l's key (or value) pool.
+  T* base(bool value_side, index_t l) const noexcept {
+    if (per_layer()) return (value_side ? layer_values : layer_keys)[l];
+    return (value_side ? values : keys) + l * layer_stride;
+  }
+  /// Layer l's key (or value) scales, page 0.
+  float* scale_base(bool value_side, index_t l) const noexcept {
+    if (per_layer()) return (value_side ? layer_value_scales : layer_key_scales)[l];
+    return (value_side ? value_scales : key_scales) + l * scale_layer_stride;
+  }
+  /// `key` unless the value side has its own (non-zero) `value`.
+  static index_t side(bool value_side, index_t key, index_t value) noexcept {
+    return value_side && value != 0 ? value : key;
+  }
 
   /// NHD pages [layers][pool_pages][page_size][kv_heads][head_dim] (FlashInfer's default).
   static PagedBuffers nhd(T* keys, T* values, KvShape s, index_t pool_pages, index_t page_size,
@@ -243,14 +313,37 @@ inline void check_shape(KvShape s, index_t capacity, const char* fn) {
 
 template <class T>
 void check_buffers(const KvBuffers<T>& b, KvShape s, index_t capacity, const char* fn) {
-  CTXCOMP_CHECK(b.keys != nullptr && b.values != nullptr, fn, ": null key or value buffer");
-  check_row_strides(s.head_dim, {{b.layer_stride, s.layers}, {b.head_stride, s.kv_heads}, {b.token_stride, capacity}},
-                    fn, "K/V buffer");
+  const bool per_layer = b.per_layer();
+  if (per_layer) {
+    CTXCOMP_CHECK(b.layer_keys != nullptr && b.layer_values != nullptr, fn,
+                  ": per-layer buffers need both layer_keys and layer_values");
+    for (index_t l = 0; l < s.layers; ++l)
+      CTXCOMP_CHECK(b.layer_keys[l] != nullptr && b.layer_values[l] != nullptr, fn, ": layer ", l,
+                    " has a null key or value buffer");
+  } else {
+    CTXCOMP_CHECK(b.keys != nullptr && b.values != nullptr, fn, ": null key or value buffer");
+  }
+  const index_t layers = per_layer ? 1 : s.layers;  // per-layer: rows are checked within a layer
+  for (bool v : {false, true})
+    check_row_strides(s.head_dim, {{b.layer_stride, layers}, {b.head_stride_of(v), s.kv_heads},
+                                   {b.token_stride_of(v), capacity}},
+                      fn, v ? "V buffer" : "K buffer");
   if constexpr (is_quantized_v<T>) {
-    CTXCOMP_CHECK(b.key_scales != nullptr && b.value_scales != nullptr, fn, ": int8 storage without its scales");
-    check_row_strides(1, {{b.scale_layer_stride, s.layers}, {b.scale_head_stride, s.kv_heads},
-                          {b.scale_token_stride, capacity}},
-                      fn, "scale");
+    if (per_layer) {
+      CTXCOMP_CHECK(b.layer_key_scales != nullptr && b.layer_value_scales != nullptr, fn,
+                    ": int8 storage without its per-layer scales");
+      for (index_t l = 0; l < s.layers; ++l)
+        CTXCOMP_CHECK(b.layer_key_scales[l] != nullptr && b.layer_value_scales[l] != nullptr, fn, ": layer ", l,
+                      " has null scales");
+    } else {
+      CTXCOMP_CHECK(b.key_scales != nullptr && b.value_scales != nullptr, fn, ": int8 storage without its scales");
+    }
+    for (bool v : {false, true})
+      check_row_strides(1, {{b.scale_layer_stride, layers},
+                            {v && b.value_scale_head_stride ? b.value_scale_head_stride : b.scale_head_stride, s.kv_heads},
+                            {v && b.value_scale_token_stride ? b.value_scale_token_stride : b.scale_token_stride,
+                             capacity}},
+                        fn, "scale");
   }
 }
 

@@ -87,15 +87,37 @@ class PagedKv {
         size_(tokens) {
     const char* fn = "PagedKv";
     detail::check_shape(shape, max_pages, fn);
-    CTXCOMP_CHECK(buf.keys != nullptr && buf.values != nullptr, fn, ": null key or value pool");
+    const bool per_layer = buf.per_layer();
+    if (per_layer) {
+      CTXCOMP_CHECK(buf.layer_keys != nullptr && buf.layer_values != nullptr, fn,
+                    ": per-layer pools need both layer_keys and layer_values");
+      for (index_t l = 0; l < shape.layers; ++l)
+        CTXCOMP_CHECK(buf.layer_keys[l] != nullptr && buf.layer_values[l] != nullptr, fn, ": layer ", l,
+                      " has a null key or value pool");
+    } else {
+      CTXCOMP_CHECK(buf.keys != nullptr && buf.values != nullptr, fn, ": null key or value pool");
+    }
     CTXCOMP_CHECK(buf.page_size > 0 && buf.pool_pages > 0, fn, ": page_size (", buf.page_size, ") and pool_pages (",
                   buf.pool_pages, ") must be positive");
-    detail::check_row_strides(shape.head_dim,
-                              {{buf.layer_stride, shape.layers}, {buf.page_stride, buf.pool_pages},
-                               {buf.head_stride, shape.kv_heads}, {buf.token_stride, buf.page_size}},
-                              fn, "page pool");
-    if constexpr (is_quantized_v<T>)
-      CTXCOMP_CHECK(buf.key_scales != nullptr && buf.value_scales != nullptr, fn, ": int8 pools without scales");
+    const index_t layers = per_layer ? 1 : shape.layers;  // per-layer: rows are checked within a pool
+    for (bool v : {false, true})
+      detail::check_row_strides(shape.head_dim,
+                                {{buf.layer_stride, layers},
+                                 {PagedBuffers<T>::side(v, buf.page_stride, buf.value_page_stride), buf.pool_pages},
+                                 {PagedBuffers<T>::side(v, buf.head_stride, buf.value_head_stride), shape.kv_heads},
+                                 {PagedBuffers<T>::side(v, buf.token_stride, buf.value_token_stride), buf.page_size}},
+                                fn, v ? "value page pool" : "key page pool");
+    if constexpr (is_quantized_v<T>) {
+      if (per_layer) {
+        CTXCOMP_CHECK(buf.layer_key_scales != nullptr && buf.layer_value_scales != nullptr, fn,
+                      ": int8 pools without their per-layer scales");
+        for (index_t l = 0; l < shape.layers; ++l)
+          CTXCOMP_CHECK(buf.layer_key_scales[l] != nullptr && buf.layer_value_scales[l] != nullptr, fn, ": layer ", l,
+                        " has null scales");
+      } else {
+        CTXCOMP_CHECK(buf.key_scales != nullptr && buf.value_scales != nullptr, fn, ": int8 pools without scales");
+      }
+    }
     CTXCOMP_CHECK(pool != nullptr && pool->pool_pages == buf.pool_pages && pool->free_count >= 0 &&
                       pool->free_count <= pool->pool_pages && (pool->free_count == 0 || pool->free_pages),
                   fn, ": the page pool's free list does not describe a pool of ", buf.pool_pages, " pages");
@@ -194,21 +216,22 @@ class PagedKv {
 
  private:
   PagedHeadsView<T> view(bool value_side, index_t l) const noexcept {
-    PagedHeadsView<T> v{(value_side ? b_.values : b_.keys) + l * b_.layer_stride,
+    using B = PagedBuffers<T>;
+    PagedHeadsView<T> v{b_.base(value_side, l),
                         pages_,
                         s_.kv_heads,
                         size_,
                         s_.head_dim,
                         b_.page_size,
                         b_.pool_pages,
-                        b_.page_stride,
-                        b_.head_stride,
-                        b_.token_stride};
+                        B::side(value_side, b_.page_stride, b_.value_page_stride),
+                        B::side(value_side, b_.head_stride, b_.value_head_stride),
+                        B::side(value_side, b_.token_stride, b_.value_token_stride)};
     if constexpr (is_quantized_v<T>) {
-      v.scales = (value_side ? b_.value_scales : b_.key_scales) + l * b_.scale_layer_stride;
-      v.scale_page_stride = b_.scale_page_stride;
-      v.scale_head_stride = b_.scale_head_stride;
-      v.scale_token_stride = b_.scale_token_stride;
+      v.scales = b_.scale_base(value_side, l);
+      v.scale_page_stride = B::side(value_side, b_.scale_page_stride, b_.value_scale_page_stride);
+      v.scale_head_stride = B::side(value_side, b_.scale_head_stride, b_.value_scale_head_stride);
+      v.scale_token_stride = B::side(value_side, b_.scale_token_stride, b_.value_scale_token_stride);
     }
     return v;
   }
