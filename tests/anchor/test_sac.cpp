@@ -107,6 +107,50 @@ TEST_CASE("every sac fixture through the host", "[sac][fixtures]") {
   }
 }
 
+TEST_CASE("a position offset shifts every SAC position and keeps the fixture's logits", "[sac][fixtures]") {
+  // A document after `offset` cached positions: RoPE sees only position differences inside a
+  // chunk and between the decoded inputs and the anchors, so the decode logits stay the
+  // official ones (within the fixtures' 1e-5; RoPE's angles are evaluated in double); layer 0's
+  // V does not see positions at all (bit for bit), its K is rotated further.
+  const auto model = host::LlamaModel<float>::load(llama_dir());
+  for (const char* c : kCases) {
+    INFO(c);
+    Fixture f(c);
+    host::LlamaHost<float> h(model);
+    const auto base = anchor::AnchorPlan::uniform(f.n(), f.chunk, f.ratio);
+    auto shifted = base;
+    const std::int64_t offset = 1000;
+    shifted.set_position_offset(offset);
+    CHECK(shifted.decode_position() == base.decode_position() + offset);
+    KvCache<float> ca = h.make_cache(base.anchor_count() + index_t(f.targets.size()) + 1), cb = h.make_cache(ca.capacity());
+    host::sac_compress(h, base, f.ids.data(), f.role_view(), f.mask, ca);
+    host::sac_compress(h, shifted, f.ids.data(), f.role_view(), f.mask, cb);
+    REQUIRE(cb.size() == ca.size());
+    const auto expect_pos = shifted.anchor_position_ids();
+    for (index_t i = 0; i < cb.size(); ++i) {
+      CHECK(cb.positions()[i] == ca.positions()[i] + offset);
+      CHECK(cb.positions()[i] == expect_pos[std::size_t(i)]);
+    }
+    const auto va = ca.values(0), vb = cb.values(0), ka = ca.keys(0), kb = cb.keys(0);
+    bool v_same = true, k_differs = false;
+    for (index_t hh = 0; hh < va.heads; ++hh)
+      for (index_t t = 0; t < ca.size(); ++t) {
+        v_same &= std::equal(va.row(hh, t), va.row(hh, t) + va.head_dim, vb.row(hh, t));
+        k_differs |= !std::equal(ka.row(hh, t), ka.row(hh, t) + ka.head_dim, kb.row(hh, t));
+      }
+    CHECK(v_same);
+    CHECK(k_differs);
+    const auto logits =
+        host::sac_decode(h, shifted, cb, f.special.data() + 64, f.targets.data(), index_t(f.targets.size()));
+    const auto expect = f.st.read<double>("decode_logits");
+    REQUIRE(logits.size() == expect.size());
+    CHECK(test::relative_error(logits.data(), expect.data(), logits.size()) <= 1e-5);
+  }
+  auto p = anchor::AnchorPlan::uniform(8, 4, 2);
+  CHECK_THROWS_WITH(p.set_position_offset(-1), Contains("offset (-1) must be >= 0"));
+  CHECK(p.position_offset() == 0);
+}
+
 TEST_CASE("sac compresses with its own weights and decodes with the host's", "[sac]") {
   const auto model = host::LlamaModel<float>::load(llama_dir());
   Fixture f("sac_multichunk");

@@ -2,7 +2,8 @@
 // the learned anchor (role) embeddings to their input embeddings.
 // Conventions (tests/data/fixtures/README.md, section sac): the context [0, n) is cut into
 // chunks [s, e) of chunk_size tokens (the last one may be shorter); context position ids are
-// 1-based, token t has position t + 1; the official uniform rule puts a chunk's anchors at
+// 1-based, token t has position t + 1 (plus a position offset when the document follows a cached
+// prefix: AnchorPlan::set_position_offset); the official uniform rule puts a chunk's anchors at
 // positions s+1+(r-1)/2, s+1+(r-1)/2+r, ... up to e, or at s+1 alone when the first of these
 // is past e. Anchor j of a chunk (j from 0) gets role_tokens[j] added to its embedding.
 #pragma once
@@ -42,17 +43,31 @@ class AnchorPlan {
     for (index_t c = 0; c < chunks(); ++c) m = std::max(m, chunk_anchors(c).end - chunk_anchors(c).begin);
     return m;
   }
-  /// Position id of context token t (1-based).
+  /// Position id of context token t in the official numbering (1-based).
   static std::int64_t position_of(index_t t) noexcept { return std::int64_t(t) + 1; }
+  /// Shifts every position id of this plan by `offset` >= 0, for a document that follows
+  /// `offset` positions already in the cache (a system prompt, earlier turns): token t then has
+  /// position offset + t + 1 and decoding starts at offset + n. The compressed K/V are those of
+  /// the document at those positions (RoPE is applied there); 0, the default, is the official
+  /// numbering.
+  void set_position_offset(std::int64_t offset) {
+    CTXCOMP_CHECK(offset >= 0, "anchor::AnchorPlan::set_position_offset: offset (", offset, ") must be >= 0");
+    offset_ = offset;
+  }
+  /// The offset set_position_offset gave (0: none).
+  std::int64_t position_offset() const noexcept { return offset_; }
+  /// Position id of context token t: position_offset() + t + 1.
+  std::int64_t position(index_t t) const noexcept { return offset_ + position_of(t); }
   /// Position ids of the anchors (what the compressed cache stores).
   std::vector<std::int64_t> anchor_position_ids() const {
     std::vector<std::int64_t> p(anchors_.size());
-    for (std::size_t i = 0; i < p.size(); ++i) p[i] = position_of(anchors_[i]);
+    for (std::size_t i = 0; i < p.size(); ++i) p[i] = position(anchors_[i]);
     return p;
   }
-  /// Position id of the first token decoded after the compressed context: n, the position of
-  /// the last context token (the official decoding restarts there with special_tokens[1]).
-  std::int64_t decode_position() const noexcept { return std::int64_t(tokens_); }
+  /// Position id of the first token decoded after the compressed context: n (plus the offset),
+  /// the position of the last context token (the official decoding restarts there with
+  /// special_tokens[1]).
+  std::int64_t decode_position() const noexcept { return offset_ + std::int64_t(tokens_); }
 
   /// The official uniform rule with compression ratio `ratio` (see the file comment).
   static AnchorPlan uniform(index_t tokens, index_t chunk_size, index_t ratio) {
@@ -100,6 +115,7 @@ class AnchorPlan {
   }
 
   index_t tokens_ = 0, chunk_size_ = 1;
+  std::int64_t offset_ = 0;
   std::vector<index_t> anchors_;
   std::vector<index_t> first_{0};  // chunks() + 1 offsets into anchors_
 };

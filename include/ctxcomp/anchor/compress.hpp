@@ -1,12 +1,13 @@
 // SAC compression driver: for each chunk of the context, embed its tokens, add the anchor
-// embeddings, run the host's layers over the chunk alone (1-based positions, bidirectional
+// embeddings, run the host's layers over the chunk alone (1-based positions, shifted by the
+// plan's position offset when the document follows a cached prefix; bidirectional
 // mask) into a scratch cache, and keep only the anchors' per-layer K/V (keys after RoPE at
 // their original positions) in the caller's cache (any KV layout: kv/layout.hpp). The host's layers are a callable, so the
 // compressing weights (e.g. with the official LoRA on q_proj/v_proj merged) can differ from the
 // weights the host decodes with. Semantics: tests/data/fixtures/README.md, section sac.
 //
 // Decoding afterwards is the host's own loop: the first decoded input (officially
-// special_tokens[1]) goes at position plan.decode_position() (= n), the next at n+1, ...; each
+// special_tokens[1]) goes at position plan.decode_position() (= n + offset), the next after it; each
 // sees the whole compressed cache and the decoded inputs before it, i.e. Causal(m) with m the
 // number of cached anchors.
 #pragma once
@@ -94,7 +95,7 @@ class Compressor {
         for (index_t j = 0; j < count; ++j) rows_[std::size_t(j)] = anchors[std::size_t(a0 + j)] - s;
         add_anchor_embeddings(x, rows_.data(), count, role_tokens);
         for (index_t i = 0; i < t; ++i)
-          pos_[std::size_t(i)] = AnchorPlan::position_of(s + i), idx_[std::size_t(i)] = s + i;
+          pos_[std::size_t(i)] = plan.position(s + i), idx_[std::size_t(i)] = s + i;
         scratch_.clear();
         if (mask == ChunkMask::Full)
           forward(x, pos_.data(), idx_.data(), FullBidirectional{}, scratch_);
