@@ -311,15 +311,20 @@ inline void check_shape(KvShape s, index_t capacity, const char* fn) {
                 ") must be positive");
 }
 
+/// Checks per-layer pointer arrays: both given (`arrays` names them), no layer null.
+template <class P>
+void check_layer_pointers(P* const* keys, P* const* values, index_t layers, const char* fn, const char* what,
+                          const char* arrays) {
+  CTXCOMP_CHECK(keys != nullptr && values != nullptr, fn, ": per-layer ", what, "s need both ", arrays);
+  for (index_t l = 0; l < layers; ++l)
+    CTXCOMP_CHECK(keys[l] != nullptr && values[l] != nullptr, fn, ": layer ", l, " has a null key or value ", what);
+}
+
 template <class T>
 void check_buffers(const KvBuffers<T>& b, KvShape s, index_t capacity, const char* fn) {
   const bool per_layer = b.per_layer();
   if (per_layer) {
-    CTXCOMP_CHECK(b.layer_keys != nullptr && b.layer_values != nullptr, fn,
-                  ": per-layer buffers need both layer_keys and layer_values");
-    for (index_t l = 0; l < s.layers; ++l)
-      CTXCOMP_CHECK(b.layer_keys[l] != nullptr && b.layer_values[l] != nullptr, fn, ": layer ", l,
-                    " has a null key or value buffer");
+    check_layer_pointers(b.layer_keys, b.layer_values, s.layers, fn, "buffer", "layer_keys and layer_values");
   } else {
     CTXCOMP_CHECK(b.keys != nullptr && b.values != nullptr, fn, ": null key or value buffer");
   }
@@ -330,11 +335,8 @@ void check_buffers(const KvBuffers<T>& b, KvShape s, index_t capacity, const cha
                       fn, v ? "V buffer" : "K buffer");
   if constexpr (is_quantized_v<T>) {
     if (per_layer) {
-      CTXCOMP_CHECK(b.layer_key_scales != nullptr && b.layer_value_scales != nullptr, fn,
-                    ": int8 storage without its per-layer scales");
-      for (index_t l = 0; l < s.layers; ++l)
-        CTXCOMP_CHECK(b.layer_key_scales[l] != nullptr && b.layer_value_scales[l] != nullptr, fn, ": layer ", l,
-                      " has null scales");
+      check_layer_pointers(b.layer_key_scales, b.layer_value_scales, s.layers, fn, "scale array",
+                           "layer_key_scales and layer_value_scales (int8 storage)");
     } else {
       CTXCOMP_CHECK(b.key_scales != nullptr && b.value_scales != nullptr, fn, ": int8 storage without its scales");
     }

@@ -89,11 +89,8 @@ class PagedKv {
     detail::check_shape(shape, max_pages, fn);
     const bool per_layer = buf.per_layer();
     if (per_layer) {
-      CTXCOMP_CHECK(buf.layer_keys != nullptr && buf.layer_values != nullptr, fn,
-                    ": per-layer pools need both layer_keys and layer_values");
-      for (index_t l = 0; l < shape.layers; ++l)
-        CTXCOMP_CHECK(buf.layer_keys[l] != nullptr && buf.layer_values[l] != nullptr, fn, ": layer ", l,
-                      " has a null key or value pool");
+      detail::check_layer_pointers(buf.layer_keys, buf.layer_values, shape.layers, fn, "pool",
+                                   "layer_keys and layer_values");
     } else {
       CTXCOMP_CHECK(buf.keys != nullptr && buf.values != nullptr, fn, ": null key or value pool");
     }
@@ -109,11 +106,8 @@ class PagedKv {
                                 fn, v ? "value page pool" : "key page pool");
     if constexpr (is_quantized_v<T>) {
       if (per_layer) {
-        CTXCOMP_CHECK(buf.layer_key_scales != nullptr && buf.layer_value_scales != nullptr, fn,
-                      ": int8 pools without their per-layer scales");
-        for (index_t l = 0; l < shape.layers; ++l)
-          CTXCOMP_CHECK(buf.layer_key_scales[l] != nullptr && buf.layer_value_scales[l] != nullptr, fn, ": layer ", l,
-                        " has null scales");
+        detail::check_layer_pointers(buf.layer_key_scales, buf.layer_value_scales, shape.layers, fn, "scale array",
+                                     "layer_key_scales and layer_value_scales (int8 pools)");
       } else {
         CTXCOMP_CHECK(buf.key_scales != nullptr && buf.value_scales != nullptr, fn, ": int8 pools without scales");
       }
