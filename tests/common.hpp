@@ -6,6 +6,8 @@
 // reproduce sentinel-format fixtures (a cache layer as floats, the host-with-folding run against
 // a case file, a `ctxcomp fold` output file against one).
 #pragma once
+#include <unistd.h>
+
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -90,7 +92,9 @@ struct CliRun {
 inline std::string tmp(const std::string& name) { return (std::filesystem::temp_directory_path() / name).string(); }
 
 inline CliRun run_cli(const std::string& args) {
-  const std::string errf = tmp("ctxcomp_cli_stderr.txt"), outf = tmp("ctxcomp_cli_stdout.txt");
+  // Per process: the suite's shards run side by side (ctest -L shard -j 2) and both run the tool.
+  const std::string id = std::to_string(::getpid());
+  const std::string errf = tmp("ctxcomp_cli_stderr_" + id + ".txt"), outf = tmp("ctxcomp_cli_stdout_" + id + ".txt");
   const std::string cmd = std::string(CTXCOMP_CLI_PATH) + " " + args + " 2> " + errf + " > " + outf;
   const int rc = std::system(cmd.c_str());
   auto slurp = [](const std::string& p) {
