@@ -160,6 +160,14 @@ TEST_CASE("malformed or unsupported GGUF files are named errors", "[gguf][errors
              Contains("GGUF architecture"));
   CHECK_THAT(load_error(tiny("rot", [](io::GgufWriter& w) { w.add_u32("llama.rope.dimension_count", 2); })),
              Contains("rope.dimension_count (2) is not the head size 4"));
+  // An odd head size (found by fuzz_gguf: the K-row permutation divided by head_size / 2 = 0).
+  for (std::uint32_t hd : {1u, 3u})
+    CHECK_THAT(load_error(tiny("odd", [hd](io::GgufWriter& w) {
+                 w.add_u32("llama.attention.key_length", hd);
+                 w.add_u32("llama.attention.value_length", hd);
+                 w.add_u32("llama.rope.dimension_count", hd);
+               })),
+               Contains("head size " + std::to_string(hd) + " is not a positive even number"));
   CHECK_THAT(load_error(tiny("shape", [](io::GgufWriter&) {}, [](const std::string&) { return true; }, {6, 8})),
              Contains("tensor 'model.layers.0.self_attn.v_proj.weight' has shape [6, 8], expected [8, 8]"));
   CHECK_THAT(load_error(tiny("unknown", [](io::GgufWriter& w) {

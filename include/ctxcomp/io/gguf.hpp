@@ -165,6 +165,7 @@ class GgufWriter {
 
 /// The row of a llama-architecture GGUF's attn_q / attn_k (and of llama.cpp's cached keys) that
 /// holds Hugging Face row `row` of a head of `head_dim` rows: 2j + a for row a * head_dim / 2 + j.
+/// `head_dim` must be even and positive (the reader refuses other head sizes by name).
 inline index_t gguf_permute_row(index_t row, index_t head_dim) noexcept {
   const index_t h = row / head_dim, r = row % head_dim, half = head_dim / 2;
   return h * head_dim + 2 * (r % half) + r / half;
@@ -550,7 +551,8 @@ class GgufCheckpoint {
     c["num_attention_heads"] = heads;
     c["num_key_value_heads"] = index_t(num("attention.head_count_kv", false, double(heads)));
     const auto hd = index_t(num("attention.key_length", false, heads > 0 ? num("embedding_length", true, 0) / double(heads) : 0));
-    if (hd <= 0) fail(path, ": no positive head size");
+    if (hd <= 0 || hd % 2 != 0)  // RoPE rotates pairs of features (and llama's K rows are permuted in halves)
+      fail(path, ": head size ", hd, " is not a positive even number");
     if (index_t(num("attention.value_length", false, double(hd))) != hd)
       fail(path, ": attention.value_length differs from key_length (not supported)");
     if (index_t(num("rope.dimension_count", false, double(hd))) != hd)
