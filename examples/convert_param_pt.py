@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Convert the official IC-Former `param.pt` to safetensors for `ctxcomp icformer --digests`.
 
-The official training code saves the learnable digest embeddings (and the AE token) with
-torch.save({"digest_embeddings": ..., "AE": ...}, "param.pt"). This writes them as F32 tensors
-`digest_embeds` [k, hidden] and `AE` [1, hidden] (any leading batch dimension of 1 is dropped).
+The official training code saves the learnable digest embeddings and the embeddings that follow
+the soft prompt with torch.save({"digest_embeddings": ..., "AE": ..., "FT": ...}, "param.pt"):
+AE after pretraining (autoencoding input [soft prompt ; AE ; text]), FT after fine-tuning (the
+inference layout [pre ; soft prompt ; FT ; prompt ; post], docs/integration.md section 5). This
+writes them as F32 tensors `digest_embeds` [k, hidden], `AE` [1, hidden] and `FT` [1, hidden],
+those present (any leading batch dimension of 1 is dropped).
 Needs only PyTorch (Debian: python3-torch); the safetensors format is written directly.
 
     /usr/bin/python3 examples/convert_param_pt.py param.pt digests.safetensors
@@ -17,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from safetensors_out import write_safetensors  # noqa: E402
 
-NAMES = {"digest_embeddings": "digest_embeds", "AE": "AE"}
+NAMES = {"digest_embeddings": "digest_embeds", "AE": "AE", "FT": "FT"}
 
 
 def as_matrix(name, t):
@@ -33,7 +36,7 @@ def as_matrix(name, t):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("param_pt", help="official param.pt (a dict with digest_embeddings and AE)")
+    ap.add_argument("param_pt", help="official param.pt (a dict with digest_embeddings, and AE and / or FT)")
     ap.add_argument("output", help="safetensors file to write")
     args = ap.parse_args()
     params = torch.load(args.param_pt, map_location="cpu")

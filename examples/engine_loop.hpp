@@ -52,17 +52,22 @@ LoopResult stream_fold_decode(host::LlamaHost<T, C>& host, Kv& cache, const std:
   std::int32_t unfolded = 0;  // spans before this one are folded
   std::vector<index_t> cell_of;  // a cell cache: the cell of each stream token (the host's appends)
   auto run = [&](const std::int64_t* tok, index_t t, bool want_logits) {
-    const index_t first = spans.size();
+    // [guide:fold-step]
+    // One piece of t new tokens `tok` (prompt, streamed text or one decoded token). Every token
+    // the cache holds went through `spans` first, the system prompt included.
+    const index_t first = spans.size();  // the stream index of tok[0]: tokens the tracker has seen
     pos.resize(std::size_t(t)), idx.resize(std::size_t(t)), x.resize(std::size_t(t * c.hidden));
-    spans.push(tok, t, pos.data());  // roles and position ids (sentinels repeat a position)
-    for (index_t i = 0; i < t; ++i) idx[std::size_t(i)] = first + i;
+    spans.push(tok, t, pos.data());  // 1. roles and position ids (a sentinel repeats a position)
+    for (index_t i = 0; i < t; ++i) idx[std::size_t(i)] = first + i;  // token_index = stream index
     auto xv = matrix_view(x.data(), t, c.hidden);
     host.embed(tok, t, xv);
-    host.forward(xv, pos.data(), idx.data(), spans.mask(first, cache), cache);  // K/V appended
+    // 2. the layers: append(t, pos, idx, slots) reserves the rows, spans.mask(first, cache) is
+    // checked against them, K/V are stored at the slots, attention runs under that mask
+    host.forward(xv, pos.data(), idx.data(), spans.mask(first, cache), cache);
     if constexpr (Kv::has_holes) cell_of.insert(cell_of.end(), host.last_slots().begin(), host.last_slots().end());
     if (want_logits) host.logits(matrix_view<const float>(x.data() + (t - 1) * c.hidden, 1, c.hidden),
                                  matrix_view(logits.data(), 1, c.vocab));
-    if (spans.closed_spans() > unfolded) {  // a span closed in this piece: fold it now
+    if (spans.closed_spans() > unfolded) {  // 3. a span closed in this piece: fold it now
       EvictStats st;
       if constexpr (Kv::has_holes) {  // the cells written since the span's <CL>: no scan of the cache
         const index_t since = spans.span_begin(unfolded);
@@ -77,6 +82,7 @@ LoopResult stream_fold_decode(host::LlamaHost<T, C>& host, Kv& cache, const std:
                     cache.size());
       unfolded = spans.closed_spans();
     }
+    // [guide:end]
   };
   const index_t n = index_t(ids.size());
   for (index_t s = 0; s < n; s += piece) run(ids.data() + s, std::min(piece, n - s), s + piece >= n);

@@ -38,6 +38,7 @@
 #include "kv/paged.hpp"
 
 #include "digest/icformer.hpp"
+#include "digest/prompt.hpp"
 #include "fold/roles.hpp"
 #include "fold/spans.hpp"
 #include "anchor/anchors.hpp"

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include <ctxcomp/digest/prompt.hpp>
 #include <ctxcomp/io/icformer_checkpoint.hpp>
 
 #include "catch.hpp"
@@ -224,6 +225,45 @@ TEST_CASE("IC-Former in bf16 compute: every fixture within the bf16 budget, any 
     CHECK(err16 < 5e-2);
     UNSCOPED_INFO(c << ": bf16 compute, relative error vs float64 " << err << " (fp32 weights), " << err16 << " (bf16 weights)");
   }
+}
+
+TEST_CASE("PromptLayout: the official decoder input, one row and one position each, from the offset", "[icformer]") {
+  // [pre ; soft ; FT ; prompt ; post] after 5 cached positions: rows 3 + 8 + 1 + 2 + 1.
+  digest::PromptLayout lay;
+  lay.offset = 5, lay.pre = 3, lay.soft = 8, lay.marker = 1, lay.prompt = 2, lay.post = 1;
+  REQUIRE_NOTHROW(lay.validate());
+  // The parts in order, enumerated row by row.
+  std::vector<int> part;
+  for (int p = 0, counts[] = {3, 8, 1, 2, 1}; p < 5; ++p) part.insert(part.end(), std::size_t(counts[p]), p);
+  REQUIRE(lay.rows() == index_t(part.size()));
+  const index_t firsts[] = {0, lay.soft_row(), lay.marker_row(), lay.prompt_row(), lay.post_row()};
+  for (int p = 0; p < 5; ++p) CHECK(part[std::size_t(firsts[p])] == p);
+  for (int p = 1; p < 5; ++p) CHECK(part[std::size_t(firsts[p] - 1)] == p - 1);
+  for (index_t r = 0; r < lay.rows(); ++r) CHECK(lay.position(r) == 5 + r);
+  CHECK(lay.decode_position() == 5 + index_t(part.size()));
+  lay.marker = 0;  // no marker: the prompt follows the soft prompt
+  CHECK(lay.prompt_row() == lay.soft_row() + lay.soft);
+
+  auto error = [](digest::PromptLayout l) {
+    try {
+      l.validate();
+      return std::string("(valid)");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+  };
+  digest::PromptLayout ok;
+  ok.soft = 4;
+  CHECK(error(ok) == "(valid)");
+  auto bad = ok;
+  bad.soft = 0;
+  CHECK_THAT(error(bad), Contains("the soft prompt is empty"));
+  bad = ok, bad.marker = 2;
+  CHECK_THAT(error(bad), Contains("marker must be 0 or 1 (2)"));
+  bad = ok, bad.offset = -1;
+  CHECK_THAT(error(bad), Contains("negative count (offset -1"));
+  bad = ok, bad.prompt = -3;
+  CHECK_THAT(error(bad), Contains("prompt -3"));
 }
 
 }  // namespace test_digest_icformer
