@@ -108,6 +108,21 @@ struct SeededIcformer {
   }
 };
 
+/// n token ids (i * 37 + seed) mod vocab: a deterministic stand-in for tokenized text.
+inline std::vector<std::int64_t> seeded_ids(index_t n, index_t vocab, index_t seed) {
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) ids[std::size_t(i)] = (i * 37 + seed) % vocab;
+  return ids;
+}
+
+/// The id of the largest of `vocab` logits (the first, on a tie): a greedy decoding step.
+inline std::int64_t argmax(const float* logits, index_t vocab) {
+  std::int64_t best = 0;
+  for (index_t v = 1; v < vocab; ++v)
+    if (logits[v] > logits[best]) best = v;
+  return best;
+}
+
 /// The built-in context: a paragraph about context compression, byte-tokenised (id = byte
 /// value mod (vocab - 2); the last two ids are <CL> and <CR>), repeated to `n` tokens.
 inline std::vector<std::int64_t> builtin_context(index_t n, index_t vocab) {

@@ -18,19 +18,6 @@ using namespace ctxcomp;
 
 namespace {
 
-std::int64_t argmax(const float* logits, index_t vocab) {
-  std::int64_t best = 0;
-  for (index_t v = 1; v < vocab; ++v)
-    if (logits[v] > logits[best]) best = v;
-  return best;
-}
-
-std::vector<std::int64_t> seeded_ids(index_t n, index_t vocab, index_t seed) {
-  std::vector<std::int64_t> ids(static_cast<std::size_t>(n));
-  for (index_t i = 0; i < n; ++i) ids[std::size_t(i)] = (i * 37 + seed) % vocab;
-  return ids;
-}
-
 /// The engine's cache: a K and a V buffer per layer, bf16, token-major.
 struct EngineCache {
   std::vector<std::vector<bf16>> k, v;
@@ -69,9 +56,9 @@ int main(int argc, char** argv) {
   // Token ids: with a real tokenizer, pre_ids and post_ids are the official template's
   // "<s>[INST] Response the Prompt based on the below text:\n\n" and "[/INST]".
   const index_t system = 20, n = 700, steps = 8;
-  const auto system_ids = seeded_ids(system, c.vocab, 3), context_ids = seeded_ids(n, c.vocab, 11);
-  const auto pre_ids = seeded_ids(14, c.vocab, 5), prompt_ids = seeded_ids(9, c.vocab, 7),
-             post_ids = seeded_ids(4, c.vocab, 9);
+  const auto system_ids = demo::seeded_ids(system, c.vocab, 3), context_ids = demo::seeded_ids(n, c.vocab, 11);
+  const auto pre_ids = demo::seeded_ids(14, c.vocab, 5), prompt_ids = demo::seeded_ids(9, c.vocab, 7),
+             post_ids = demo::seeded_ids(4, c.vocab, 9);
   const KvShape shape{c.layers, c.kv_heads, c.head_dim};
   EngineCache engine(shape, 256);
   ContiguousKv<bf16>& cache = engine.kv;
@@ -119,7 +106,7 @@ int main(int argc, char** argv) {
   std::int64_t position = lay.decode_position();
   index_t token = system + lay.rows();
   for (index_t s = 0; s < steps; ++s, ++position, ++token) {
-    answer.push_back(argmax(logits.data(), c.vocab));
+    answer.push_back(demo::argmax(logits.data(), c.vocab));
     if (s + 1 == steps) break;
     host.embed(&answer.back(), 1, rows(0, 1));
     host.forward(rows(0, 1), &position, &token, Causal(cache.size()), cache);
@@ -155,7 +142,7 @@ int main(int argc, char** argv) {
   host.logits(matrix_view<const float>(xw.data() + (total - steps) * c.hidden, steps, c.hidden),
               matrix_view(lw.data(), steps, c.vocab));
   bool same = true;
-  for (index_t s = 0; s < steps; ++s) same = same && argmax(lw.data() + s * c.vocab, c.vocab) == answer[std::size_t(s)];
+  for (index_t s = 0; s < steps; ++s) same = same && demo::argmax(lw.data() + s * c.vocab, c.vocab) == answer[std::size_t(s)];
   double diff = 0;
   for (index_t t = 0; t < c.vocab; ++t)
     diff = std::max(diff, double(std::abs(lw[std::size_t((steps - 1) * c.vocab + t)] - logits[std::size_t(t)])));

@@ -13,30 +13,13 @@
 
 using namespace ctxcomp;
 
-namespace {
-
-std::int64_t argmax(const std::vector<float>& logits) {
-  std::int64_t best = 0;
-  for (std::size_t v = 1; v < logits.size(); ++v)
-    if (logits[v] > logits[std::size_t(best)]) best = std::int64_t(v);
-  return best;
-}
-
-std::vector<std::int64_t> seeded_ids(index_t n, index_t vocab, index_t seed) {
-  std::vector<std::int64_t> ids(static_cast<std::size_t>(n));
-  for (index_t i = 0; i < n; ++i) ids[std::size_t(i)] = (i * 37 + seed) % vocab;
-  return ids;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   const bool verbose = !(argc > 1 && std::strcmp(argv[1], "--quiet") == 0);
   const demo::SeededLlama seeded;  // a small Llama with seeded weights (4 layers, 2 kv heads of 64)
   const auto& c = seeded.model.config;
   host::LlamaHost<float, fp16> host(seeded.model);
   const index_t prefix = 24, n = 300, steps = 8;  // system prompt, document, decoded tokens
-  const auto system_ids = seeded_ids(prefix, c.vocab, 3), doc = seeded_ids(n, c.vocab, 11);
+  const auto system_ids = demo::seeded_ids(prefix, c.vocab, 3), doc = demo::seeded_ids(n, c.vocab, 11);
   // SAC's learned embeddings (adapter.pt's role_tokens and special_tokens; seeded here).
   demo::SeededWeights learned{{}, 300};
   const index_t max_roles = 32;
@@ -99,7 +82,7 @@ int main(int argc, char** argv) {
     else host.embed(&decoded.back(), 1, xs);
     host.forward(xs, &position, &token, Causal(cache.size()), cache);
     host.logits(const_view(xs), matrix_view(logits.data(), 1, c.vocab));
-    decoded.push_back(argmax(logits));
+    decoded.push_back(demo::argmax(logits.data(), c.vocab));
     step_logits.push_back(logits);
   }
   // [guide:end]
@@ -132,7 +115,7 @@ int main(int argc, char** argv) {
     const float* row = ref_logits.data() + s * c.vocab;
     for (index_t t = 0; t < c.vocab; ++t)
       diff = std::max(diff, double(std::abs(row[t] - step_logits[std::size_t(s)][std::size_t(t)])));
-    same_tokens = same_tokens && argmax(std::vector<float>(row, row + c.vocab)) == decoded[std::size_t(s)];
+    same_tokens = same_tokens && demo::argmax(row, c.vocab) == decoded[std::size_t(s)];
   }
   std::printf("decoded:");
   for (auto t : decoded) std::printf(" %lld", static_cast<long long>(t));

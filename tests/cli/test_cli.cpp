@@ -436,8 +436,19 @@ TEST_CASE("fold and sac --kv-type fp16 / bf16 / int8 stay within the documented 
     double u;
   };
   const std::string fx = test::fixtures_dir();
-  for (const Type ty : {Type{"fp16", std::ldexp(1.0, -11)}, Type{"bf16", std::ldexp(1.0, -8)}, Type{"int8", 1.0 / 254}}) {
+  // Each output tensor against the fixture's float64 one, and the type recorded in the metadata.
+  auto check_outputs = [](io::SafeTensors& es, io::SafeTensors& os, const Type& ty, std::initializer_list<const char*> names) {
     const double bound = 4 * ty.u;
+    CHECK(os.meta("kv_type") == ty.name);
+    for (const char* t : names) {
+      const auto got = os.read<float>(t, es.info(t).shape);
+      const auto expect = es.read<double>(t);
+      const double err = test::relative_error(got.data(), expect.data(), got.size());
+      INFO(t << ": " << err << " (bound " << bound << ")");
+      CHECK(err <= bound);
+    }
+  };
+  for (const Type ty : {Type{"fp16", std::ldexp(1.0, -11)}, Type{"bf16", std::ldexp(1.0, -8)}, Type{"int8", 1.0 / 254}}) {
     for (const char* layout : {"contiguous", "cells", "paged"}) {
       for (const char* c : {"sentinel_one_span", "sentinel_three_spans", "sentinel_span_at_start", "sentinel_adjacent_spans"}) {
         INFO(c << " --kv-type " << ty.name << " --kv-layout " << layout);
@@ -449,15 +460,8 @@ TEST_CASE("fold and sac --kv-type fp16 / bf16 / int8 stay within the documented 
         REQUIRE(r.status == 0);
         auto es = io::SafeTensors::open(in);
         auto os = io::SafeTensors::open(out);
-        CHECK(os.meta("kv_type") == ty.name);
         CHECK(os.read<std::int64_t>("kept_index") == es.read<std::int64_t>("kept_index"));
-        for (const char* t : {"logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"}) {
-          const auto got = os.read<float>(t, es.info(t).shape);
-          const auto expect = es.read<double>(t);
-          const double err = test::relative_error(got.data(), expect.data(), got.size());
-          INFO(t << ": " << err << " (bound " << bound << ")");
-          CHECK(err <= bound);
-        }
+        check_outputs(es, os, ty, {"logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"});
       }
       for (const char* c : {"sac_basic", "sac_multichunk", "sac_ratio5", "sac_anchor_bidir_multichunk"}) {
         INFO(c << " --kv-type " << ty.name << " --kv-layout " << layout);
@@ -471,14 +475,7 @@ TEST_CASE("fold and sac --kv-type fp16 / bf16 / int8 stay within the documented 
         INFO(r.err);
         REQUIRE(r.status == 0);
         auto os = io::SafeTensors::open(out);
-        CHECK(os.meta("kv_type") == ty.name);
-        for (const char* t : {"decode_logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"}) {
-          const auto got = os.read<float>(t, es.info(t).shape);
-          const auto expect = es.read<double>(t);
-          const double err = test::relative_error(got.data(), expect.data(), got.size());
-          INFO(t << ": " << err << " (bound " << bound << ")");
-          CHECK(err <= bound);
-        }
+        check_outputs(es, os, ty, {"decode_logits", "layer0_k", "layer0_v", "layer1_k", "layer1_v"});
       }
     }
   }

@@ -11,8 +11,9 @@ A listing in the guide is written as
 and must equal, line for line, the lines between `// [guide:sac-compress]` and the next
 `// [guide:end]` in that file, with their common indentation removed. Exit 1 names every
 listing that differs (or whose region is missing), and every marked region no listing shows.
+--write replaces each listing's body with its region (after editing an example).
 
-    python3 tests/docs/check_guide_listings.py [SOURCE_DIR]
+    python3 tests/docs/check_guide_listings.py [--write] [SOURCE_DIR]
 """
 import os
 import re
@@ -29,7 +30,9 @@ def regions(path):
 
 
 def main():
-    root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    args = [a for a in sys.argv[1:] if a != "--write"]
+    write = "--write" in sys.argv[1:]
+    root = args[0] if args else os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
     guide = os.path.join(root, "docs", "integration.md")
     with open(guide, encoding="utf-8") as f:
         text = f.read()
@@ -37,7 +40,7 @@ def main():
     if not listings:
         print(f"{guide}: no listings found (<!-- listing: FILE#NAME --> before a ```cpp block)")
         return 1
-    errors, shown, files = [], set(), {}
+    errors, shown, files, fixed = [], set(), {}, []
     for m in listings:
         path, name = m["path"], m["name"]
         if path not in files:
@@ -50,6 +53,8 @@ def main():
         want = files[path].get(name)
         if want is None:
             errors.append(f"listing {path}#{name}: {path} has no region // [guide:{name}] ... // [guide:end]")
+        elif want != m["body"] and write:
+            fixed.append((m.start("body"), m.end("body"), want))
         elif want != m["body"]:
             line = text.count("\n", 0, m.start()) + 1
             errors.append(f"listing {path}#{name} (docs/integration.md line {line}) differs from the code; "
@@ -58,6 +63,12 @@ def main():
         for name in names:
             if (path, name) not in shown:
                 errors.append(f"{path}: region [guide:{name}] is not shown in docs/integration.md")
+    if fixed:
+        for start, end, body in reversed(fixed):
+            text = text[:start] + body + text[end:]
+        with open(guide, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"{len(fixed)} listing(s) rewritten from the code")
     for e in errors:
         print(e)
     print(f"{len(listings)} listings checked, {len(errors)} problem(s)")

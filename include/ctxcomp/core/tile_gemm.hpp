@@ -127,12 +127,22 @@ inline void tile_gemm_rows(const float* A, index_t lda, R B, float* C, index_t l
   }
 }
 
+/// A product over K == 0: C = 0 (Accumulate = false) or C unchanged, the bits the blocks would
+/// store, without touching B (an empty operand may be a null pointer, and no offset may be
+/// applied to one).
+template <bool Accumulate>
+inline void tile_gemm_empty_k(float* C, index_t ldc, index_t M, index_t N) noexcept {
+  if constexpr (!Accumulate)
+    for (index_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+}
+
 /// tile_gemm over any row source (StridedRows, GatheredRows); pf != 0 turns the hints on.
 /// NVec > 0: N == NVec * V::width, known at compile time.
 template <bool Accumulate, class V, int NVec = 0, class R>
 inline void tile_gemm_any(const float* A, index_t lda, R B, float* C, index_t ldc, index_t M, index_t N, index_t K,
                           index_t pf, simd::PrefetchTo to) noexcept {
   if (M <= 0 || N <= 0) return;
+  if (K <= 0) return tile_gemm_empty_k<Accumulate>(C, ldc, M, N);
   constexpr int L1 = int(simd::PrefetchTo::l1), L2 = int(simd::PrefetchTo::l2);
   const index_t nvec = N / V::width;
   // One row (decode): up to 8 vectors of columns per block, so a B row (e.g. a V row of 128
@@ -364,6 +374,8 @@ namespace detail {
 template <bool Accumulate, class V, int NVec>
 inline void tile_gemm_bf16_any(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc, index_t M,
                                index_t N, index_t K2) noexcept {
+  if (M <= 0 || N <= 0) return;
+  if (K2 <= 0) return tile_gemm_empty_k<Accumulate>(C, ldc, M, N);
   constexpr int MR = TileGemmShape<V>::MR;
   const index_t nvec = N / V::width;
   index_t i = 0;
@@ -414,7 +426,7 @@ inline bool tile_gemm_bf16_amx(const bf16* A, index_t lda, const bf16* B, index_
 template <bool Accumulate, class V = simd::Vec>
 inline void tile_gemm_bf16(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc, index_t M,
                            index_t N, index_t K2) noexcept {
-  if (detail::tile_gemm_bf16_amx<Accumulate, V, 0>(A, lda, B, ldb, C, ldc, M, N, K2)) return;
+  if (K2 > 0 && detail::tile_gemm_bf16_amx<Accumulate, V, 0>(A, lda, B, ldb, C, ldc, M, N, K2)) return;
   detail::tile_gemm_bf16_any<Accumulate, V, 0>(A, lda, B, ldb, C, ldc, M, N, K2);
 }
 
@@ -424,7 +436,7 @@ template <bool Accumulate, index_t N, class V = simd::Vec>
 inline void tile_gemm_bf16_n(const bf16* A, index_t lda, const bf16* B, index_t ldb, float* C, index_t ldc, index_t M,
                              index_t K2) noexcept {
   static_assert(N > 0 && N % V::width == 0, "N must be a positive multiple of the vector width");
-  if (detail::tile_gemm_bf16_amx<Accumulate, V, int(N / V::width)>(A, lda, B, ldb, C, ldc, M, N, K2)) return;
+  if (K2 > 0 && detail::tile_gemm_bf16_amx<Accumulate, V, int(N / V::width)>(A, lda, B, ldb, C, ldc, M, N, K2)) return;
   detail::tile_gemm_bf16_any<Accumulate, V, int(N / V::width)>(A, lda, B, ldb, C, ldc, M, N, K2);
 }
 
