@@ -90,12 +90,15 @@ int main(int argc, char** argv) {
   lay.offset = system, lay.pre = index_t(pre_ids.size()), lay.soft = chunks * k, lay.marker = 1,
   lay.prompt = index_t(prompt_ids.size()), lay.post = index_t(post_ids.size());
   lay.validate();
-  auto rows = [&](index_t first, index_t count) { return matrix_view(x.data() + first * c.hidden, count, c.hidden); };
-  host.embed(pre_ids.data(), lay.pre, rows(0, lay.pre));
-  std::copy(soft.begin(), soft.end(), rows(lay.soft_row(), lay.soft).data());
-  std::copy(ft, ft + c.hidden, rows(lay.marker_row(), 1).data());
-  host.embed(prompt_ids.data(), lay.prompt, rows(lay.prompt_row(), lay.prompt));
-  host.embed(post_ids.data(), lay.post, rows(lay.post_row(), lay.post));
+  auto write_input = [&](float* in) {  // the lay.rows() input rows, from `in` on
+    auto rows = [&](index_t first, index_t count) { return matrix_view(in + first * c.hidden, count, c.hidden); };
+    host.embed(pre_ids.data(), lay.pre, rows(0, lay.pre));
+    std::copy(soft.begin(), soft.end(), rows(lay.soft_row(), lay.soft).data());
+    std::copy(ft, ft + c.hidden, rows(lay.marker_row(), 1).data());
+    host.embed(prompt_ids.data(), lay.prompt, rows(lay.prompt_row(), lay.prompt));
+    host.embed(post_ids.data(), lay.post, rows(lay.post_row(), lay.post));
+  };
+  write_input(x.data());
   for (index_t r = 0; r < lay.rows(); ++r) pos[std::size_t(r)] = lay.position(r), idx[std::size_t(r)] = system + r;
   host.forward(matrix_view(x.data(), lay.rows(), c.hidden), pos.data(), idx.data(), Causal(cache.size()), cache);
   std::vector<float> logits(std::size_t(c.vocab));
@@ -108,9 +111,10 @@ int main(int argc, char** argv) {
   for (index_t s = 0; s < steps; ++s, ++position, ++token) {
     answer.push_back(demo::argmax(logits.data(), c.vocab));
     if (s + 1 == steps) break;
-    host.embed(&answer.back(), 1, rows(0, 1));
-    host.forward(rows(0, 1), &position, &token, Causal(cache.size()), cache);
-    host.logits(const_view(rows(0, 1)), matrix_view(logits.data(), 1, c.vocab));
+    auto xs = matrix_view(x.data(), 1, c.hidden);
+    host.embed(&answer.back(), 1, xs);
+    host.forward(xs, &position, &token, Causal(cache.size()), cache);
+    host.logits(const_view(xs), matrix_view(logits.data(), 1, c.vocab));
   }
   // [guide:end]
 
@@ -128,11 +132,7 @@ int main(int argc, char** argv) {
   const index_t total = system + lay.rows() + steps - 1;
   std::vector<float> xw(std::size_t(total * c.hidden));
   host.embed(system_ids.data(), system, matrix_view(xw.data(), system, c.hidden));
-  host.embed(pre_ids.data(), lay.pre, matrix_view(xw.data() + system * c.hidden, lay.pre, c.hidden));
-  std::copy(soft.begin(), soft.end(), xw.begin() + (system + lay.soft_row()) * c.hidden);
-  std::copy(ft, ft + c.hidden, xw.begin() + (system + lay.marker_row()) * c.hidden);
-  host.embed(prompt_ids.data(), lay.prompt, matrix_view(xw.data() + (system + lay.prompt_row()) * c.hidden, lay.prompt, c.hidden));
-  host.embed(post_ids.data(), lay.post, matrix_view(xw.data() + (system + lay.post_row()) * c.hidden, lay.post, c.hidden));
+  write_input(xw.data() + system * c.hidden);
   host.embed(answer.data(), steps - 1, matrix_view(xw.data() + (system + lay.rows()) * c.hidden, steps - 1, c.hidden));
   std::vector<std::int64_t> pw(static_cast<std::size_t>(total));
   std::vector<index_t> iw(pw.size());
