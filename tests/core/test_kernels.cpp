@@ -114,6 +114,59 @@ TEST_CASE("tile GEMM matches a double GEMM on ragged shapes", "[kernels]") {
         }
 }
 
+TEST_CASE("tile GEMM: every C element is one FMA chain over k in order, whatever block it falls in", "[kernels]") {
+  // The register blocks (MR x NV, and the lower / narrower blocks for the rows and columns left
+  // over) change which lanes compute an element, never its chain: C(i, j) = fma(A(i, k), B(k, j),
+  // ...) for k = 0, 1, ... from C (accumulate) or 0. Rows 1..13 and 1..9 vectors of columns reach
+  // every block shape; fp32 and bf16 B (widened exactly), with and without prefetch hints,
+  // strided and gathered rows.
+  const index_t W = simd::Vec::width;
+  for (index_t M = 1; M <= 13; ++M)
+    for (index_t nvec = 1; nvec <= 9; ++nvec)
+      for (index_t K : {1, 5, 33}) {
+        const index_t N = nvec * W;
+        INFO("M " << M << " N " << N << " K " << K);
+        const auto A = random_vector(std::size_t(M * K), unsigned(M * 100 + nvec)), B = random_vector(std::size_t(K * N), 7);
+        std::vector<bf16> Bh(B.size());
+        for (std::size_t x = 0; x < B.size(); ++x) Bh[x] = bf16(B[x]);
+        const auto C0 = random_vector(std::size_t(M * N), 8);
+        std::vector<index_t> off(static_cast<std::size_t>(K));
+        for (index_t k = 0; k < K; ++k) off[std::size_t(k)] = k * N;
+        for (bool acc : {false, true})
+          for (bool half : {false, true}) {
+            auto chain = C0;
+            for (index_t i = 0; i < M; ++i)
+              for (index_t j = 0; j < N; ++j) {
+                float c = acc ? C0[std::size_t(i * N + j)] : 0.f;
+                for (index_t k = 0; k < K; ++k) {
+                  const std::size_t kb = std::size_t(k * N + j);
+                  c = std::fma(A[std::size_t(i * K + k)], half ? to_float(Bh[kb]) : B[kb], c);
+                }
+                chain[std::size_t(i * N + j)] = c;
+              }
+            for (int variant = 0; variant < 4; ++variant) {
+              INFO("acc " << acc << " bf16 B " << half << " variant " << variant);
+              auto C = C0;
+              auto run = [&](const auto* b) {
+                const index_t pf = variant == 0 ? 0 : 1;
+                const auto to = variant == 1 ? simd::PrefetchTo::l1 : simd::PrefetchTo::l2;
+                if (variant == 3) {
+                  if (acc) kernels::tile_gemm_gathered<true>(A.data(), K, b, off.data(), nullptr, C.data(), N, M, N, K);
+                  else kernels::tile_gemm_gathered<false>(A.data(), K, b, off.data(), nullptr, C.data(), N, M, N, K);
+                } else if (acc) {
+                  kernels::tile_gemm<true>(A.data(), K, b, N, C.data(), N, M, N, K, pf, to);
+                } else {
+                  kernels::tile_gemm<false>(A.data(), K, b, N, C.data(), N, M, N, K, pf, to);
+                }
+              };
+              if (half) run(Bh.data());
+              else run(B.data());
+              REQUIRE(std::memcmp(C.data(), chain.data(), C.size() * sizeof(float)) == 0);
+            }
+          }
+      }
+}
+
 namespace {
 /// tile_gemm_n<Acc, N> against tile_gemm (N at run time), and tile_gemm_bf16_n against
 /// tile_gemm_bf16: the same blocks, so the same bits, on ragged row counts.

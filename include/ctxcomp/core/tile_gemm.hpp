@@ -88,8 +88,24 @@ inline void tile_gemm_block(const float* A, index_t lda, const TB* B, index_t ld
 }
 
 namespace detail {
-/// MR rows of C, nvec vectors of columns: blocks of NV vectors, then one block of the rest. With
-/// NVec > 0, nvec == NVec is known at compile time and only the blocks it needs are compiled.
+/// The narrower blocks that take the columns left after the blocks of NV vectors: 8 -> 4 -> 2
+/// -> 1, 4 -> 2 -> 1, 3 -> 2 -> 1 (a rest of 7 vectors is blocks of 4, 2 and 1, each reading
+/// its own columns of B), so fewer block shapes are compiled. Each C element is one chain over
+/// k whatever its block: the same bits.
+template <int NV>
+constexpr int narrower_cols() noexcept {
+  return NV <= 3 ? NV - 1 : NV / 2;
+}
+/// The lower blocks that take the rows left after the blocks of MR rows: 6 -> 4 -> 2 -> 1,
+/// 4 -> 2 -> 1 (a rest of 5 rows is a block of 4 and one of 1; B is then in cache).
+template <int MR>
+constexpr int lower_rows() noexcept {
+  return MR > 4 ? 4 : MR / 2;
+}
+
+/// MR rows of C, nvec vectors of columns: blocks of NV vectors, then narrower blocks for the
+/// rest. With NVec > 0, nvec == NVec is known at compile time and only the blocks it needs are
+/// compiled.
 template <class V, int MR, bool Acc, int PF, int NV = TileGemmShape<V>::NV, int NVec = 0, class R>
 inline void tile_gemm_cols(const float* A, index_t lda, R B, float* C, index_t ldc, index_t nvec, index_t K,
                            index_t pf) noexcept {
@@ -106,7 +122,8 @@ inline void tile_gemm_cols(const float* A, index_t lda, R B, float* C, index_t l
   index_t j = 0;
   for (; j + NV <= nvec; j += NV) tile_gemm_block_rows<V, MR, NV, Acc, PF>(A, lda, B.cols(j * W), C + j * W, ldc, K, pf);
   if constexpr (NV > 1) {
-    if (j < nvec) tile_gemm_cols<V, MR, Acc, PF, NV - 1>(A, lda, B.cols(j * W), C + j * W, ldc, nvec - j, K, pf);
+    if (j < nvec)
+      tile_gemm_cols<V, MR, Acc, PF, narrower_cols<NV>()>(A, lda, B.cols(j * W), C + j * W, ldc, nvec - j, K, pf);
   }
 }
 template <class V, bool Acc, int PF, int NVec, int MR = TileGemmShape<V>::MR, class R>
@@ -120,9 +137,10 @@ inline void tile_gemm_rows(const float* A, index_t lda, R B, float* C, index_t l
       tile_gemm_cols<V, MR, Acc, 0, NV, NVec>(A + i * lda, lda, B, C + i * ldc, ldc, nvec, K, 0);
   }
   if constexpr (MR > 1) {
+    constexpr int lower = lower_rows<MR>();
     if (i < M) {
-      if (i == 0) tile_gemm_rows<V, Acc, PF, NVec, MR - 1>(A, lda, B, C, ldc, M, nvec, K, pf);
-      else tile_gemm_rows<V, Acc, 0, NVec, MR - 1>(A + i * lda, lda, B, C + i * ldc, ldc, M - i, nvec, K, 0);
+      if (i == 0) tile_gemm_rows<V, Acc, PF, NVec, lower>(A, lda, B, C, ldc, M, nvec, K, pf);
+      else tile_gemm_rows<V, Acc, 0, NVec, lower>(A + i * lda, lda, B, C + i * ldc, ldc, M - i, nvec, K, 0);
     }
   }
 }
@@ -365,7 +383,8 @@ inline void tile_gemm_bf16_cols(const bf16* A, index_t lda, const bf16* B, index
   index_t j = 0;
   for (; j + NV <= nvec; j += NV) tile_gemm_bf16_block<V, MR, NV, Acc>(A, lda, B + 2 * j * W, ldb, C + j * W, ldc, K2);
   if constexpr (NV > 1) {
-    if (j < nvec) tile_gemm_bf16_cols<V, MR, Acc, 0, NV - 1>(A, lda, B + 2 * j * W, ldb, C + j * W, ldc, nvec - j, K2);
+    if (j < nvec)
+      tile_gemm_bf16_cols<V, MR, Acc, 0, narrower_cols<NV>()>(A, lda, B + 2 * j * W, ldb, C + j * W, ldc, nvec - j, K2);
   }
 }
 }  // namespace detail
