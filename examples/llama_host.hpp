@@ -244,64 +244,23 @@ class LlamaHost {
       undo.dismiss();
     }
 
-    const index_t hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, d = c.hidden;
-    const bool neox = c.arch.gpt_neox, parallel = c.arch.parallel_residual;
-    ws_.reserve(Workspace::bytes_for<float>(t * d) * 2 + Workspace::bytes_for<float>(t * qd) * 2 +
-                Workspace::bytes_for<float>(t * kd) * 2 +
-                (neox ? Workspace::bytes_for<float>(t * 3 * qd) + Workspace::bytes_for<float>(t * d) : 0));
-    float* h = ws_.take<float>(t * d);
-    float* tmp = ws_.take<float>(t * d);
-    float* q = ws_.take<float>(t * qd);
-    float* att = ws_.take<float>(t * qd);
-    float* kb = ws_.take<float>(t * kd);
-    float* vb = ws_.take<float>(t * kd);
-    float* qkv = neox ? ws_.take<float>(t * 3 * qd) : nullptr;  // the fused projection's output
-    float* mlp_out = neox ? ws_.take<float>(t * d) : nullptr;    // parallel residual: the MLP beside attention
+    const index_t hd = c.head_dim, kd = c.kv_heads * hd;
+    const LayerScratch sc = take_scratch(t);
     AttentionOptions aopt;
     aopt.compute = compute_;
     for (index_t l = 0; l < c.layers; ++l) {
       const auto& w = L[std::size_t(l)];
-      norm(const_view(x), w.input_norm, w.input_norm_bias, matrix_view(h, t, d));
-      if (w.qkv.data) {  // GPT-NeoX: one projection, then per token and head [q | k | v]
-        linear(matrix_view<const float>(h, t, d), w.qkv, matrix_view(qkv, t, 3 * qd), lin_ws_, exec, compute_);
-        for (index_t i = 0; i < t; ++i)
-          for (index_t hh = 0; hh < c.heads; ++hh) {
-            const float* src = qkv + i * 3 * qd + hh * 3 * hd;
-            std::copy(src, src + hd, q + i * qd + hh * hd);
-            std::copy(src + hd, src + 2 * hd, kb + i * kd + hh * hd);
-            std::copy(src + 2 * hd, src + 3 * hd, vb + i * kd + hh * hd);
-          }
-      } else {
-        linear(matrix_view<const float>(h, t, d), w.q, matrix_view(q, t, qd), lin_ws_, exec, compute_);
-        linear(matrix_view<const float>(h, t, d), w.k, matrix_view(kb, t, kd), lin_ws_, exec, compute_);
-        linear(matrix_view<const float>(h, t, d), w.v, matrix_view(vb, t, kd), lin_ws_, exec, compute_);
-      }
-      if (w.q_norm) rmsnorm_heads(HeadsView<float>::token_major(q, t, c.heads, hd), w.q_norm, hd, c.rms_eps);
-      if (w.k_norm) rmsnorm_heads(HeadsView<float>::token_major(kb, t, c.kv_heads, hd), w.k_norm, hd, c.rms_eps);
-      rope_.apply(HeadsView<float>::token_major(q, t, c.heads, hd), positions);
-      rope_.apply(HeadsView<float>::token_major(kb, t, c.kv_heads, hd), positions);
+      project(w, const_view(x), positions, sc, exec);
       // Keys (after RoPE) and values go into the cache in its storage type.
       const auto kc = cache.keys(l), vc = cache.values(l);
       for (index_t hh = 0; hh < c.kv_heads; ++hh)
         for (index_t i = 0; i < t; ++i) {
-          store_row(kc, hh, slots[i], kb + i * kd + hh * hd);  // converted, or quantised for qint8
-          store_row(vc, hh, slots[i], vb + i * kd + hh * hd);
+          store_row(kc, hh, slots[i], sc.k + i * kd + hh * hd);  // converted, or quantised for qint8
+          store_row(vc, hh, slots[i], sc.v + i * kd + hh * hd);
         }
-      attention(HeadsView<const float>::token_major(q, t, c.heads, hd), read_only(kc), read_only(vc), mask,
-                HeadsView<float>::token_major(att, t, c.heads, hd), aopt, attn_ws_, exec);
-      linear(matrix_view<const float>(att, t, qd), w.o, matrix_view(tmp, t, d), lin_ws_, exec, compute_);
-      if (parallel) {  // GPT-NeoX: x = (mlp(ln2(x)) + attn(ln1(x))) + x, transformers' order
-        norm(const_view(x), w.post_attention_norm, w.post_attention_norm_bias, matrix_view(h, t, d));
-        mlp(w, matrix_view<const float>(h, t, d), matrix_view(mlp_out, t, d), exec);
-        auto m = matrix_view(mlp_out, t, d);
-        m += matrix_view<const float>(tmp, t, d);
-        x += const_view(m);
-        continue;
-      }
-      x += matrix_view<const float>(tmp, t, d);
-      norm(const_view(x), w.post_attention_norm, w.post_attention_norm_bias, matrix_view(h, t, d));
-      mlp(w, matrix_view<const float>(h, t, d), matrix_view(tmp, t, d), exec);
-      x += matrix_view<const float>(tmp, t, d);
+      attention(HeadsView<const float>::token_major(sc.q, t, c.heads, hd), read_only(kc), read_only(vc), mask,
+                HeadsView<float>::token_major(sc.att, t, c.heads, hd), aopt, attn_ws_, exec);
+      finish_layer(w, x, sc, exec);
     }
     norm(const_view(x), m_.final_norm, m_.final_norm_bias, x);
   }
@@ -317,6 +276,82 @@ class LlamaHost {
   const std::vector<index_t>& last_slots() const noexcept { return slots_; }
 
  private:
+  // forward()'s buffers for t tokens, taken from ws_ (reserved once per call).
+  struct LayerScratch {
+    index_t t;
+    float *h, *tmp, *q, *att, *k, *v;
+    float* qkv;      // GPT-NeoX: the fused projection's output
+    float* mlp_out;  // parallel residual: the MLP beside attention
+  };
+  LayerScratch take_scratch(index_t t) {
+    const auto& c = m_.config;
+    const index_t qd = c.heads * c.head_dim, kd = c.kv_heads * c.head_dim, d = c.hidden;
+    const bool neox = c.arch.gpt_neox;
+    ws_.reserve(Workspace::bytes_for<float>(t * d) * 2 + Workspace::bytes_for<float>(t * qd) * 2 +
+                Workspace::bytes_for<float>(t * kd) * 2 +
+                (neox ? Workspace::bytes_for<float>(t * 3 * qd) + Workspace::bytes_for<float>(t * d) : 0));
+    LayerScratch sc{t, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    sc.h = ws_.take<float>(t * d);
+    sc.tmp = ws_.take<float>(t * d);
+    sc.q = ws_.take<float>(t * qd);
+    sc.att = ws_.take<float>(t * qd);
+    sc.k = ws_.take<float>(t * kd);
+    sc.v = ws_.take<float>(t * kd);
+    sc.qkv = neox ? ws_.take<float>(t * 3 * qd) : nullptr;
+    sc.mlp_out = neox ? ws_.take<float>(t * d) : nullptr;
+    return sc;
+  }
+
+  // The first half of a layer: normed input, q / k / v projections (per-head q / k norms), RoPE
+  // at `positions`; q, k, v in sc token-major. The same for every mask and cache type, so it is
+  // compiled once per executor, not once per forward() instance.
+  template <class Exec>
+  CTXCOMP_NOINLINE void project(const LlamaLayerWeights<T>& w, MatrixView<const float> x, const std::int64_t* positions,
+                                const LayerScratch& sc, const Exec& exec) {
+    const auto& c = m_.config;
+    const index_t t = sc.t, hd = c.head_dim, qd = c.heads * hd, kd = c.kv_heads * hd, d = c.hidden;
+    norm(x, w.input_norm, w.input_norm_bias, matrix_view(sc.h, t, d));
+    if (w.qkv.data) {  // GPT-NeoX: one projection, then per token and head [q | k | v]
+      linear(matrix_view<const float>(sc.h, t, d), w.qkv, matrix_view(sc.qkv, t, 3 * qd), lin_ws_, exec, compute_);
+      for (index_t i = 0; i < t; ++i)
+        for (index_t hh = 0; hh < c.heads; ++hh) {
+          const float* src = sc.qkv + i * 3 * qd + hh * 3 * hd;
+          std::copy(src, src + hd, sc.q + i * qd + hh * hd);
+          std::copy(src + hd, src + 2 * hd, sc.k + i * kd + hh * hd);
+          std::copy(src + 2 * hd, src + 3 * hd, sc.v + i * kd + hh * hd);
+        }
+    } else {
+      linear(matrix_view<const float>(sc.h, t, d), w.q, matrix_view(sc.q, t, qd), lin_ws_, exec, compute_);
+      linear(matrix_view<const float>(sc.h, t, d), w.k, matrix_view(sc.k, t, kd), lin_ws_, exec, compute_);
+      linear(matrix_view<const float>(sc.h, t, d), w.v, matrix_view(sc.v, t, kd), lin_ws_, exec, compute_);
+    }
+    if (w.q_norm) rmsnorm_heads(HeadsView<float>::token_major(sc.q, t, c.heads, hd), w.q_norm, hd, c.rms_eps);
+    if (w.k_norm) rmsnorm_heads(HeadsView<float>::token_major(sc.k, t, c.kv_heads, hd), w.k_norm, hd, c.rms_eps);
+    rope_.apply(HeadsView<float>::token_major(sc.q, t, c.heads, hd), positions);
+    rope_.apply(HeadsView<float>::token_major(sc.k, t, c.kv_heads, hd), positions);
+  }
+
+  // The second half: output projection of the attention in sc.att, residual, MLP (sequential,
+  // or GPT-NeoX's parallel residual) into x. Compiled once per executor, like project().
+  template <class Exec>
+  CTXCOMP_NOINLINE void finish_layer(const LlamaLayerWeights<T>& w, MatrixView<float> x, const LayerScratch& sc,
+                                     const Exec& exec) {
+    const index_t t = sc.t, qd = m_.config.heads * m_.config.head_dim, d = m_.config.hidden;
+    linear(matrix_view<const float>(sc.att, t, qd), w.o, matrix_view(sc.tmp, t, d), lin_ws_, exec, compute_);
+    if (m_.config.arch.parallel_residual) {  // GPT-NeoX: x = (mlp(ln2(x)) + attn(ln1(x))) + x, transformers' order
+      norm(const_view(x), w.post_attention_norm, w.post_attention_norm_bias, matrix_view(sc.h, t, d));
+      mlp(w, matrix_view<const float>(sc.h, t, d), matrix_view(sc.mlp_out, t, d), exec);
+      auto m = matrix_view(sc.mlp_out, t, d);
+      m += matrix_view<const float>(sc.tmp, t, d);
+      x += const_view(m);
+      return;
+    }
+    x += matrix_view<const float>(sc.tmp, t, d);
+    norm(const_view(x), w.post_attention_norm, w.post_attention_norm_bias, matrix_view(sc.h, t, d));
+    mlp(w, matrix_view<const float>(sc.h, t, d), matrix_view(sc.tmp, t, d), exec);
+    x += matrix_view<const float>(sc.tmp, t, d);
+  }
+
   // RMSNorm, or LayerNorm when the model gives a bias (GPT-NeoX).
   void norm(MatrixView<const float> in, const T* weight, const T* bias, MatrixView<float> out) const {
     if (bias)

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -101,7 +102,10 @@ inline CliRun run_cli(const std::string& args) {
     std::ifstream f(p);
     return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   };
-  return {rc, slurp(errf), slurp(outf)};
+  CliRun r{rc, slurp(errf), slurp(outf)};
+  std::remove(errf.c_str());  // (the temp directory would otherwise keep two files per test process)
+  std::remove(outf.c_str());
+  return r;
 }
 
 // ---- sentinel-format fixtures
