@@ -117,9 +117,10 @@ TEST_CASE("tile GEMM matches a double GEMM on ragged shapes", "[kernels]") {
 TEST_CASE("tile GEMM: every C element is one FMA chain over k in order, whatever block it falls in", "[kernels]") {
   // The register blocks (MR x NV, and the lower / narrower blocks for the rows and columns left
   // over) change which lanes compute an element, never its chain: C(i, j) = fma(A(i, k), B(k, j),
-  // ...) for k = 0, 1, ... from C (accumulate) or 0. Rows 1..13 and 1..9 vectors of columns reach
-  // every block shape; fp32 and bf16 B (widened exactly), with and without prefetch hints,
-  // strided and gathered rows.
+  // ...) for k = 0, 1, ... from C (accumulate) or 0, with the kernels' fma (one rounding where
+  // the target has FMA, a * b + c where it has not: simd::ScalarVec::fma). Rows 1..13 and 1..9
+  // vectors of columns reach every block shape; fp32 and bf16 B (widened exactly), with and
+  // without prefetch hints, strided and gathered rows.
   const index_t W = simd::Vec::width;
   for (index_t M = 1; M <= 13; ++M)
     for (index_t nvec = 1; nvec <= 9; ++nvec)
@@ -140,7 +141,7 @@ TEST_CASE("tile GEMM: every C element is one FMA chain over k in order, whatever
                 float c = acc ? C0[std::size_t(i * N + j)] : 0.f;
                 for (index_t k = 0; k < K; ++k) {
                   const std::size_t kb = std::size_t(k * N + j);
-                  c = std::fma(A[std::size_t(i * K + k)], half ? to_float(Bh[kb]) : B[kb], c);
+                  c = simd::ScalarVec::fma(A[std::size_t(i * K + k)], half ? to_float(Bh[kb]) : B[kb], c);
                 }
                 chain[std::size_t(i * N + j)] = c;
               }
